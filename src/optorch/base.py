@@ -1,0 +1,663 @@
+"""Core types: configs, rules, state, and the step driver.
+
+An optimizer is a value made of three things:
+
+* a **config** (a dataclass of hyperparameters, never written to by a step),
+* a **state** (a dict: ``"step"``, a 0-d int64 tensor counting the steps taken, and one
+  params-shaped pytree per state field, e.g. ``"exp_avg"``),
+* a **step** function ``step(params, grads, state, config) -> (params, state)``.
+
+The update rule of each algorithm is a :class:`Rule`, written once as tensor code.
+How the rule is executed over many tensors (a per-tensor loop, ``torch._foreach_*``
+over lists, or a compiled single pass) is the engine's business
+(:mod:`optorch.engine`), selected by ``config.impl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from optorch.tree import PyTree, flatten, format_path, unflatten
+
+__all__ = [
+    "IMPLS",
+    "BaseConfig",
+    "Optimizer",
+    "Rule",
+    "apply_step",
+    "init_state",
+]
+
+IMPLS = ("auto", "reference", "foreach", "compiled")
+Number = float | int | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------
+# validation helpers: `not lo <= x` style so that NaN fails every check
+# --------------------------------------------------------------------------------------
+
+
+def _is_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+def _concrete(value: Any) -> float | None:
+    """A plain float for checking, or None when the value is a traced/batched tensor."""
+    if _is_tensor(value):
+        if value.numel() != 1:
+            return None
+        try:
+            return float(value.detach())
+        except Exception:  # under vmap/compile the value is symbolic: nothing to check
+            return None
+    if isinstance(value, bool):
+        raise TypeError(f"expected a number, got a bool ({value!r})")
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise TypeError(f"expected a number, got {type(value).__name__} ({value!r})")
+
+
+def check_range(
+    owner: str,
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """Raise ``ValueError`` naming ``owner.name`` unless ``value`` lies in the range.
+
+    Infinite values are rejected unless the range explicitly allows them.
+    """
+    try:
+        number = _concrete(value)
+    except TypeError as exc:
+        raise TypeError(f"{owner}.{name}: {exc}") from None
+    if number is None:
+        return
+    lo_ok = (low < number) if low_open else (low <= number)
+    hi_ok = (number < high) if high_open else (number <= high)
+    finite_ok = math.isfinite(number) or allow_inf
+    if not (lo_ok and hi_ok and finite_ok):
+        lo_b = "(" if low_open else "["
+        hi_b = ")" if high_open else "]"
+        raise ValueError(
+            f"Invalid {owner}.{name}: {value!r} (must be finite and in {lo_b}{low}, {high}{hi_b})"
+        )
+
+
+def check_betas(owner: str, betas: Any, count: int = 2) -> None:
+    """Each beta must lie in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != count:
+        raise ValueError(f"Invalid {owner}.betas: {betas!r} (must be a tuple of {count} numbers)")
+    for index, beta in enumerate(betas):
+        check_range(owner, f"betas[{index}]", beta, 0.0, 1.0, high_open=True)
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {owner}.{name}: {value!r} (must be one of {choices})")
+
+
+# --------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class BaseConfig:
+    """Fields every optimizer config has (keyword-only, after the algorithm's own).
+
+    Each algorithm's config also defines ``max_lr``, ``steps`` and ``lr_schedule_value``
+    in the seed's positional order.
+
+    * ``schedule``: an optional callable ``step -> multiplier``, evaluated at the number
+      of steps taken before this one (0 on the first step). Exclusive with
+      ``lr_schedule_value``.
+    * ``inplace``: ``True`` updates the given params and state tensors in place and
+      returns them; ``False`` leaves every input untouched and returns new tensors
+      (differentiable, vmappable).
+    * ``impl``: how the rule runs: ``"reference"``, ``"foreach"``, ``"compiled"`` or
+      ``"auto"`` (foreach where the rule allows it; never compiles by itself).
+    """
+
+    schedule: Callable[[Any], Any] | None = None
+    inplace: bool = True
+    impl: str = "auto"
+
+    if TYPE_CHECKING:  # declared by every concrete config, in the seed's order
+        max_lr: Any
+        steps: int
+        lr_schedule_value: Any
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def _owner(self) -> str:
+        return type(self).__name__
+
+    def validate(self) -> None:
+        """Check every hyperparameter; raise ``ValueError``/``TypeError`` naming it."""
+        owner = self._owner
+        check_range(owner, "max_lr", self.max_lr, 0.0)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"Invalid {owner}.steps: {self.steps!r} (must be an int >= 0)")
+        if self.lr_schedule_value is not None:
+            if callable(self.lr_schedule_value) and not _is_tensor(self.lr_schedule_value):
+                raise TypeError(
+                    f"{owner}.lr_schedule_value must be a number (the multiplier for this "
+                    f"step), got the callable {self.lr_schedule_value!r}; pass a schedule "
+                    "function as `schedule=` instead"
+                )
+            check_range(owner, "lr_schedule_value", self.lr_schedule_value, 0.0)
+        if self.schedule is not None and not callable(self.schedule):
+            raise TypeError(f"{owner}.schedule must be callable, got {self.schedule!r}")
+        if self.schedule is not None and self.lr_schedule_value is not None:
+            raise ValueError(
+                f"{owner}: set either `schedule` or `lr_schedule_value`, not both "
+                f"(schedule={self.schedule!r}, lr_schedule_value={self.lr_schedule_value!r})"
+            )
+        if not isinstance(self.inplace, bool):
+            raise TypeError(f"{owner}.inplace must be a bool, got {self.inplace!r}")
+        check_choice(owner, "impl", self.impl, IMPLS)
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    def lr_multiplier(self, step: Any) -> Any:
+        """The schedule multiplier for the step that follows ``step`` steps taken."""
+        if self.schedule is not None:
+            return self.schedule(step)
+        if self.lr_schedule_value is not None:
+            return self.lr_schedule_value
+        return 1.0
+
+
+# --------------------------------------------------------------------------------------
+# rules
+# --------------------------------------------------------------------------------------
+
+
+class Hyper:
+    """Attribute access to a rule's per-step values (floats, or 0-d tensors)."""
+
+    def __init__(self, values: Mapping[str, Any], static: Any) -> None:
+        self.__dict__.update(values)
+        self.static = static
+
+    def with_leaf(self, leaf: Any) -> Hyper:
+        """A copy whose ``leaf`` is the rule's per-leaf key for the tensors at hand."""
+        copy = Hyper.__new__(Hyper)
+        copy.__dict__.update(self.__dict__)
+        copy.leaf = leaf
+        return copy
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Hyper({self.__dict__})"
+
+
+class Rule:
+    """An update rule, written once as tensor code.
+
+    Subclasses set ``name`` and ``config_type`` and implement:
+
+    * :meth:`fields` - the names of the per-param state fields for a config;
+    * :meth:`static` - the structural options (bools, enums), hashable; a change
+      selects a different compiled kernel;
+    * :meth:`scalars` - per-step values from the config, the step number ``t`` (1 on the
+      first step), the scheduled learning rate and the schedule multiplier, as floats
+      or 0-d tensors;
+    * :meth:`update` - ``(param, grad, *state, h) -> (new_param, *new_state)``, written
+      with tensor operators and methods only, so that the engine can run it on one
+      tensor or on a :class:`~optorch.engine.TensorList` of many.
+
+    ``elementwise`` rules touch each element independently (the engine may flatten and
+    chunk them freely); ``per_tensor_reduction`` rules take norms of each whole tensor
+    (flattening is still fine); other rules need the tensor's shape.
+    """
+
+    name: ClassVar[str] = ""
+    config_type: ClassVar[type[BaseConfig]]
+    elementwise: ClassVar[bool] = True
+    flattenable: ClassVar[bool] = True
+    foreach_ok: ClassVar[bool] = True
+
+    def fields(self, config: Any) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def init_field(self, name: str, param: torch.Tensor, config: Any) -> torch.Tensor:
+        """Initial value of state field ``name`` for ``param`` (zeros by default)."""
+        return torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def static(self, config: Any) -> Hashable:
+        return ()
+
+    def scalars(self, config: Any, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def update(self, param: Any, grad: Any, *state_and_h: Any) -> tuple[Any, ...]:
+        raise NotImplementedError
+
+    def leaf_key(self, param: torch.Tensor, config: Any) -> Hashable:
+        """A per-leaf class the rule branches on (e.g. "is 1-D"), seen as ``h.leaf``."""
+        return None
+
+    def validate_leaf(self, path: str, param: torch.Tensor, config: Any) -> None:
+        """Extra per-leaf checks (e.g. complex support); raise naming ``path``."""
+        if param.is_complex():
+            raise TypeError(f"{self.name}: param {path} is complex, which is not supported")
+
+
+# --------------------------------------------------------------------------------------
+# state
+# --------------------------------------------------------------------------------------
+
+STEP = "step"
+
+
+def _trainable(param: Any) -> bool:
+    return isinstance(param, torch.Tensor) and param.requires_grad
+
+
+def params_of(model_or_params: Any) -> PyTree:
+    """``dict(model.named_parameters())`` for a module, the tree itself otherwise."""
+    if isinstance(model_or_params, torch.nn.Module):
+        return dict(model_or_params.named_parameters())
+    return model_or_params
+
+
+def zeros_tree(params: PyTree, *, only_trainable: bool) -> PyTree:
+    """Zeros shaped like every param; for a module, only params with requires_grad."""
+    if isinstance(params, Mapping) and only_trainable:
+        return {k: torch.zeros_like(v).detach() for k, v in params.items() if _trainable(v)}
+    paths, leaves_, spec = flatten(params)
+    return unflatten(spec, [None if p is None else torch.zeros_like(p).detach() for p in leaves_])
+
+
+def init_state(rule: Rule, model_or_params: Any, config: Any | None = None) -> dict[str, Any]:
+    """Fresh optimizer state for ``model_or_params``.
+
+    For an ``nn.Module`` (the seed's usage) state is created only for params with
+    ``requires_grad=True``, keyed by name. Without ``config`` the default config decides
+    which fields exist; fields a later config needs (e.g. amsgrad's running max) are then
+    created on the first step.
+    """
+    is_module = isinstance(model_or_params, torch.nn.Module)
+    params = params_of(model_or_params)
+    cfg = config if config is not None else rule.config_type()
+    paths, leaves_, spec = flatten(params)
+    first = next((p for p in leaves_ if isinstance(p, torch.Tensor)), None)
+    device = first.device if first is not None else torch.device("cpu")
+    state: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.int64, device=device)}
+    for name in rule.fields(cfg):
+        state[name] = _field_tree(rule, name, params, cfg, only_trainable=is_module)
+    return state
+
+
+def _field_tree(rule: Rule, name: str, params: PyTree, cfg: Any, *, only_trainable: bool) -> Any:
+    def make(p: Any) -> Any:
+        if not isinstance(p, torch.Tensor):
+            return None
+        with torch.no_grad():
+            return rule.init_field(name, p.detach(), cfg)
+
+    if isinstance(params, Mapping) and only_trainable:
+        return {k: make(v) for k, v in params.items() if _trainable(v)}
+    _, leaves_, spec = flatten(params)
+    return unflatten(spec, [make(p) for p in leaves_])
+
+
+# --------------------------------------------------------------------------------------
+# structure checks
+# --------------------------------------------------------------------------------------
+
+
+def _kind(node: Any) -> str:
+    if isinstance(node, Mapping):
+        return "dict"
+    if isinstance(node, (list, tuple)):
+        return type(node).__name__
+    return type(node).__name__
+
+
+def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()) -> str:
+    """Describe where two trees first differ (for messages)."""
+    if isinstance(a, torch.Tensor) or a is None or isinstance(b, torch.Tensor) or b is None:
+        return f"at {format_path(path)}: {_kind(a)} vs {_kind(b)}"
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        for key in a:
+            if key not in b:
+                return f"key {format_path((*path, key))} is missing"
+        for key in b:
+            if key not in a:
+                return f"unexpected key {format_path((*path, key))}"
+        for key in a:
+            diff = _first_structure_difference(a[key], b[key], (*path, key))
+            if diff:
+                return diff
+        return ""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return f"at {format_path(path)}: length {len(a)} vs {len(b)}"
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            diff = _first_structure_difference(x, y, (*path, index))
+            if diff:
+                return diff
+        return ""
+    if type(a) is not type(b):
+        return f"at {format_path(path)}: {_kind(a)} vs {_kind(b)}"
+    return f"at {format_path(path)}: containers differ"
+
+
+def _align_field(
+    name: str, tree: PyTree, param_paths: list[Any], params: PyTree
+) -> list[Any]:
+    """Leaves of state field ``name`` in params order (None where a param has no state)."""
+    paths, leaves_, _ = flatten(tree)
+    if paths == param_paths:
+        return leaves_
+    index = {path: i for i, path in enumerate(param_paths)}
+    out: list[Any] = [None] * len(param_paths)
+    for path, leaf in zip(paths, leaves_, strict=True):
+        position = index.get(path)
+        if position is None:
+            diff = _first_structure_difference(params, tree)
+            raise ValueError(
+                f"optimizer state {name!r} has a leaf at {format_path(path)} that params do "
+                f"not have (params vs state: {diff})"
+            )
+        out[position] = leaf
+    return out
+
+
+def _check_tensor_pair(
+    what: str, path: str, param: torch.Tensor, other: Any, *, same_dtype: bool = True
+) -> None:
+    if not isinstance(other, torch.Tensor):
+        raise TypeError(f"{what} at {path} must be a tensor or None, got {type(other).__name__}")
+    if other.shape != param.shape:
+        raise ValueError(
+            f"{what} at {path} has shape {tuple(other.shape)} but the param has shape "
+            f"{tuple(param.shape)}"
+        )
+    if same_dtype and other.dtype != param.dtype:
+        raise TypeError(
+            f"{what} at {path} has dtype {other.dtype} but the param has dtype {param.dtype}"
+        )
+    if other.device != param.device:
+        raise ValueError(
+            f"{what} at {path} is on {other.device} but the param is on {param.device}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# the step driver
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A step's inputs, flattened, checked and aligned (nothing modified yet)."""
+
+    spec: Any
+    params: list[Any]
+    grads: list[Any]
+    fields: dict[str, list[Any]]
+    active: list[int]
+    step: torch.Tensor
+    paths: list[str]
+
+
+def prepare(
+    rule: Rule, config: Any, params: PyTree, grads: PyTree, state: Mapping[str, Any]
+) -> Prepared:
+    """Check and align the inputs of a step; raise before anything is modified."""
+    if not isinstance(state, Mapping):
+        raise TypeError(
+            f"{rule.name}: optimizer state must be a dict (from init), got {type(state).__name__}"
+        )
+    config.validate()
+    param_paths, param_leaves, spec = flatten(params)
+    grad_paths, grad_leaves, grad_spec = flatten(grads)
+    if grad_paths != param_paths or grad_spec != spec:
+        diff = _first_structure_difference(params, grads)
+        raise ValueError(f"{rule.name}: grads do not match params ({diff})")
+    names = rule.fields(config)
+    known = {STEP, *names}
+    foreign = [key for key in state if key not in known and key not in rule_optional_fields(rule)]
+    if foreign:
+        raise ValueError(
+            f"{rule.name}: optimizer state has unexpected field(s) {foreign} (expected "
+            f"{sorted(known)}); is it the state of another optimizer?"
+        )
+    text_paths = [format_path(p) for p in param_paths]
+    fields: dict[str, list[Any]] = {}
+    for name in names:
+        if name in state:
+            fields[name] = _align_field(name, state[name], param_paths, params)
+        else:
+            fields[name] = []  # created below for the active leaves
+    active: list[int] = []
+    for i, (path, param, grad) in enumerate(zip(text_paths, param_leaves, grad_leaves, strict=True)):
+        if param is None:
+            if grad is not None:
+                raise ValueError(f"{rule.name}: grad at {path} is set but the param is None")
+            continue
+        if not isinstance(param, torch.Tensor):
+            raise TypeError(f"{rule.name}: param at {path} must be a tensor, got {type(param).__name__}")
+        if grad is None:
+            continue
+        if not (param.is_floating_point() or param.is_complex()):
+            raise TypeError(
+                f"{rule.name}: param at {path} has dtype {param.dtype}; only floating point "
+                "params can be optimized"
+            )
+        rule.validate_leaf(path, param, config)
+        if grad.is_sparse if isinstance(grad, torch.Tensor) else False:
+            raise TypeError(f"{rule.name}: grad at {path} is sparse, which is not supported")
+        _check_tensor_pair("grad", path, param, grad)
+        for name in names:
+            leaves_ = fields[name]
+            if not leaves_:
+                continue
+            leaf = leaves_[i]
+            if leaf is None:
+                raise ValueError(
+                    f"{rule.name}: param at {path} has a gradient but no {name!r} state (was it "
+                    "frozen when the state was created?)"
+                )
+            _check_tensor_pair(f"state {name!r}", path, param, leaf)
+        active.append(i)
+    step = state.get(STEP)
+    if step is None:
+        first = next((p for p in param_leaves if isinstance(p, torch.Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+        step = torch.zeros((), dtype=torch.int64, device=device)
+    elif not isinstance(step, torch.Tensor) or step.numel() != 1:
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            step = torch.tensor(step, dtype=torch.int64)
+        else:
+            raise ValueError(f"{rule.name}: state['step'] must be a 0-d tensor, got {step!r}")
+    return Prepared(spec, param_leaves, grad_leaves, fields, active, step, text_paths)
+
+
+def rule_optional_fields(rule: Rule) -> tuple[str, ...]:
+    """Fields a rule may carry under some config (kept when the config drops them)."""
+    return getattr(rule, "optional_fields", ())
+
+
+def _host_step(step: torch.Tensor) -> bool:
+    """Whether the step count can be read as a Python int without a device sync."""
+    if step.device.type != "cpu":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+
+        if is_functorch_wrapped_tensor(step):
+            return False
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return True
+
+
+def _check_transform_mode(rule: Rule, config: Any, prepared: Prepared) -> None:
+    if not config.inplace:
+        return
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover
+        return
+    for i in prepared.active:
+        if is_functorch_wrapped_tensor(prepared.params[i]) or is_functorch_wrapped_tensor(
+            prepared.grads[i]
+        ):
+            raise RuntimeError(
+                f"{rule.name}: an in-place step cannot run on tensors traced by a torch.func "
+                f"transform (param {prepared.paths[i]}); build the config with inplace=False "
+                "for grad/vmap/jacrev"
+            )
+
+
+def apply_step(
+    rule: Rule,
+    config: Any,
+    params: PyTree,
+    grads: PyTree,
+    state: Mapping[str, Any],
+    *,
+    hyper_overrides: Mapping[str, Any] | None = None,
+) -> tuple[PyTree, dict[str, Any]]:
+    """Run one step of ``rule``. See :class:`BaseConfig` for ``inplace`` and ``impl``."""
+    from optorch import engine
+
+    prepared = prepare(rule, config, params, grads, state)
+    _check_transform_mode(rule, config, prepared)
+    names = rule.fields(config)
+    step = prepared.step
+    host = _host_step(step)
+    taken: Any = int(step) if host else step
+    multiplier = config.lr_multiplier(taken)
+    max_lr = config.max_lr
+    if hyper_overrides and "max_lr" in hyper_overrides:
+        max_lr = hyper_overrides["max_lr"]
+    lr = max_lr * multiplier
+    t = taken + 1
+    if not host and not isinstance(t, torch.Tensor):  # pragma: no cover - defensive
+        t = torch.as_tensor(t)
+    values = rule.scalars(config, t if host else t.to(torch.float64), lr, multiplier)
+    if hyper_overrides:
+        values.update({k: v for k, v in hyper_overrides.items() if k != "max_lr"})
+    h = Hyper(values, rule.static(config))
+
+    new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
+    # fields a config needs that the state lacks (seed-style dicts, amsgrad turned on)
+    with torch.no_grad():
+        for name in names:
+            if not prepared.fields[name]:
+                leaves_ = [
+                    rule.init_field(name, p.detach(), config) if i in set(prepared.active) else None
+                    for i, p in enumerate(prepared.params)
+                ]
+                prepared.fields[name] = leaves_
+                new_state[name] = unflatten(prepared.spec, leaves_)
+
+    p_active = [prepared.params[i] for i in prepared.active]
+    g_active = [prepared.grads[i] for i in prepared.active]
+    s_active = [[prepared.fields[name][i] for i in prepared.active] for name in names]
+    new_p, new_s = engine.run(rule, config, h, p_active, g_active, s_active)
+
+    if config.inplace:
+        if STEP in state and isinstance(state[STEP], torch.Tensor) and state[STEP] is step:
+            with torch.no_grad():
+                step.add_(1)
+        else:
+            new_state[STEP] = step + 1
+        if not isinstance(new_state, dict):  # a read-only mapping was passed
+            new_state = dict(new_state)
+        return params, new_state
+
+    param_leaves = list(prepared.params)
+    for i, tensor in zip(prepared.active, new_p, strict=True):
+        param_leaves[i] = tensor
+    out_params = unflatten(prepared.spec, param_leaves)
+    for name, tensors in zip(names, new_s, strict=True):
+        leaves_ = list(prepared.fields[name])
+        for i, tensor in zip(prepared.active, tensors, strict=True):
+            leaves_[i] = tensor
+        source = state.get(name)
+        if source is not None:
+            new_state[name] = _rebuild_like(source, prepared, leaves_)
+        else:
+            new_state[name] = unflatten(prepared.spec, leaves_)
+    new_state[STEP] = step + 1
+    return out_params, new_state
+
+
+def _rebuild_like(source: PyTree, prepared: Prepared, aligned: list[Any]) -> PyTree:
+    """Put aligned (params-ordered) leaves back into the structure of ``source``."""
+    paths, leaves_, spec = flatten(source)
+    param_paths, _, _ = flatten(unflatten(prepared.spec, [None] * len(prepared.params)))
+    if paths == param_paths:
+        return unflatten(spec, aligned)
+    index = {path: i for i, path in enumerate(param_paths)}
+    return unflatten(spec, [aligned[index[path]] for path in paths])
+
+
+# --------------------------------------------------------------------------------------
+# the optimizer value
+# --------------------------------------------------------------------------------------
+
+
+class Optimizer:
+    """An optimizer as a value: ``config`` plus ``init`` and ``step``.
+
+    >>> import torch, optorch
+    >>> opt = optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.0)
+    >>> params = {"w": torch.ones(2)}
+    >>> state = opt.init(params)
+    >>> params, state = opt.step(params, {"w": torch.ones(2)}, state)
+    >>> params["w"]
+    tensor([0.9000, 0.9000])
+    """
+
+    def __init__(self, rule: Rule, config: Any) -> None:
+        if not isinstance(config, rule.config_type):
+            raise TypeError(
+                f"{rule.name} needs a {rule.config_type.__name__}, got {type(config).__name__}"
+            )
+        self.rule = rule
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.rule.name
+
+    def init(self, params: Any) -> dict[str, Any]:
+        """State for ``params`` (a pytree of tensors or an ``nn.Module``)."""
+        return init_state(self.rule, params, self.config)
+
+    def step(
+        self, params: PyTree, grads: PyTree, state: Mapping[str, Any], **kwargs: Any
+    ) -> tuple[PyTree, dict[str, Any]]:
+        """One step: ``(params, grads, state) -> (params, state)``."""
+        return apply_step(self.rule, self.config, params, grads, state, **kwargs)
+
+    def replace(self, **changes: Any) -> Optimizer:
+        """The same optimizer with config fields changed."""
+        return Optimizer(self.rule, self.config.replace(**changes))
+
+    def __repr__(self) -> str:
+        return f"Optimizer({self.rule.name!r}, {self.config!r})"

@@ -1,0 +1,538 @@
+"""How a rule is executed over many tensors.
+
+A :class:`~optorch.base.Rule` is written once, as tensor code that uses operators and
+a small set of tensor methods. The engine runs that code three ways:
+
+``reference``
+    A loop over the tensors, one call of the rule per tensor. The oracle.
+``foreach``
+    One call of the rule per (device, dtype) group on :class:`TensorList` values, whose
+    operators dispatch to ``torch._foreach_*`` kernels. Groups are split into chunks of
+    bounded size (large tensors of elementwise rules are split into flat slices), so the
+    temporaries of a step stay a fraction of the params' bytes.
+``compiled``
+    The rule is traced by ``torch.compile`` for a *chunk* of ``CHUNK`` flat 1-D tensors
+    with dynamic sizes and every per-step scalar passed as a 0-d tensor: one generated
+    kernel pass per tensor, compiled once per (rule, options, dtype, device) however
+    many tensors there are and however the schedule moves. Rules that need a tensor's
+    shape are compiled per tensor with dynamic shapes instead.
+
+In-place mode writes the results into the given tensors; pure mode returns new ones.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+__all__ = ["CHUNK", "TensorList", "addcdiv", "addcmul", "resolve_impl", "run", "lerp", "scalar_sqrt", "select", "where"]
+
+#: Tensors per compiled call (a chunk is padded with small scratch tensors).
+CHUNK = 8
+#: Elements per foreach chunk: bounds the temporaries a foreach step allocates.
+FOREACH_CHUNK_NUMEL = 1 << 22
+
+
+# --------------------------------------------------------------------------------------
+# scalars: the same code works for Python numbers and 0-d tensors
+# --------------------------------------------------------------------------------------
+
+
+def scalar_sqrt(value: Any) -> Any:
+    """``sqrt`` of a Python number or a tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.sqrt()
+    return math.sqrt(value)
+
+
+def where(condition: Any, if_true: Any, if_false: Any) -> Any:
+    """Select between two scalars by a Python bool or a 0-d bool tensor (no host sync)."""
+    if isinstance(condition, torch.Tensor):
+        return torch.where(condition, if_true, if_false)
+    return if_true if condition else if_false
+
+
+def lerp(start: Any, end: Any, weight: Any) -> Any:
+    """``start + weight * (end - start)``; one kernel when ``weight`` is a Python number."""
+    if isinstance(weight, torch.Tensor):
+        return start + (end - start) * weight
+    if isinstance(start, TensorList):
+        return start.lerp(end, weight)
+    return torch.lerp(start, end, weight)
+
+
+def select(condition: Any, if_true: Any, if_false: Any) -> Any:
+    """``torch.where`` for a tensor or a :class:`TensorList` ``if_true``."""
+    if isinstance(if_true, TensorList):
+        return if_true.where(condition, if_false)
+    return torch.where(condition, if_true, if_false)
+
+
+def addcmul(x: Any, a: Any, b: Any, value: Any) -> Any:
+    """``x + value * a * b`` for tensors or tensor lists; ``value`` may be a tensor."""
+    if isinstance(x, TensorList):
+        return x.addcmul(a, b, value)
+    if isinstance(value, torch.Tensor):
+        return x + a * b * value
+    return torch.addcmul(x, a, b, value=value)
+
+
+def addcdiv(x: Any, a: Any, b: Any, value: Any) -> Any:
+    """``x + value * a / b`` for tensors or tensor lists; ``value`` may be a tensor."""
+    if isinstance(x, TensorList):
+        return x.addcdiv(a, b, value)
+    if isinstance(value, torch.Tensor):
+        return x + a / b * value
+    return torch.addcdiv(x, a, b, value=value)
+
+
+# --------------------------------------------------------------------------------------
+# TensorList: a list of tensors that behaves like one tensor, through foreach kernels
+# --------------------------------------------------------------------------------------
+
+
+def _operand(other: Any) -> Any:
+    return other.items if isinstance(other, TensorList) else other
+
+
+def _is_scalar_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor)
+
+
+class TensorList:
+    """Many tensors under one set of operators, computed with ``torch._foreach_*``.
+
+    Supports the vocabulary rules are written in: ``+ - * / **``, unary minus,
+    comparisons, and the methods below. The other operand may be a ``TensorList`` of
+    the same length (tensors of equal shapes, or 0-d tensors for per-tensor scalars), a
+    Python number or a 0-d tensor.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Iterable[torch.Tensor]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"TensorList({len(self.items)} tensors)"
+
+    def _map(self, fn: Callable[..., torch.Tensor], *others: Any) -> TensorList:
+        columns = [o.items if isinstance(o, TensorList) else [o] * len(self.items) for o in others]
+        return TensorList(fn(x, *rest) for x, *rest in zip(self.items, *columns, strict=True))
+
+    # arithmetic -------------------------------------------------------------------------
+    def __add__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_add(self.items, _operand(other)))
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_sub(self.items, _operand(other)))
+
+    def __rsub__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_add(torch._foreach_neg(self.items), _operand(other)))
+
+    def __mul__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_mul(self.items, _operand(other)))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_div(self.items, _operand(other)))
+
+    def __rtruediv__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_mul(torch._foreach_reciprocal(self.items), _operand(other)))
+
+    def __neg__(self) -> TensorList:
+        return TensorList(torch._foreach_neg(self.items))
+
+    def __pow__(self, other: Any) -> TensorList:
+        return TensorList(torch._foreach_pow(self.items, _operand(other)))
+
+    # comparisons (elementwise, per tensor) ----------------------------------------------
+    def __gt__(self, other: Any) -> TensorList:  # type: ignore[override]
+        return self._map(torch.gt, other)
+
+    def __ge__(self, other: Any) -> TensorList:  # type: ignore[override]
+        return self._map(torch.ge, other)
+
+    def __lt__(self, other: Any) -> TensorList:  # type: ignore[override]
+        return self._map(torch.lt, other)
+
+    def __le__(self, other: Any) -> TensorList:  # type: ignore[override]
+        return self._map(torch.le, other)
+
+    def __and__(self, other: Any) -> TensorList:
+        return self._map(torch.logical_and, other)
+
+    # methods --------------------------------------------------------------------------
+    def sqrt(self) -> TensorList:
+        return TensorList(torch._foreach_sqrt(self.items))
+
+    def abs(self) -> TensorList:
+        return TensorList(torch._foreach_abs(self.items))
+
+    def sign(self) -> TensorList:
+        return TensorList(torch._foreach_sign(self.items))
+
+    def exp(self) -> TensorList:
+        return TensorList(torch._foreach_exp(self.items))
+
+    def log(self) -> TensorList:
+        return TensorList(torch._foreach_log(self.items))
+
+    def reciprocal(self) -> TensorList:
+        return TensorList(torch._foreach_reciprocal(self.items))
+
+    def square(self) -> TensorList:
+        return TensorList(torch._foreach_mul(self.items, self.items))
+
+    def norm(self) -> TensorList:
+        """Per-tensor L2 norms, as a list of 0-d tensors."""
+        return TensorList(torch._foreach_norm(self.items))
+
+    def lerp(self, end: Any, weight: Any) -> TensorList:
+        if isinstance(weight, TensorList):
+            return self._map(torch.lerp, end, weight)
+        return TensorList(torch._foreach_lerp(self.items, _operand(end), weight))
+
+    def maximum(self, other: Any) -> TensorList:
+        if isinstance(other, TensorList):
+            return TensorList(torch._foreach_maximum(self.items, other.items))
+        return self._map(torch.maximum, other)
+
+    def minimum(self, other: Any) -> TensorList:
+        if isinstance(other, TensorList):
+            return TensorList(torch._foreach_minimum(self.items, other.items))
+        return self._map(torch.minimum, other)
+
+    def clamp(self, min: Any = None, max: Any = None) -> TensorList:  # noqa: A002
+        items = self.items
+        if min is not None:
+            items = torch._foreach_clamp_min(items, _operand(min))
+        if max is not None:
+            items = torch._foreach_clamp_max(items, _operand(max))
+        return TensorList(items if items is not self.items else list(items))
+
+    def addcmul(self, tensor1: Any, tensor2: Any, value: Any = 1) -> TensorList:
+        if isinstance(value, torch.Tensor):
+            return self + tensor1 * tensor2 * value
+        return TensorList(
+            torch._foreach_addcmul(self.items, _operand(tensor1), _operand(tensor2), value=value)
+        )
+
+    def addcdiv(self, tensor1: Any, tensor2: Any, value: Any = 1) -> TensorList:
+        if isinstance(value, torch.Tensor):
+            return self + tensor1 / tensor2 * value
+        return TensorList(
+            torch._foreach_addcdiv(self.items, _operand(tensor1), _operand(tensor2), value=value)
+        )
+
+    def where(self, condition: Any, other: Any) -> TensorList:
+        """``torch.where(condition, self, other)``, per tensor."""
+        return self._map(lambda x, c, o: torch.where(c, x, o), condition, other)
+
+    def to(self, dtype: torch.dtype) -> TensorList:
+        return self._map(lambda x: x.to(dtype))
+
+    def nan_to_num(self, nan: float = 0.0) -> TensorList:
+        return self._map(lambda x: torch.nan_to_num(x, nan=nan))
+
+
+# --------------------------------------------------------------------------------------
+# grouping
+# --------------------------------------------------------------------------------------
+
+
+def resolve_impl(rule: Any, config: Any) -> str:
+    impl = config.impl
+    if impl == "auto":
+        return "foreach" if rule.foreach_ok else "reference"
+    if impl == "foreach" and not rule.foreach_ok:
+        return "reference"
+    return impl
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def _group(
+    params: Sequence[torch.Tensor], leaf_keys: Sequence[Any]
+) -> dict[tuple[Any, ...], list[int]]:
+    """Indices grouped by (device, dtype, tensor type, the rule's leaf key)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (p, key) in enumerate(zip(params, leaf_keys, strict=True)):
+        groups.setdefault((p.device, p.dtype, type(p), key), []).append(i)
+    return groups
+
+
+def _write(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    pairs = [(d, s) for d, s in zip(dst, src, strict=True) if d is not s]
+    if not pairs:
+        return
+    ds, ss = zip(*pairs, strict=True)
+    if any(_is_dtensor(d) for d in ds):
+        for d, s in pairs:
+            d.copy_(s)
+        return
+    torch._foreach_copy_(list(ds), list(ss))
+
+
+# --------------------------------------------------------------------------------------
+# executors
+# --------------------------------------------------------------------------------------
+
+Lists = tuple[list[torch.Tensor], list[list[torch.Tensor]]]
+
+
+def _run_reference(
+    rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any],
+) -> Lists:
+    new_params: list[torch.Tensor] = []
+    new_states: list[list[torch.Tensor]] = [[] for _ in states]
+    for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
+        own = [field[i] for field in states]
+        out = rule.update(param, grad, *own, h.with_leaf(leaf_keys[i]))
+        if inplace:
+            if out[0] is not param:
+                param.copy_(out[0])
+            for old, new in zip(own, out[1:], strict=True):
+                if new is not old:
+                    old.copy_(new)
+            new_params.append(param)
+            for column, old in zip(new_states, own, strict=True):
+                column.append(old)
+        else:
+            new_params.append(out[0])
+            for column, new in zip(new_states, out[1:], strict=True):
+                column.append(new)
+    return new_params, new_states
+
+
+def _foreach_chunks(
+    rule: Any, params: list[torch.Tensor], indices: list[int]
+) -> list[list[tuple[int, slice | None]]]:
+    """Split a group into chunks of about FOREACH_CHUNK_NUMEL elements.
+
+    Each entry is (tensor index, flat slice or None for the whole tensor); slicing is
+    used only for elementwise rules on contiguous tensors.
+    """
+    chunks: list[list[tuple[int, slice | None]]] = []
+    current: list[tuple[int, slice | None]] = []
+    size = 0
+    for i in indices:
+        p = params[i]
+        n = p.numel()
+        can_slice = rule.elementwise and p.is_contiguous() and not _is_dtensor(p)
+        if can_slice and n > FOREACH_CHUNK_NUMEL:
+            for start in range(0, n, FOREACH_CHUNK_NUMEL):
+                chunks.append([(i, slice(start, min(n, start + FOREACH_CHUNK_NUMEL)))])
+            continue
+        if current and size + n > FOREACH_CHUNK_NUMEL:
+            chunks.append(current)
+            current, size = [], 0
+        current.append((i, None))
+        size += n
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def _piece(tensor: torch.Tensor, part: slice | None) -> torch.Tensor:
+    return tensor if part is None else tensor.view(-1)[part]
+
+
+def _run_foreach(
+    rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any],
+) -> Lists:
+    new_params: list[Any] = list(params) if inplace else [None] * len(params)
+    new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
+    for (_, _, _, leaf), indices in _group(params, leaf_keys).items():
+        h_group = h.with_leaf(leaf)
+        chunks = _foreach_chunks(rule, params, indices) if inplace else [
+            [(i, None) for i in indices]
+        ]
+        for chunk in chunks:
+            p = [_piece(params[i], part) for i, part in chunk]
+            g = [_piece(grads[i], part) for i, part in chunk]
+            s = [[_piece(field[i], part) for i, part in chunk] for field in states]
+            out = rule.update(
+                TensorList(p), TensorList(g), *(TensorList(x) for x in s), h_group
+            )
+            if inplace:
+                _write(p, out[0].items)
+                for old, new in zip(s, out[1:], strict=True):
+                    _write(old, new.items)
+            else:
+                for k, (i, _) in enumerate(chunk):
+                    new_params[i] = out[0].items[k]
+                    for column, new in zip(new_states, out[1:], strict=True):
+                        column[i] = new.items[k]
+    return new_params, new_states
+
+
+# compiled ------------------------------------------------------------------------------
+
+_COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_SCRATCH: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+
+
+def _scalar_tensors(h: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """Every per-step value as a 0-d tensor, so a change never recompiles."""
+    scalar_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    values: dict[str, Any] = {}
+    for key, value in vars(h).items():
+        if key == "static":
+            continue
+        if isinstance(value, torch.Tensor):
+            values[key] = value
+        elif isinstance(value, bool):
+            values[key] = torch.tensor(float(value), dtype=scalar_dtype, device=device)
+        elif isinstance(value, (int, float)):
+            values[key] = torch.tensor(value, dtype=scalar_dtype, device=device)
+        else:
+            values[key] = value
+    return values
+
+
+def _compiled_fn(
+    rule: Any, static: Any, leaf: Any, inplace: bool, flat: bool
+) -> Callable[..., Any]:
+    from optorch.base import Hyper
+
+    key = (type(rule), static, leaf, inplace, flat)
+    fn = _COMPILED.get(key)
+    if fn is not None:
+        return fn
+
+    def chunk_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+                   states: list[list[torch.Tensor]], values: dict[str, Any]) -> Any:
+        h = Hyper(values, static).with_leaf(leaf)
+        outs = []
+        for i in range(len(params)):
+            outs.append(rule.update(params[i], grads[i], *[f[i] for f in states], h))
+        if not inplace:
+            return outs
+        for i, out in enumerate(outs):
+            params[i].copy_(out[0])
+            for field, new in zip(states, out[1:], strict=True):
+                field[i].copy_(new)
+        return None
+
+    # dynamo caches per code object: give every (rule, options) its own, so that kernels
+    # of different rules never count against each other's recompile limit
+    code = chunk_step.__code__.replace(co_name=f"optorch_{rule.name}_step_{len(_COMPILED)}")
+    unique = types.FunctionType(
+        code, chunk_step.__globals__, code.co_name, None, chunk_step.__closure__
+    )
+    fn = torch.compile(unique, dynamic=True, fullgraph=True)
+    _COMPILED[key] = fn
+    return fn
+
+
+def _scratch(key: tuple[Any, ...], count: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+    cached = _SCRATCH.get(key)
+    if cached is None or len(cached) < count:
+        cached = [torch.zeros(2, dtype=dtype, device=device) for _ in range(count)]
+        _SCRATCH[key] = cached
+    return cached[:count]
+
+
+def _no_duck_shapes() -> Any:
+    try:
+        from torch.fx.experimental import _config as fx_config
+
+        return fx_config.patch(use_duck_shape=False)
+    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        return nullcontext()
+
+
+def _run_compiled(
+    rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any],
+) -> Lists:
+    new_params: list[Any] = list(params) if inplace else [None] * len(params)
+    new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
+    small: list[int] = []
+    nfields = len(states)
+    for (device, dtype, kind, leaf), indices in _group(params, leaf_keys).items():
+        if kind is not torch.Tensor and kind is not torch.nn.Parameter:
+            small.extend(indices)  # tensor subclasses (DTensor): run eagerly
+            continue
+        values = _scalar_tensors(h, device, dtype)
+        flat = rule.flattenable
+        usable = [i for i in indices if params[i].numel() >= 2 and (not flat or all(
+            t.is_contiguous() for t in (params[i], grads[i], *(f[i] for f in states))))]
+        small.extend(i for i in indices if i not in set(usable))
+        usable.sort(key=lambda i: params[i].numel())
+        fn = _compiled_fn(rule, h.static, leaf, inplace, flat)
+        width = CHUNK if flat else 1
+        for start in range(0, len(usable), width):
+            chunk = usable[start:start + width]
+            pad = width - len(chunk)
+            if flat:
+                p = [params[i].view(-1) for i in chunk]
+                g = [grads[i].view(-1) for i in chunk]
+                s = [[f[i].view(-1) for i in chunk] for f in states]
+            else:
+                p = [params[i] for i in chunk]
+                g = [grads[i] for i in chunk]
+                s = [[f[i] for i in chunk] for f in states]
+            if pad:
+                scratch = _scratch((device, dtype), pad * (2 + nfields), dtype, device)
+                p = p + scratch[:pad]
+                g = g + scratch[pad:2 * pad]
+                s = [col + scratch[(2 + k) * pad:(3 + k) * pad] for k, col in enumerate(s)]
+            with _no_duck_shapes():
+                out = fn(p, g, s, values)
+            if not inplace:
+                for k, i in enumerate(chunk):
+                    shape = params[i].shape
+                    new_params[i] = out[k][0].view(shape)
+                    for column, new in zip(new_states, out[k][1:], strict=True):
+                        column[i] = new.view(shape)
+    if small:
+        sub_p = [params[i] for i in small]
+        sub_g = [grads[i] for i in small]
+        sub_s = [[f[i] for i in small] for f in states]
+        run_small = _run_foreach if rule.foreach_ok else _run_reference
+        sub_keys = [leaf_keys[i] for i in small]
+        out_p, out_s = run_small(rule, h, sub_p, sub_g, sub_s, inplace, sub_keys)
+        for k, i in enumerate(small):
+            new_params[i] = out_p[k]
+            for column, new in zip(new_states, out_s, strict=True):
+                column[i] = new[k]
+    return new_params, new_states
+
+
+_EXECUTORS = {"reference": _run_reference, "foreach": _run_foreach, "compiled": _run_compiled}
+
+
+def run(
+    rule: Any, config: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+) -> Lists:
+    """Execute ``rule`` over aligned lists; returns (params, states) lists."""
+    if not params:
+        return [], [[] for _ in states]
+    impl = resolve_impl(rule, config)
+    if impl == "compiled" and torch.compiler.is_compiling():
+        impl = "foreach" if rule.foreach_ok else "reference"  # already inside a compiled graph
+    if impl == "foreach" and any(_is_dtensor(p) for p in params) and not rule.foreach_ok:
+        impl = "reference"
+    executor = _EXECUTORS[impl]
+    leaf_keys = [rule.leaf_key(p, config) for p in params]
+    context = torch.no_grad() if config.inplace else nullcontext()
+    with context:
+        return executor(rule, h, params, grads, states, config.inplace, leaf_keys)

@@ -1,0 +1,148 @@
+r"""Stochastic gradient descent with momentum, dampening, Nesterov and weight decay.
+
+With :math:`g_t` the gradient (negated when ``maximize``), :math:`\lambda` =
+``weight_decay``, :math:`\mu` = ``momentum``, :math:`\tau` = ``dampening`` and
+:math:`\eta_t` = ``max_lr`` times the schedule multiplier:
+
+.. math::
+
+    g_t &\leftarrow g_t + \lambda\, p_{t-1} \\
+    b_t &= \begin{cases} g_t & t = 1 \\ \mu\, b_{t-1} + (1 - \tau)\, g_t & t > 1\end{cases} \\
+    d_t &= g_t + \mu\, b_t \ \text{(nesterov)} \quad\text{or}\quad d_t = b_t \\
+    p_t &= p_{t-1} - \eta_t\, d_t
+
+(Sutskever et al. 2013; the same conventions as ``torch.optim.SGD``.) With
+``momentum=0`` no buffer is kept and :math:`d_t = g_t`.
+
+>>> import torch
+>>> from optorch.sgd import SGDConfig, sgd_step, default_sgd_state
+>>> params = {"w": torch.tensor([1.0, 2.0])}
+>>> config = SGDConfig(momentum=0.0, max_lr=0.5)
+>>> state = default_sgd_state(params)
+>>> params, state = sgd_step(params, {"w": torch.tensor([1.0, 1.0])}, state, config)
+>>> params["w"]
+tensor([0.5000, 1.5000])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
+from optorch.engine import where
+
+__all__ = ["SGDConfig", "SGDRule", "default_sgd_state", "sgd", "sgd_step"]
+
+
+@dataclass
+class SGDConfig(BaseConfig):
+    """Hyperparameters of SGD (``torch.optim.SGD`` names; ``max_lr`` is the lr)."""
+
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    max_lr: float = 0.1
+    steps: int = 0
+    lr_schedule_value: float | None = None
+    dampening: float = 0.0
+    nesterov: bool = False
+    maximize: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        owner = self._owner
+        check_range(owner, "momentum", self.momentum, 0.0)
+        check_range(owner, "weight_decay", self.weight_decay, 0.0)
+        check_range(owner, "dampening", self.dampening, 0.0, 1.0)
+        if self.nesterov and (_is_zero(self.momentum) or not _is_zero(self.dampening)):
+            raise ValueError(
+                f"Invalid {owner}: nesterov=True needs momentum > 0 and dampening == 0 "
+                f"(momentum={self.momentum!r}, dampening={self.dampening!r})"
+            )
+
+
+def _is_zero(value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
+class SGDRule(Rule):
+    name = "sgd"
+    config_type = SGDConfig
+    optional_fields = ("momentum",)
+
+    def fields(self, config: SGDConfig) -> tuple[str, ...]:
+        return () if _is_zero(config.momentum) else ("momentum",)
+
+    def static(self, config: SGDConfig) -> Any:
+        return (
+            not _is_zero(config.momentum),
+            config.nesterov,
+            config.maximize,
+            not _is_zero(config.weight_decay),
+        )
+
+    def scalars(self, config: SGDConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
+        first = t == 1
+        return {
+            "lr": lr,
+            "momentum": config.momentum,
+            "weight_decay": config.weight_decay,
+            # torch.optim.SGD starts the buffer at the first gradient, undamped
+            "keep": where(first, 0.0, config.momentum),
+            "grad_scale": where(first, 1.0, 1.0 - config.dampening),
+        }
+
+    def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
+        h = rest[-1]
+        use_momentum, nesterov, maximize, decay = h.static
+        if maximize:
+            grad = -grad
+        if decay:
+            grad = grad + param * h.weight_decay
+        if not use_momentum:
+            return (param - grad * h.lr,)
+        buf = rest[0] * h.keep + grad * h.grad_scale
+        direction = grad + buf * h.momentum if nesterov else buf
+        return param - direction * h.lr, buf
+
+
+RULE = SGDRule()
+
+
+def default_sgd_state(model: Any) -> OPTIMIZER_STATE_TYPE:
+    """``{"step": 0, "momentum": zeros like each trainable param}``."""
+    return init_state(RULE, model, SGDConfig())
+
+
+def sgd_step(
+    params: PARAMS_GRADS_TYPE,
+    grads: PARAMS_GRADS_TYPE,
+    opt_state: OPTIMIZER_STATE_TYPE,
+    config: SGDConfig,
+) -> tuple[PARAMS_GRADS_TYPE, OPTIMIZER_STATE_TYPE]:
+    """One SGD step: ``(params, grads, state, config) -> (params, state)``."""
+    return apply_step(RULE, config, params, grads, opt_state)
+
+
+def sgd(
+    params: PARAMS_GRADS_TYPE,
+    grads: PARAMS_GRADS_TYPE,
+    momentum: PARAMS_GRADS_TYPE,
+    config: SGDConfig,
+    *,
+    step: int | None = None,
+) -> tuple[PARAMS_GRADS_TYPE, PARAMS_GRADS_TYPE]:
+    """The seed's update function: ``-> (params, momentum)``.
+
+    ``step`` is the number of steps already taken (defaults to ``config.steps``, which is
+    read, never written); it matters only for the first step's undamped buffer.
+    """
+    taken = config.steps if step is None else step
+    state = {"step": torch.tensor(taken, dtype=torch.int64), "momentum": momentum}
+    if _is_zero(config.momentum):
+        state.pop("momentum")
+    params, state = sgd_step(params, grads, state, config)
+    return params, state.get("momentum", momentum)
