@@ -15,6 +15,7 @@ over lists, or a compiled single pass) is the engine's business
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Hashable, Mapping
@@ -539,10 +540,20 @@ def apply_step(
     state: Mapping[str, Any],
     *,
     hyper_overrides: Mapping[str, Any] | None = None,
+    skip_if: Any = None,
 ) -> tuple[PyTree, dict[str, Any]]:
-    """Run one step of ``rule``. See :class:`BaseConfig` for ``inplace`` and ``impl``."""
+    """Run one step of ``rule``. See :class:`BaseConfig` for ``inplace`` and ``impl``.
+
+    ``hyper_overrides``: config fields to use for this step instead of the config's
+    (floats or 0-d tensors, e.g. an injected ``max_lr``); the config is not modified.
+    ``skip_if``: a 0-d bool tensor; where true, params and state (the step count
+    included) come back bit-identical, decided on the device without a host sync.
+    """
     from optorch import engine
 
+    gate = _check_gate(rule, skip_if)
+    if hyper_overrides:
+        config = _overridden(config, hyper_overrides)
     prepared = prepare(rule, config, params, grads, state)
     _check_transform_mode(rule, config, prepared)
     names = rule.fields(config)
@@ -550,16 +561,9 @@ def apply_step(
     host = _host_step(step)
     taken: Any = int(step) if host else step
     multiplier = config.lr_multiplier(taken)
-    max_lr = config.max_lr
-    if hyper_overrides and "max_lr" in hyper_overrides:
-        max_lr = hyper_overrides["max_lr"]
-    lr = max_lr * multiplier
+    lr = config.max_lr * multiplier
     t = taken + 1
-    if not host and not isinstance(t, torch.Tensor):  # pragma: no cover - defensive
-        t = torch.as_tensor(t)
     values = rule.scalars(config, t if host else t.to(torch.float64), lr, multiplier)
-    if hyper_overrides:
-        values.update({k: v for k, v in hyper_overrides.items() if k != "max_lr"})
     h = Hyper(values, rule.static(config))
 
     new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
@@ -577,14 +581,15 @@ def apply_step(
     p_active = [prepared.params[i] for i in prepared.active]
     g_active = [prepared.grads[i] for i in prepared.active]
     s_active = [[prepared.fields[name][i] for i in prepared.active] for name in names]
-    new_p, new_s = engine.run(rule, config, h, p_active, g_active, s_active)
+    new_p, new_s = engine.run(rule, config, h, p_active, g_active, s_active, gate)
+    increment: Any = 1 if gate is None else (~gate).to(torch.int64)
 
     if config.inplace:
         if STEP in state and isinstance(state[STEP], torch.Tensor) and state[STEP] is step:
             with torch.no_grad():
-                step.add_(1)
+                step.add_(increment)
         else:
-            new_state[STEP] = step + 1
+            new_state[STEP] = step + increment
         if not isinstance(new_state, dict):  # a read-only mapping was passed
             new_state = dict(new_state)
         return params, new_state
@@ -602,8 +607,29 @@ def apply_step(
             new_state[name] = _rebuild_like(source, prepared, leaves_)
         else:
             new_state[name] = unflatten(prepared.spec, leaves_)
-    new_state[STEP] = step + 1
+    new_state[STEP] = step + increment
     return out_params, new_state
+
+
+def _check_gate(rule: Rule, skip_if: Any) -> torch.Tensor | None:
+    if skip_if is None:
+        return None
+    if isinstance(skip_if, bool):
+        return torch.tensor(skip_if)
+    if not isinstance(skip_if, torch.Tensor) or skip_if.numel() != 1:
+        raise TypeError(f"{rule.name}: skip_if must be a bool or a 0-d tensor, got {skip_if!r}")
+    return skip_if.reshape(()).to(torch.bool)
+
+
+def _overridden(config: Any, overrides: Mapping[str, Any]) -> Any:
+    """A shallow copy of ``config`` with ``overrides`` set (not re-validated for tensors)."""
+    unknown = [k for k in overrides if not hasattr(config, k)]
+    if unknown:
+        raise ValueError(f"{type(config).__name__} has no field(s) {unknown} to override")
+    view = copy.copy(config)
+    for key, value in overrides.items():
+        object.__setattr__(view, key, value)
+    return view
 
 
 def _rebuild_like(source: PyTree, prepared: Prepared, aligned: list[Any]) -> PyTree:

@@ -152,19 +152,37 @@ def get_optimizer(optimizer_name: str, **hyperparameters: Any) -> Optimizer:
     return Optimizer(entry.rule, entry.make_config(**hyperparameters))
 
 
-def _register_builtins() -> None:
-    from optorch import adam, lars, sgd
+# (registry key, module, defaults the key implies, summary); each module defines RULE
+_BUILTINS: tuple[tuple[str, str, dict[str, Any], str], ...] = (
+    ("sgd", "sgd", {}, "SGD with momentum, dampening, Nesterov"),
+    ("adam", "adam", {}, "Adam (L2 weight decay), AMSGrad"),
+    ("adamw", "adam", {"mode": "ADAMW"}, "AdamW (decoupled weight decay x lr)"),
+    ("decoupled_adam", "adam", {"mode": "DECOUPLED"}, "Adam with fully decoupled weight decay"),
+    ("lars", "lars", {}, "LARS layer-wise adaptive rate scaling"),
+    ("lion", "lion", {}, "Lion (evolved sign momentum)"),
+    ("lamb", "lamb", {}, "LAMB layer-wise adaptive Adam"),
+    ("adafactor", "adafactor", {}, "Adafactor (factored second moments)"),
+    ("muon", "muon", {}, "Muon (orthogonalised momentum, 2-D weights)"),
+    ("rmsprop", "rmsprop", {}, "RMSprop (centered, momentum)"),
+    ("adagrad", "adagrad", {}, "Adagrad"),
+    ("adamax", "adamax", {}, "Adamax (infinity-norm Adam)"),
+    ("nadam", "nadam", {}, "NAdam (Nesterov Adam)"),
+    ("radam", "radam", {}, "RAdam (rectified Adam)"),
+    ("schedule_free_adamw", "schedule_free", {}, "Schedule-Free AdamW"),
+)
 
-    register("sgd", sgd.RULE, summary="SGD with momentum, dampening, Nesterov")
-    register("adam", adam.RULE, summary="Adam (L2 weight decay)")
-    register("adamw", adam.RULE, defaults={"mode": adam.AdamWDMode.ADAMW}, summary="AdamW")
-    register(
-        "decoupled_adam",
-        adam.RULE,
-        defaults={"mode": adam.AdamWDMode.DECOUPLED},
-        summary="Adam with fully decoupled weight decay",
-    )
-    register("lars", lars.RULE, summary="LARS layer-wise adaptive rate scaling")
+
+def _register_builtins() -> None:
+    import importlib
+
+    for key, module_name, defaults, summary in _BUILTINS:
+        try:
+            module = importlib.import_module(f"optorch.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"optorch.{module_name}":
+                raise
+            continue  # not written yet
+        register(key, module.RULE, defaults=defaults, summary=summary)
 
 
 _register_builtins()

@@ -247,6 +247,24 @@ class TensorList:
         return self._map(lambda x: torch.nan_to_num(x, nan=nan))
 
 
+def _gate(gate: Any, new: Any, old: Any) -> Any:
+    """``old`` where ``gate`` (a 0-d bool tensor) is true, else ``new``; no host sync."""
+    if gate is None or new is old:
+        return new
+    if isinstance(new, TensorList):
+        return TensorList(
+            torch.where(gate, o, n) for n, o in zip(new.items, old.items, strict=True)
+        )
+    return torch.where(gate, old, new)
+
+
+def _apply_rule(rule: Any, h: Any, gate: Any, param: Any, grad: Any, own: Sequence[Any]) -> Any:
+    out = rule.update(param, grad, *own, h)
+    if gate is None:
+        return out
+    return (_gate(gate, out[0], param), *(_gate(gate, n, o) for n, o in zip(out[1:], own, strict=True)))
+
+
 # --------------------------------------------------------------------------------------
 # grouping
 # --------------------------------------------------------------------------------------
@@ -296,13 +314,13 @@ Lists = tuple[list[torch.Tensor], list[list[torch.Tensor]]]
 
 def _run_reference(
     rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any],
+    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any], gate: Any,
 ) -> Lists:
     new_params: list[torch.Tensor] = []
     new_states: list[list[torch.Tensor]] = [[] for _ in states]
     for i, (param, grad) in enumerate(zip(params, grads, strict=True)):
         own = [field[i] for field in states]
-        out = rule.update(param, grad, *own, h.with_leaf(leaf_keys[i]))
+        out = _apply_rule(rule, h.with_leaf(leaf_keys[i]), gate, param, grad, own)
         if inplace:
             if out[0] is not param:
                 param.copy_(out[0])
@@ -354,7 +372,7 @@ def _piece(tensor: torch.Tensor, part: slice | None) -> torch.Tensor:
 
 def _run_foreach(
     rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any],
+    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any], gate: Any,
 ) -> Lists:
     new_params: list[Any] = list(params) if inplace else [None] * len(params)
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
@@ -367,8 +385,8 @@ def _run_foreach(
             p = [_piece(params[i], part) for i, part in chunk]
             g = [_piece(grads[i], part) for i, part in chunk]
             s = [[_piece(field[i], part) for i, part in chunk] for field in states]
-            out = rule.update(
-                TensorList(p), TensorList(g), *(TensorList(x) for x in s), h_group
+            out = _apply_rule(
+                rule, h_group, gate, TensorList(p), TensorList(g), [TensorList(x) for x in s]
             )
             if inplace:
                 _write(p, out[0].items)
@@ -385,6 +403,7 @@ def _run_foreach(
 # compiled ------------------------------------------------------------------------------
 
 _COMPILED: dict[tuple[Any, ...], Callable[..., Any]] = {}
+_GATE = "__skip_if__"
 _SCRATCH: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
 
@@ -407,21 +426,23 @@ def _scalar_tensors(h: Any, device: torch.device, dtype: torch.dtype) -> dict[st
 
 
 def _compiled_fn(
-    rule: Any, static: Any, leaf: Any, inplace: bool, flat: bool
+    rule: Any, static: Any, leaf: Any, inplace: bool, flat: bool, gated: bool
 ) -> Callable[..., Any]:
     from optorch.base import Hyper
 
-    key = (type(rule), static, leaf, inplace, flat)
+    key = (type(rule), static, leaf, inplace, flat, gated)
     fn = _COMPILED.get(key)
     if fn is not None:
         return fn
 
     def chunk_step(params: list[torch.Tensor], grads: list[torch.Tensor],
                    states: list[list[torch.Tensor]], values: dict[str, Any]) -> Any:
+        values = dict(values)
+        gate = values.pop(_GATE, None)
         h = Hyper(values, static).with_leaf(leaf)
         outs = []
         for i in range(len(params)):
-            outs.append(rule.update(params[i], grads[i], *[f[i] for f in states], h))
+            outs.append(_apply_rule(rule, h, gate, params[i], grads[i], [f[i] for f in states]))
         if not inplace:
             return outs
         for i, out in enumerate(outs):
@@ -460,7 +481,7 @@ def _no_duck_shapes() -> Any:
 
 def _run_compiled(
     rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any],
+    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any], gate: Any,
 ) -> Lists:
     new_params: list[Any] = list(params) if inplace else [None] * len(params)
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
@@ -471,12 +492,14 @@ def _run_compiled(
             small.extend(indices)  # tensor subclasses (DTensor): run eagerly
             continue
         values = _scalar_tensors(h, device, dtype)
+        if gate is not None:
+            values[_GATE] = gate
         flat = rule.flattenable
         usable = [i for i in indices if params[i].numel() >= 2 and (not flat or all(
             t.is_contiguous() for t in (params[i], grads[i], *(f[i] for f in states))))]
         small.extend(i for i in indices if i not in set(usable))
         usable.sort(key=lambda i: params[i].numel())
-        fn = _compiled_fn(rule, h.static, leaf, inplace, flat)
+        fn = _compiled_fn(rule, h.static, leaf, inplace, flat, gate is not None)
         width = CHUNK if flat else 1
         for start in range(0, len(usable), width):
             chunk = usable[start:start + width]
@@ -508,7 +531,7 @@ def _run_compiled(
         sub_s = [[f[i] for i in small] for f in states]
         run_small = _run_foreach if rule.foreach_ok else _run_reference
         sub_keys = [leaf_keys[i] for i in small]
-        out_p, out_s = run_small(rule, h, sub_p, sub_g, sub_s, inplace, sub_keys)
+        out_p, out_s = run_small(rule, h, sub_p, sub_g, sub_s, inplace, sub_keys, gate)
         for k, i in enumerate(small):
             new_params[i] = out_p[k]
             for column, new in zip(new_states, out_s, strict=True):
@@ -516,17 +539,31 @@ def _run_compiled(
     return new_params, new_states
 
 
+def _under_functorch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover
+        return False
+    return is_functorch_wrapped_tensor(params[0]) or is_functorch_wrapped_tensor(grads[0])
+
+
 _EXECUTORS = {"reference": _run_reference, "foreach": _run_foreach, "compiled": _run_compiled}
 
 
 def run(
     rule: Any, config: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]],
+    states: list[list[torch.Tensor]], gate: torch.Tensor | None = None,
 ) -> Lists:
-    """Execute ``rule`` over aligned lists; returns (params, states) lists."""
+    """Execute ``rule`` over aligned lists; returns (params, states) lists.
+
+    ``gate``: a 0-d bool tensor; where true, every output equals its input bit for bit
+    (a skipped step), decided on the device without a host sync.
+    """
     if not params:
         return [], [[] for _ in states]
     impl = resolve_impl(rule, config)
+    if impl != "reference" and _under_functorch(params, grads):
+        impl = "reference"  # torch.func transforms trace plain tensor ops best
     if impl == "compiled" and torch.compiler.is_compiling():
         impl = "foreach" if rule.foreach_ok else "reference"  # already inside a compiled graph
     if impl == "foreach" and any(_is_dtensor(p) for p in params) and not rule.foreach_ok:
@@ -535,4 +572,4 @@ def run(
     leaf_keys = [rule.leaf_key(p, config) for p in params]
     context = torch.no_grad() if config.inplace else nullcontext()
     with context:
-        return executor(rule, h, params, grads, states, config.inplace, leaf_keys)
+        return executor(rule, h, params, grads, states, config.inplace, leaf_keys, gate)
