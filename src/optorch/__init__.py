@@ -4,6 +4,7 @@ An optimizer is a value: a config dataclass, a state pytree and a step function
 ``step(params, grads, state, config) -> (params, state)``. See the README.
 """
 
+from optorch import schedule
 from optorch.adam import AdamConfig, AdamWDMode, adam_step, default_adam_state
 from optorch.base import BaseConfig, Optimizer, Rule
 from optorch.builder import (
@@ -44,5 +45,6 @@ __all__ = [
     "init_optimizer_state",
     "lars_step",
     "register",
+    "schedule",
     "sgd_step",
 ]

@@ -250,6 +250,27 @@ class Rule:
     def update(self, param: Any, grad: Any, *state_and_h: Any) -> tuple[Any, ...]:
         raise NotImplementedError
 
+    def state_shape(self, name: str, param: torch.Tensor, config: Any) -> torch.Size:
+        """The shape state field ``name`` has for ``param`` (the param's, by default)."""
+        return param.shape
+
+    def global_fields(self, config: Any) -> dict[str, float]:
+        """Non-params-shaped state: name -> initial value, kept as 0-d float64 tensors.
+
+        For values shared by all leaves that evolve step to step (e.g. Schedule-Free's
+        ``weight_sum``). Updated by :meth:`advance`.
+        """
+        return {}
+
+    def advance(
+        self, config: Any, t: Any, lr: Any, multiplier: Any, old: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Update the global fields: ``old -> (new, extra per-step values for h)``.
+
+        Values are Python floats in eager CPU steps and 0-d tensors otherwise.
+        """
+        return {}, {}
+
     def leaf_key(self, param: torch.Tensor, config: Any) -> Hashable:
         """A per-leaf class the rule branches on (e.g. "is 1-D"), seen as ``h.leaf``."""
         return None
@@ -303,6 +324,8 @@ def init_state(rule: Rule, model_or_params: Any, config: Any | None = None) -> d
     state: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.int64, device=device)}
     for name in rule.fields(cfg):
         state[name] = _field_tree(rule, name, params, cfg, only_trainable=is_module)
+    for name, value in rule.global_fields(cfg).items():
+        state[name] = torch.tensor(value, dtype=torch.float64, device=device)
     return state
 
 
@@ -402,6 +425,26 @@ def _check_tensor_pair(
         )
 
 
+def _check_state_leaf(
+    rule: Rule, config: Any, name: str, path: str, param: torch.Tensor, leaf: Any
+) -> None:
+    what = f"state {name!r}"
+    if not isinstance(leaf, torch.Tensor):
+        raise TypeError(f"{what} at {path} must be a tensor, got {type(leaf).__name__}")
+    expected = tuple(rule.state_shape(name, param, config))
+    if tuple(leaf.shape) != expected:
+        raise ValueError(
+            f"{what} at {path} has shape {tuple(leaf.shape)} but {rule.name} expects "
+            f"{expected} for a param of shape {tuple(param.shape)}"
+        )
+    if leaf.dtype != param.dtype:
+        raise TypeError(
+            f"{what} at {path} has dtype {leaf.dtype} but the param has dtype {param.dtype}"
+        )
+    if leaf.device != param.device:
+        raise ValueError(f"{what} at {path} is on {leaf.device} but the param is on {param.device}")
+
+
 # --------------------------------------------------------------------------------------
 # the step driver
 # --------------------------------------------------------------------------------------
@@ -435,7 +478,7 @@ def prepare(
         diff = _first_structure_difference(params, grads)
         raise ValueError(f"{rule.name}: grads do not match params ({diff})")
     names = rule.fields(config)
-    known = {STEP, *names}
+    known = {STEP, *names, *rule.global_fields(config)}
     foreign = [key for key in state if key not in known and key not in rule_optional_fields(rule)]
     if foreign:
         raise ValueError(
@@ -478,7 +521,7 @@ def prepare(
                     f"{rule.name}: param at {path} has a gradient but no {name!r} state (was it "
                     "frozen when the state was created?)"
                 )
-            _check_tensor_pair(f"state {name!r}", path, param, leaf)
+            _check_state_leaf(rule, config, name, path, param, leaf)
         active.append(i)
     step = state.get(STEP)
     if step is None:
@@ -515,7 +558,7 @@ def _host_step(step: torch.Tensor) -> bool:
 
 
 def _check_transform_mode(rule: Rule, config: Any, prepared: Prepared) -> None:
-    if not config.inplace:
+    if not config.inplace or torch.compiler.is_compiling():
         return
     try:
         from torch._C._functorch import is_functorch_wrapped_tensor
@@ -563,7 +606,20 @@ def apply_step(
     multiplier = config.lr_multiplier(taken)
     lr = config.max_lr * multiplier
     t = taken + 1
-    values = rule.scalars(config, t if host else t.to(torch.float64), lr, multiplier)
+    t_value = t if host else t.to(torch.float64)
+    values = rule.scalars(config, t_value, lr, multiplier)
+    global_init = rule.global_fields(config)
+    old_globals: dict[str, torch.Tensor] = {}
+    for name, initial in global_init.items():
+        current = state.get(name)
+        if not isinstance(current, torch.Tensor):
+            current = torch.tensor(initial, dtype=torch.float64, device=step.device)
+        old_globals[name] = current
+    new_globals: dict[str, Any] = {}
+    if global_init:
+        seen = {k: (float(v) if host else v) for k, v in old_globals.items()}
+        new_globals, extra = rule.advance(config, t_value, lr, multiplier, seen)
+        values.update(extra)
     h = Hyper(values, rule.static(config))
 
     new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
@@ -583,6 +639,15 @@ def apply_step(
     s_active = [[prepared.fields[name][i] for i in prepared.active] for name in names]
     new_p, new_s = engine.run(rule, config, h, p_active, g_active, s_active, gate)
     increment: Any = 1 if gate is None else (~gate).to(torch.int64)
+    for name, old in old_globals.items():
+        new = torch.as_tensor(new_globals[name], dtype=torch.float64, device=old.device)
+        if gate is not None:
+            new = torch.where(gate, old, new)
+        if config.inplace and state.get(name) is old:
+            with torch.no_grad():
+                old.copy_(new)
+        else:
+            new_state[name] = new
 
     if config.inplace:
         if STEP in state and isinstance(state[STEP], torch.Tensor) and state[STEP] is step:

@@ -95,67 +95,103 @@ def addcdiv(x: Any, a: Any, b: Any, value: Any) -> Any:
 # TensorList: a list of tensors that behaves like one tensor, through foreach kernels
 # --------------------------------------------------------------------------------------
 
-
-def _operand(other: Any) -> Any:
-    return other.items if isinstance(other, TensorList) else other
+_Fn = Callable[..., Any]
 
 
-def _is_scalar_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
+def _values(args: Sequence[Any]) -> list[Any]:
+    return [a.value if isinstance(a, TensorList) else a for a in args]
 
 
 class TensorList:
-    """Many tensors under one set of operators, computed with ``torch._foreach_*``.
+    """Many tensors under one set of operators, evaluated with ``torch._foreach_*``.
 
-    Supports the vocabulary rules are written in: ``+ - * / **``, unary minus,
-    comparisons, and the methods below. The other operand may be a ``TensorList`` of
-    the same length (tensors of equal shapes, or 0-d tensors for per-tensor scalars), a
-    Python number or a 0-d tensor.
+    Rules are written as ordinary tensor code; run on ``TensorList`` values, every
+    operator records a node instead of computing. :func:`evaluate` then runs the nodes
+    in order and, knowing each value's last use, computes in place (``_foreach_mul_``
+    and friends) into buffers that are dead: temporaries, and, in an in-place step, the
+    param and state buffers whose old values are no longer needed. A rule written
+    functionally thus runs with the passes and allocations of hand-written in-place
+    foreach code.
+
+    Supports ``+ - * / **``, unary minus, comparisons, ``&``, and the methods below. The
+    other operand may be a ``TensorList`` of the same length (equal shapes, or 0-d
+    tensors for per-tensor scalars), a Python number or a 0-d tensor.
     """
 
-    __slots__ = ("items",)
+    __slots__ = ("args", "fn", "inplace_fn", "scalar_like", "value", "writable")
 
-    def __init__(self, items: Iterable[torch.Tensor]) -> None:
-        self.items = list(items)
+    def __init__(
+        self,
+        items: Iterable[torch.Tensor] | None = None,
+        *,
+        fn: _Fn | None = None,
+        inplace_fn: _Fn | None = None,
+        args: tuple[Any, ...] = (),
+        scalar_like: bool = False,
+        writable: bool = False,
+    ) -> None:
+        self.value: list[torch.Tensor] | None = None if items is None else list(items)
+        self.fn = fn
+        self.inplace_fn = inplace_fn
+        self.args = args
+        self.scalar_like = scalar_like
+        self.writable = writable  # a leaf whose buffers may be overwritten after last use
+
+    @property
+    def items(self) -> list[torch.Tensor]:
+        """The tensors (evaluating this node and what it depends on, if needed)."""
+        if self.value is None:
+            evaluate([self])
+        assert self.value is not None  # noqa: S101 - evaluate() sets it
+        return self.value
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"TensorList({len(self.items)} tensors)"
+        return "TensorList(leaf)" if self.fn is None else "TensorList(node)"
+
+    def _node(self, fn: _Fn, inplace_fn: _Fn | None, *others: Any) -> TensorList:
+        args = (self, *others)
+        scalar_like = all(a.scalar_like for a in args if isinstance(a, TensorList))
+        return TensorList(fn=fn, inplace_fn=inplace_fn, args=args, scalar_like=scalar_like)
 
     def _map(self, fn: Callable[..., torch.Tensor], *others: Any) -> TensorList:
-        columns = [o.items if isinstance(o, TensorList) else [o] * len(self.items) for o in others]
-        return TensorList(fn(x, *rest) for x, *rest in zip(self.items, *columns, strict=True))
+        def apply(*values: Any) -> list[torch.Tensor]:
+            first = values[0]
+            columns = [v if isinstance(v, list) else [v] * len(first) for v in values[1:]]
+            return [fn(x, *rest) for x, *rest in zip(first, *columns, strict=True)]
+
+        return self._node(apply, None, *others)
 
     # arithmetic -------------------------------------------------------------------------
     def __add__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_add(self.items, _operand(other)))
+        return self._node(torch._foreach_add, torch._foreach_add_, other)
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_sub(self.items, _operand(other)))
+        return self._node(torch._foreach_sub, torch._foreach_sub_, other)
 
     def __rsub__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_add(torch._foreach_neg(self.items), _operand(other)))
+        return -self + other
 
     def __mul__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_mul(self.items, _operand(other)))
+        return self._node(torch._foreach_mul, torch._foreach_mul_, other)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_div(self.items, _operand(other)))
+        return self._node(torch._foreach_div, torch._foreach_div_, other)
 
     def __rtruediv__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_mul(torch._foreach_reciprocal(self.items), _operand(other)))
+        return self.reciprocal() * other
 
     def __neg__(self) -> TensorList:
-        return TensorList(torch._foreach_neg(self.items))
+        return self._node(torch._foreach_neg, torch._foreach_neg_)
 
     def __pow__(self, other: Any) -> TensorList:
-        return TensorList(torch._foreach_pow(self.items, _operand(other)))
+        return self._node(torch._foreach_pow, torch._foreach_pow_, other)
 
     # comparisons (elementwise, per tensor) ----------------------------------------------
     def __gt__(self, other: Any) -> TensorList:  # type: ignore[override]
@@ -175,65 +211,77 @@ class TensorList:
 
     # methods --------------------------------------------------------------------------
     def sqrt(self) -> TensorList:
-        return TensorList(torch._foreach_sqrt(self.items))
+        return self._node(torch._foreach_sqrt, torch._foreach_sqrt_)
 
     def abs(self) -> TensorList:
-        return TensorList(torch._foreach_abs(self.items))
+        return self._node(torch._foreach_abs, torch._foreach_abs_)
 
     def sign(self) -> TensorList:
-        return TensorList(torch._foreach_sign(self.items))
+        return self._node(torch._foreach_sign, torch._foreach_sign_)
 
     def exp(self) -> TensorList:
-        return TensorList(torch._foreach_exp(self.items))
+        return self._node(torch._foreach_exp, torch._foreach_exp_)
 
     def log(self) -> TensorList:
-        return TensorList(torch._foreach_log(self.items))
+        return self._node(torch._foreach_log, torch._foreach_log_)
 
     def reciprocal(self) -> TensorList:
-        return TensorList(torch._foreach_reciprocal(self.items))
+        return self._node(torch._foreach_reciprocal, torch._foreach_reciprocal_)
 
     def square(self) -> TensorList:
-        return TensorList(torch._foreach_mul(self.items, self.items))
+        return self * self
 
     def norm(self) -> TensorList:
         """Per-tensor L2 norms, as a list of 0-d tensors."""
-        return TensorList(torch._foreach_norm(self.items))
+        node = self._node(torch._foreach_norm, None)
+        node.scalar_like = True
+        return node
 
     def lerp(self, end: Any, weight: Any) -> TensorList:
-        if isinstance(weight, TensorList):
-            return self._map(torch.lerp, end, weight)
-        return TensorList(torch._foreach_lerp(self.items, _operand(end), weight))
+        if isinstance(weight, (TensorList, torch.Tensor)):
+            return self + (end - self) * weight
+        return self._node(
+            lambda s, e: torch._foreach_lerp(s, e, weight),
+            lambda s, e: torch._foreach_lerp_(s, e, weight),
+            end,
+        )
 
     def maximum(self, other: Any) -> TensorList:
         if isinstance(other, TensorList):
-            return TensorList(torch._foreach_maximum(self.items, other.items))
+            return self._node(torch._foreach_maximum, torch._foreach_maximum_, other)
         return self._map(torch.maximum, other)
 
     def minimum(self, other: Any) -> TensorList:
         if isinstance(other, TensorList):
-            return TensorList(torch._foreach_minimum(self.items, other.items))
+            return self._node(torch._foreach_minimum, torch._foreach_minimum_, other)
         return self._map(torch.minimum, other)
 
     def clamp(self, min: Any = None, max: Any = None) -> TensorList:  # noqa: A002
-        items = self.items
+        result = self
         if min is not None:
-            items = torch._foreach_clamp_min(items, _operand(min))
+            result = result._node(torch._foreach_clamp_min, torch._foreach_clamp_min_, min)
         if max is not None:
-            items = torch._foreach_clamp_max(items, _operand(max))
-        return TensorList(items if items is not self.items else list(items))
+            result = result._node(torch._foreach_clamp_max, torch._foreach_clamp_max_, max)
+        return result
 
     def addcmul(self, tensor1: Any, tensor2: Any, value: Any = 1) -> TensorList:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) or not isinstance(tensor1, TensorList):
             return self + tensor1 * tensor2 * value
-        return TensorList(
-            torch._foreach_addcmul(self.items, _operand(tensor1), _operand(tensor2), value=value)
+        return self._node(
+            lambda s, a, b: torch._foreach_addcmul(s, a, b, value=value),
+            lambda s, a, b: torch._foreach_addcmul_(s, a, b, value=value),
+            tensor1,
+            tensor2,
         )
 
     def addcdiv(self, tensor1: Any, tensor2: Any, value: Any = 1) -> TensorList:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) or not isinstance(tensor1, TensorList):
             return self + tensor1 / tensor2 * value
-        return TensorList(
-            torch._foreach_addcdiv(self.items, _operand(tensor1), _operand(tensor2), value=value)
+        return self._node(
+            lambda s, a, b: torch._foreach_addcdiv(s, a, b, value=value),
+            lambda s, a, b: torch._foreach_addcdiv_(s, a, b, value=value),
+            tensor1,
+            tensor2,
         )
 
     def where(self, condition: Any, other: Any) -> TensorList:
@@ -247,14 +295,99 @@ class TensorList:
         return self._map(lambda x: torch.nan_to_num(x, nan=nan))
 
 
+def _reachable(outputs: Sequence[TensorList]) -> list[TensorList]:
+    """Nodes the outputs depend on, each after its arguments (a topological order)."""
+    order: list[TensorList] = []
+    seen: set[int] = set()
+    stack: list[tuple[TensorList, bool]] = [(o, False) for o in reversed(outputs)]
+    while stack:
+        node, expanded = stack.pop()
+        if id(node) in seen:
+            continue
+        if expanded or node.value is not None:
+            seen.add(id(node))
+            order.append(node)
+            continue
+        stack.append((node, True))
+        for arg in reversed(node.args):
+            if isinstance(arg, TensorList) and id(arg) not in seen:
+                stack.append((arg, False))
+    return order
+
+
+def evaluate(outputs: Sequence[TensorList], *, reuse: bool = True) -> None:
+    """Compute ``outputs``, reusing dead buffers in place where allowed (see TensorList)."""
+    order = _reachable(outputs)
+    remaining: dict[int, int] = {}
+    for node in order:
+        for arg in node.args:
+            if isinstance(arg, TensorList):
+                remaining[id(arg)] = remaining.get(id(arg), 0) + 1
+    pinned = {id(o) for o in outputs}
+    for node in order:
+        if node.value is not None:
+            continue
+        assert node.fn is not None  # noqa: S101 - a node without a value has a function
+        first = node.args[0]
+        can_reuse = (
+            reuse
+            and node.inplace_fn is not None
+            and isinstance(first, TensorList)
+            and first.writable
+            and remaining.get(id(first), 0) == 1
+            and id(first) not in pinned
+            and (node.scalar_like or not first.scalar_like)
+        )
+        values = _values(node.args)
+        if can_reuse:
+            node.inplace_fn(*values)
+            node.value = values[0]
+        else:
+            node.value = list(node.fn(*values))
+        node.writable = True
+        for arg in node.args:
+            if isinstance(arg, TensorList):
+                remaining[id(arg)] -= 1
+                if remaining[id(arg)] == 0 and id(arg) not in pinned and arg.fn is not None:
+                    arg.value = None  # free the temporary
+        if can_reuse:
+            first.value = None
+            first.writable = False
+
+
+def _write_back(pairs: list[tuple[list[torch.Tensor], list[torch.Tensor]]]) -> None:
+    """Copy each source into its destination, ordering copies so none reads a clobbered
+    buffer (a source that is also another pair's destination is copied out first)."""
+    pending = [(d, s) for d, s in pairs if d is not s]
+    while pending:
+        sources = {id(t) for _, s in pending for t in s}
+        ready = [p for p in pending if not any(id(t) in sources for t in p[0])]
+        if not ready:  # a cycle: break it with a copy of one source
+            dst, src = pending[0]
+            pending[0] = (dst, [t.clone() for t in src])
+            continue
+        for dst, src in ready:
+            _copy(dst, src)
+        pending = [p for p in pending if not any(p is r for r in ready)]
+
+
+def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    pairs = [(d, s) for d, s in zip(dst, src, strict=True) if d is not s]
+    if not pairs:
+        return
+    if any(_is_dtensor(d) for d, _ in pairs):
+        for d, s in pairs:
+            d.copy_(s)
+        return
+    torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+
+
 def _gate(gate: Any, new: Any, old: Any) -> Any:
     """``old`` where ``gate`` (a 0-d bool tensor) is true, else ``new``; no host sync."""
     if gate is None or new is old:
         return new
     if isinstance(new, TensorList):
-        return TensorList(
-            torch.where(gate, o, n) for n, o in zip(new.items, old.items, strict=True)
-        )
+        return old._map(lambda o, n: torch.where(gate, o, n), new)
     return torch.where(gate, old, new)
 
 
@@ -262,7 +395,8 @@ def _apply_rule(rule: Any, h: Any, gate: Any, param: Any, grad: Any, own: Sequen
     out = rule.update(param, grad, *own, h)
     if gate is None:
         return out
-    return (_gate(gate, out[0], param), *(_gate(gate, n, o) for n, o in zip(out[1:], own, strict=True)))
+    gated = [_gate(gate, n, o) for n, o in zip(out[1:], own, strict=True)]
+    return (_gate(gate, out[0], param), *gated)
 
 
 # --------------------------------------------------------------------------------------
@@ -291,18 +425,6 @@ def _group(
     for i, (p, key) in enumerate(zip(params, leaf_keys, strict=True)):
         groups.setdefault((p.device, p.dtype, type(p), key), []).append(i)
     return groups
-
-
-def _write(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
-    pairs = [(d, s) for d, s in zip(dst, src, strict=True) if d is not s]
-    if not pairs:
-        return
-    ds, ss = zip(*pairs, strict=True)
-    if any(_is_dtensor(d) for d in ds):
-        for d, s in pairs:
-            d.copy_(s)
-        return
-    torch._foreach_copy_(list(ds), list(ss))
 
 
 # --------------------------------------------------------------------------------------
@@ -376,22 +498,25 @@ def _run_foreach(
 ) -> Lists:
     new_params: list[Any] = list(params) if inplace else [None] * len(params)
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
+    # reusing dead buffers is invisible to the caller, but not to autograd
+    reuse = not torch.is_grad_enabled()
     for (_, _, _, leaf), indices in _group(params, leaf_keys).items():
         h_group = h.with_leaf(leaf)
         chunks = _foreach_chunks(rule, params, indices) if inplace else [
             [(i, None) for i in indices]
         ]
         for chunk in chunks:
-            p = [_piece(params[i], part) for i, part in chunk]
-            g = [_piece(grads[i], part) for i, part in chunk]
-            s = [[_piece(field[i], part) for i, part in chunk] for field in states]
-            out = _apply_rule(
-                rule, h_group, gate, TensorList(p), TensorList(g), [TensorList(x) for x in s]
-            )
+            p = TensorList([_piece(params[i], part) for i, part in chunk], writable=inplace)
+            g = TensorList([_piece(grads[i], part) for i, part in chunk])
+            s = [
+                TensorList([_piece(field[i], part) for i, part in chunk], writable=inplace)
+                for field in states
+            ]
+            buffers = [p.value, *(x.value for x in s)]
+            out = _apply_rule(rule, h_group, gate, p, g, s)
+            evaluate(out, reuse=reuse)
             if inplace:
-                _write(p, out[0].items)
-                for old, new in zip(s, out[1:], strict=True):
-                    _write(old, new.items)
+                _write_back([(b, o.items) for b, o in zip(buffers, out, strict=True)])  # type: ignore[misc]
             else:
                 for k, (i, _) in enumerate(chunk):
                     new_params[i] = out[0].items[k]
@@ -540,6 +665,8 @@ def _run_compiled(
 
 
 def _under_functorch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # dynamo traces the transforms itself
     try:
         from torch._C._functorch import is_functorch_wrapped_tensor
     except ImportError:  # pragma: no cover

@@ -1,0 +1,232 @@
+r"""Adafactor: Adam-like steps with factored second moments, a relative step size and
+update clipping (Shazeer & Stern 2018, "Adafactor: Adaptive Learning Rates with Sublinear
+Memory Cost", arXiv:1804.04235); the variant of ``torch.optim.Adafactor``.
+
+With :math:`G_t` the gradient (negated when ``maximize``), :math:`\gamma_t` = ``max_lr``
+times the schedule multiplier, :math:`\tau` = ``beta2_decay``,
+:math:`(\epsilon_1, \epsilon_2)` = ``eps`` (:math:`\epsilon_1` = ``None`` means the
+machine epsilon of the param's dtype), :math:`d` = ``d`` (the clipping threshold),
+:math:`\lambda` = ``weight_decay`` and :math:`\operatorname{RMS}(x) = \lVert x\rVert_2 /
+\sqrt{\operatorname{numel}(x)}`:
+
+.. math::
+
+    \hat\beta_{2,t} &= 1 - t^{\tau}, \qquad
+    \rho_t = \min\left(\gamma_t, 1/\sqrt{t}\right), \qquad
+    \alpha_t = \max\left(\epsilon_2, \operatorname{RMS}(p_{t-1})\right) \rho_t \\
+    p'_{t-1} &= (1 - \gamma_t \lambda)\, p_{t-1} \\
+    R_t &= \hat\beta_{2,t} R_{t-1} + (1 - \hat\beta_{2,t})\,
+        \operatorname{mean}_{\text{cols}}(G_t^2), \qquad
+    C_t = \hat\beta_{2,t} C_{t-1} + (1 - \hat\beta_{2,t})\,
+        \operatorname{mean}_{\text{rows}}(G_t^2) \\
+    \hat V_t &= \frac{R_t\, C_t}{\max\left(\operatorname{mean}_{\text{rows}}(R_t),
+        \epsilon_1\right)} \quad\text{(params with 2 or more dims)} \\
+    \hat V_t &= \hat\beta_{2,t} \hat V_{t-1} + (1 - \hat\beta_{2,t})\, G_t^2
+        \quad\text{(0-d and 1-d params)} \\
+    U_t &= \frac{G_t}{\max\left(\sqrt{\hat V_t}, \epsilon_1\right)}, \qquad
+    \hat U_t = \frac{U_t}{\max\left(1, \operatorname{RMS}(U_t) / d\right)} \\
+    p_t &= p'_{t-1} - \alpha_t \hat U_t
+
+For a param of 2 or more dims the second moment is kept factored over its last two dims
+(rows and columns; leading dims are a batch of matrices): ``row_var`` (:math:`R`, shape
+``[..., rows, 1]``) and ``col_var`` (:math:`C`, shape ``[..., 1, cols]``), each a mean of
+squared gradients; 0-d and 1-d params keep the full ``variance`` (:math:`\hat V`, the
+param's shape). These are torch's state keys. Every leaf carries all three fields, the
+unused ones as empty placeholders of shape ``(0,)``, so that the state is one fixed set
+of trees (:meth:`AdafactorRule.state_shape` gives each field's shape per param).
+
+Deviations from the paper are torch's: ``max_lr`` caps the relative step size
+:math:`\rho_t` (the paper uses a constant 0.01, the default here) and scales a decoupled
+weight decay; :math:`\epsilon_1` guards the variance estimate and the update's
+denominator rather than being added to :math:`G_t^2`.
+
+An extra, off by default: ``beta1`` (:math:`\beta_1`) keeps a first moment of the scaled,
+clipped update, the momentum of the paper's section 7 experiments (state field
+``exp_avg``, the param's shape; torch has no such option):
+
+.. math::
+
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1)\, \alpha_t \hat U_t, \qquad p_t = p'_{t-1} - m_t
+
+>>> import torch
+>>> from optorch.adafactor import AdafactorConfig, adafactor_step, default_adafactor_state
+>>> params = {"w": torch.full((2, 3), 2.0), "b": torch.zeros(3)}
+>>> state = default_adafactor_state(params)
+>>> state["row_var"]["w"].shape, state["col_var"]["w"].shape, state["variance"]["b"].shape
+(torch.Size([2, 1]), torch.Size([1, 3]), torch.Size([3]))
+>>> grads = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+>>> params, state = adafactor_step(params, grads, state, AdafactorConfig())
+>>> params["w"]  # alpha = RMS(w) * min(lr, 1) = 2 * 0.01; the clipped update is 1
+tensor([[1.9800, 1.9800, 1.9800],
+        [1.9800, 1.9800, 1.9800]])
+>>> params["b"]  # RMS(b) = 0, so alpha = eps2 * 0.01
+tensor([-1.0000e-05, -1.0000e-05, -1.0000e-05])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
+from optorch.engine import lerp, scalar_sqrt, where
+
+__all__ = ["AdafactorConfig", "AdafactorRule", "adafactor_step", "default_adafactor_state"]
+
+#: The shape of a state field a param does not use (factored vs full second moment).
+PLACEHOLDER_SHAPE = torch.Size([0])
+
+
+@dataclass
+class AdafactorConfig(BaseConfig):
+    """Hyperparameters of Adafactor (``torch.optim.Adafactor`` names; ``max_lr`` is lr).
+
+    ``eps`` is ``(eps1, eps2)``; ``eps1=None`` uses the param dtype's machine epsilon.
+    ``beta1`` (not in torch) turns on momentum of the update; ``None`` keeps none.
+    """
+
+    max_lr: float = 1e-2
+    beta2_decay: float = -0.8
+    eps: tuple[float | None, float] = (None, 1e-3)
+    d: float = 1.0
+    weight_decay: float = 0.0
+    steps: int = 0
+    lr_schedule_value: float | None = None
+    maximize: bool = False
+    beta1: float | None = None
+
+    def __post_init__(self) -> None:
+        # YAML/Hydra give sequences as lists
+        if isinstance(self.eps, Sequence) and not isinstance(self.eps, (str, tuple)):
+            self.eps = tuple(self.eps)  # type: ignore[assignment]
+        super().__post_init__()
+
+    def validate(self) -> None:
+        super().validate()
+        owner = self._owner
+        check_range(owner, "beta2_decay", self.beta2_decay, high=0.0)
+        if not isinstance(self.eps, tuple) or len(self.eps) != 2:
+            raise ValueError(
+                f"Invalid {owner}.eps: {self.eps!r} (must be a tuple (eps1 or None, eps2))"
+            )
+        if self.eps[0] is not None:
+            check_range(owner, "eps[0]", self.eps[0], 0.0)
+        check_range(owner, "eps[1]", self.eps[1], 0.0)
+        check_range(owner, "d", self.d, 1.0)
+        check_range(owner, "weight_decay", self.weight_decay, 0.0)
+        if self.beta1 is not None:
+            check_range(owner, "beta1", self.beta1, 0.0, 1.0, high_open=True)
+        if not isinstance(self.maximize, bool):
+            raise TypeError(f"{owner}.maximize must be a bool, got {self.maximize!r}")
+
+
+def _is_zero(value: Any) -> bool:
+    """Whether a hyperparameter is a literal zero (a tensor may change: never zero)."""
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.norm() / (tensor.numel() ** 0.5)
+
+
+class AdafactorRule(Rule):
+    name = "adafactor"
+    config_type = AdafactorConfig
+    elementwise = False
+    flattenable = False  # the factored moments need the last two dims
+    foreach_ok = False  # row/column means per tensor have no foreach kernel
+    optional_fields = ("exp_avg",)
+
+    def fields(self, config: AdafactorConfig) -> tuple[str, ...]:
+        moments = ("row_var", "col_var", "variance")
+        return moments if config.beta1 is None else (*moments, "exp_avg")
+
+    def state_shape(self, name: str, param: torch.Tensor, config: AdafactorConfig) -> torch.Size:
+        factored = param.dim() >= 2
+        if name == "row_var":
+            return param.shape[:-1] + (1,) if factored else PLACEHOLDER_SHAPE
+        if name == "col_var":
+            return param.shape[:-2] + (1, param.shape[-1]) if factored else PLACEHOLDER_SHAPE
+        if name == "variance":
+            return PLACEHOLDER_SHAPE if factored else param.shape
+        return param.shape
+
+    def init_field(self, name: str, param: torch.Tensor, config: AdafactorConfig) -> torch.Tensor:
+        shape = self.state_shape(name, param, config)
+        return torch.zeros(shape, dtype=param.dtype, device=param.device)
+
+    def leaf_key(self, param: torch.Tensor, config: AdafactorConfig) -> Any:
+        return param.dim() >= 2  # factored
+
+    def static(self, config: AdafactorConfig) -> Any:
+        return (
+            config.maximize,
+            not _is_zero(config.weight_decay),
+            config.eps[0] is None,
+            config.beta1 is not None,
+        )
+
+    def scalars(self, config: AdafactorConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
+        eps1, eps2 = config.eps
+        inv_sqrt_t = 1.0 / scalar_sqrt(t)
+        return {
+            "new_weight": t**config.beta2_decay,  # 1 - beta2_t
+            "rho": where(lr < inv_sqrt_t, lr, inv_sqrt_t),
+            "shrink": 1.0 - lr * config.weight_decay,
+            # unused when eps1 is None: the update reads the param dtype's epsilon
+            "eps1": 0.0 if eps1 is None else eps1,
+            "eps2": eps2,
+            "d": config.d,
+            "beta1": 0.0 if config.beta1 is None else config.beta1,
+        }
+
+    def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
+        h = rest[-1]
+        row_var, col_var, variance = rest[:3]
+        maximize, decay, machine_eps1, momentum = h.static
+        factored = h.leaf
+        eps1 = torch.finfo(param.dtype).eps if machine_eps1 else h.eps1
+        if maximize:
+            grad = -grad
+        # the relative step size reads the param before weight decay
+        alpha = _rms(param).clamp_min(h.eps2) * h.rho
+        if decay:
+            param = param * h.shrink
+        grad_sq = grad * grad
+        if factored:
+            row_var = lerp(row_var, grad_sq.mean(dim=-1, keepdim=True), h.new_weight)
+            col_var = lerp(col_var, grad_sq.mean(dim=-2, keepdim=True), h.new_weight)
+            row_scale = row_var.mean(dim=-2, keepdim=True).clamp_min(eps1)
+            variance_estimate = row_var * col_var / row_scale
+        else:
+            variance = lerp(variance, grad_sq, h.new_weight)
+            variance_estimate = variance
+        direction = grad / variance_estimate.sqrt().clamp_min(eps1)
+        clip = (_rms(direction) / h.d).clamp_min(1.0)
+        step = direction * (alpha / clip)
+        if momentum:
+            exp_avg = lerp(rest[3], step, 1.0 - h.beta1)
+            return param - exp_avg, row_var, col_var, variance, exp_avg
+        return param - step, row_var, col_var, variance
+
+
+RULE = AdafactorRule()
+
+
+def default_adafactor_state(model: Any) -> OPTIMIZER_STATE_TYPE:
+    """``{"step": 0, "row_var", "col_var", "variance"}`` for the trainable params."""
+    return init_state(RULE, model, AdafactorConfig())
+
+
+def adafactor_step(
+    params: PARAMS_GRADS_TYPE,
+    grads: PARAMS_GRADS_TYPE,
+    opt_state: OPTIMIZER_STATE_TYPE,
+    config: AdafactorConfig,
+) -> tuple[PARAMS_GRADS_TYPE, OPTIMIZER_STATE_TYPE]:
+    """One Adafactor step: ``(params, grads, state, config) -> (params, state)``."""
+    return apply_step(RULE, config, params, grads, opt_state)
