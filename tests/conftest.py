@@ -110,9 +110,7 @@ def assert_trees_close(
 def assert_trees_equal(actual: Any, expected: Any, *, what: str = "") -> None:
     """Bit-identical trees: same structure, dtypes, shapes and values (NaN == NaN)."""
     actual_paths, actual_leaves, _ = optree.tree_flatten_with_path(actual, none_is_leaf=True)
-    expected_paths, expected_leaves, _ = optree.tree_flatten_with_path(
-        expected, none_is_leaf=True
-    )
+    expected_paths, expected_leaves, _ = optree.tree_flatten_with_path(expected, none_is_leaf=True)
     assert actual_paths == expected_paths, f"{what}: paths {actual_paths} vs {expected_paths}"
     for path, a, e in zip(actual_paths, actual_leaves, expected_leaves, strict=True):
         if not isinstance(a, torch.Tensor) or not isinstance(e, torch.Tensor):
@@ -123,9 +121,9 @@ def assert_trees_equal(actual: Any, expected: Any, *, what: str = "") -> None:
         assert a.device == e.device, f"{what} at {path}: device {a.device} vs {e.device}"
         if a.is_meta:
             continue  # meta tensors carry no values
-        assert torch.equal(a, e) or bool(
-            ((a == e) | (a.isnan() & e.isnan())).all()
-        ), f"{what} at {path}: values differ (max |diff| {(a - e).abs().max()})"
+        assert torch.equal(a, e) or bool(((a == e) | (a.isnan() & e.isnan())).all()), (
+            f"{what} at {path}: values differ (max |diff| {(a - e).abs().max()})"
+        )
 
 
 def assert_no_aliasing(outputs: Any, inputs: Any, *, what: str = "") -> None:
@@ -206,7 +204,9 @@ def assert_matches_torch(
     torch_has_step: bool = True,
 ) -> None:
     """optorch params and state equal torch.optim's params and state."""
-    assert_trees_close(dict(params), reference.params(), rtol=rtol, atol=atol, what=f"{what} params")
+    assert_trees_close(
+        dict(params), reference.params(), rtol=rtol, atol=atol, what=f"{what} params"
+    )
     for field in fields:
         torch_field = reference.state_field(TORCH_STATE_NAMES[field])
         assert field in state, f"{what}: state lacks {field!r} (has {sorted(state)})"

@@ -86,17 +86,23 @@ def test_pytree_structures_match_torch_on_leaves(kind: str, name: str, inplace: 
     for field in fields:
         assert optree.tree_structure(state[field]) == spec, field
     for k in range(5):
-        grads = optree.tree_map(lambda p, k=k: torch.randn(p.shape, generator=generator(k), dtype=p.dtype), params)
+        grads = optree.tree_map(
+            lambda p, k=k: torch.randn(p.shape, generator=generator(k), dtype=p.dtype), params
+        )
         params, state = optimizer.step(params, grads, state)
         reference.step({str(i): g for i, g in enumerate(optree.tree_leaves(grads))})
         assert optree.tree_structure(params) == spec
         got = {str(i): x for i, x in enumerate(optree.tree_leaves(params))}
-        assert_trees_close(got, reference.params(), what=f"params step {k}", **TOLERANCES[torch.float64])
+        assert_trees_close(
+            got, reference.params(), what=f"params step {k}", **TOLERANCES[torch.float64]
+        )
         for field in fields:
             assert optree.tree_structure(state[field]) == spec
             got_state = {str(i): x for i, x in enumerate(optree.tree_leaves(state[field]))}
             assert_trees_close(
-                got_state, reference.state_field(TORCH_NAMES[field]), what=field,
+                got_state,
+                reference.state_field(TORCH_NAMES[field]),
+                what=field,
                 **TOLERANCES[torch.float64],
             )
         assert int(state["step"]) == k + 1
@@ -122,7 +128,9 @@ def test_none_grad_in_nested_tree(impl: str, inplace: bool) -> None:
         assert torch.equal(frozen(state[field]), frozen(before_state[field]))
         assert not torch.equal(state[field]["head"][0], before_state[field]["head"][0])
     assert not torch.equal(params["head"][0], before_params["head"][0])
-    assert not torch.equal(params["encoder"]["layers"][1][1], before_params["encoder"]["layers"][1][1])
+    assert not torch.equal(
+        params["encoder"]["layers"][1][1], before_params["encoder"]["layers"][1][1]
+    )
     assert int(state["step"]) == 2
 
 
@@ -159,7 +167,10 @@ def test_frozen_module_params_are_left_alone() -> None:
 
 def _base() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     params = {
-        "enc": {"w": torch.randn(3, 2, generator=generator(64)), "b": torch.randn(3, generator=generator(65))},
+        "enc": {
+            "w": torch.randn(3, 2, generator=generator(64)),
+            "b": torch.randn(3, generator=generator(65)),
+        },
         "head": [torch.randn(2, generator=generator(66))],
     }
     grads = make_grads(67, params)
@@ -245,19 +256,25 @@ BAD_INPUTS = [
     ),
     (
         "grad-dtype",
-        _mutate_grads(lambda g: _return(g, lambda t: _set(t, torch.zeros(3, dtype=torch.float64), "enc", "b"))),
+        _mutate_grads(
+            lambda g: _return(g, lambda t: _set(t, torch.zeros(3, dtype=torch.float64), "enc", "b"))
+        ),
         TypeError,
         r"grad at \['enc'\]\['b'\] has dtype torch.float64",
     ),
     (
         "grad-device",
-        _mutate_grads(lambda g: _return(g, lambda t: _set(t, torch.zeros(2, device="meta"), "head", 0))),
+        _mutate_grads(
+            lambda g: _return(g, lambda t: _set(t, torch.zeros(2, device="meta"), "head", 0))
+        ),
         ValueError,
         r"grad at \['head'\]\[0\] is on meta",
     ),
     (
         "state-extra-key",
-        _mutate_state(lambda s: _return(s, lambda t: _set(t["exp_avg"], torch.zeros(1), "enc", "extra"))),
+        _mutate_state(
+            lambda s: _return(s, lambda t: _set(t["exp_avg"], torch.zeros(1), "enc", "extra"))
+        ),
         ValueError,
         r"exp_avg.*\['enc'\]\['extra'\]",
     ),
@@ -269,25 +286,39 @@ BAD_INPUTS = [
     ),
     (
         "state-list-vs-dict",
-        _mutate_state(lambda s: _return(s, lambda t: _set(t, list(optree.tree_leaves(t["exp_avg"])), "exp_avg"))),
+        _mutate_state(
+            lambda s: _return(
+                s, lambda t: _set(t, list(optree.tree_leaves(t["exp_avg"])), "exp_avg")
+            )
+        ),
         ValueError,
         r"exp_avg.*\[0\].*dict vs list",
     ),
     (
         "state-shape",
-        _mutate_state(lambda s: _return(s, lambda t: _set(t["exp_avg"], torch.zeros(4), "enc", "b"))),
+        _mutate_state(
+            lambda s: _return(s, lambda t: _set(t["exp_avg"], torch.zeros(4), "enc", "b"))
+        ),
         ValueError,
         r"state 'exp_avg' at \['enc'\]\['b'\] has shape \(4,\)",
     ),
     (
         "state-dtype",
-        _mutate_state(lambda s: _return(s, lambda t: _set(t["exp_avg"], torch.zeros(2, dtype=torch.float16), "head", 0))),
+        _mutate_state(
+            lambda s: _return(
+                s, lambda t: _set(t["exp_avg"], torch.zeros(2, dtype=torch.float16), "head", 0)
+            )
+        ),
         TypeError,
         r"state 'exp_avg' at \['head'\]\[0\] has dtype torch.float16",
     ),
     (
         "state-device",
-        _mutate_state(lambda s: _return(s, lambda t: _set(t["exp_avg"], torch.zeros(3, 2, device="meta"), "enc", "w"))),
+        _mutate_state(
+            lambda s: _return(
+                s, lambda t: _set(t["exp_avg"], torch.zeros(3, 2, device="meta"), "enc", "w")
+            )
+        ),
         ValueError,
         r"state 'exp_avg' at \['enc'\]\['w'\] is on meta",
     ),
@@ -340,7 +371,9 @@ def test_seed_state_without_step_is_accepted(inplace: bool) -> None:
     }
     config = AdamConfig(max_lr=0.01, inplace=inplace)
     fresh = optorch.init_optimizer_state("adam", params, config)
-    want_params, want_state = adam_step(clone_tree(params), grads, fresh, config.replace(inplace=False))
+    want_params, want_state = adam_step(
+        clone_tree(params), grads, fresh, config.replace(inplace=False)
+    )
     params, state = adam_step(params, grads, seed_state, config)
     assert isinstance(state["step"], torch.Tensor) and int(state["step"]) == 1
     assert_trees_close(params, want_params, rtol=0, atol=0, what="params")
@@ -429,10 +462,14 @@ def test_pure_sgd_gradient_is_the_identity_jacobian() -> None:
     param = torch.randn(4, generator=generator(72), dtype=torch.float64, requires_grad=True)
     grad = torch.randn(4, generator=generator(73), dtype=torch.float64, requires_grad=True)
     config = optorch.DEFAULT_OPTIMIZER_CONFIGS["sgd"](momentum=0.0, max_lr=0.3, inplace=False)
-    new, _ = optorch.OPTIMIZER_STEP["sgd"]({"p": param}, {"p": grad}, optorch.init_optimizer_state("sgd", {"p": param}, config), config)
+    new, _ = optorch.OPTIMIZER_STEP["sgd"](
+        {"p": param}, {"p": grad}, optorch.init_optimizer_state("sgd", {"p": param}, config), config
+    )
     d_param, d_grad = torch.autograd.grad(new["p"].sum(), (param, grad))
     torch.testing.assert_close(d_param, torch.ones(4, dtype=torch.float64), rtol=0, atol=0)
-    torch.testing.assert_close(d_grad, torch.full((4,), -0.3, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(
+        d_grad, torch.full((4,), -0.3, dtype=torch.float64), rtol=0, atol=1e-15
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -477,7 +514,9 @@ def test_low_precision_params_keep_their_dtype(
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
 @pytest.mark.parametrize("impl", ["reference", "foreach"])
 @pytest.mark.parametrize(("name", "hyper"), MODE_CASES, ids=[c[0] for c in MODE_CASES])
-def test_skip_if_true_is_bit_identical(name: str, hyper: dict[str, Any], impl: str, inplace: bool) -> None:
+def test_skip_if_true_is_bit_identical(
+    name: str, hyper: dict[str, Any], impl: str, inplace: bool
+) -> None:
     params = make_params(75, torch.float32)
     optimizer = optorch.get_optimizer(name, **hyper, impl=impl, inplace=inplace)
     state = optimizer.init(params)
@@ -498,3 +537,30 @@ def test_skip_if_true_is_bit_identical(name: str, hyper: dict[str, Any], impl: s
     assert_trees_close(got_params, want_params, rtol=1e-6, atol=1e-7, what="params")
     assert_trees_close(got_state, want_state, rtol=1e-6, atol=1e-7, what="state")
     assert int(got_state["step"]) == 2
+
+
+# --------------------------------------------------------------------------------------
+# tensor-valued schedules keep dtypes
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+@pytest.mark.parametrize(("name", "hyper"), MODE_CASES, ids=[c[0] for c in MODE_CASES])
+def test_tensor_schedule_keeps_param_and_state_dtypes(
+    name: str, hyper: dict[str, Any], impl: str
+) -> None:
+    """A schedule may return a float64 0-d tensor (as a schedule of a tensor step does);
+    a pure step must still return float32 params and state, 0-d params included."""
+    params = make_params(76, torch.float32)
+    optimizer = optorch.get_optimizer(
+        name,
+        **hyper,
+        impl=impl,
+        inplace=False,
+        schedule=lambda step: torch.tensor(0.5, dtype=torch.float64),
+    )
+    state = optimizer.init(params)
+    params, state = optimizer.step(params, make_grads(76, params), state)
+    for tree in (params, *(state[k] for k in state if k != "step")):
+        for key, tensor in tree.items():
+            assert tensor.dtype == torch.float32, (key, tensor.dtype)

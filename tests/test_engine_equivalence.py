@@ -77,10 +77,20 @@ ALL_CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("adamw-amsgrad", "adamw", {"amsgrad": True, "weight_decay": 0.1, "max_lr": 0.01}),
     ("decoupled-adam", "decoupled_adam", {"weight_decay": 0.05, "max_lr": 0.01}),
     ("lars", "lars", {"weight_decay": 0.01, "trust_coefficient": 0.02}),
-    ("lars-exclude-1d", "lars", {"weight_decay": 0.01, "trust_coefficient": 0.02, "exclude_1d": True}),
+    (
+        "lars-exclude-1d",
+        "lars",
+        {"weight_decay": 0.01, "trust_coefficient": 0.02, "exclude_1d": True},
+    ),
 ]
-#: Compiling costs seconds per distinct option set: a few representative cases.
-COMPILED_CASES = ["sgd-nesterov", "adamw-amsgrad", "decoupled-adam", "lars-exclude-1d"]
+#: Compiling costs seconds per distinct (options, mode): a few representative pairs. The
+#: recompile test below reuses the first kernel.
+COMPILED_CASES = [
+    ("adamw-amsgrad", True),
+    ("adamw-amsgrad", False),
+    ("lars-exclude-1d", True),
+    ("sgd-nesterov", False),
+]
 CASES_BY_ID = {case_id: (name, hyper) for case_id, name, hyper in ALL_CASES}
 
 
@@ -92,8 +102,16 @@ def schedule(step: Any) -> Any:
 
 
 def run_engines(
-    name: str, hyper: dict[str, Any], impl: str, *, inplace: bool, dtype: torch.dtype, seed: int,
-    rtol: float, atol: float, use_schedule: bool = False,
+    name: str,
+    hyper: dict[str, Any],
+    impl: str,
+    *,
+    inplace: bool,
+    dtype: torch.dtype,
+    seed: int,
+    rtol: float,
+    atol: float,
+    use_schedule: bool = False,
 ) -> None:
     params = many_params(seed, dtype)
     grads_per_step = grad_sequence(seed, params, STEPS)
@@ -118,7 +136,11 @@ def run_engines(
         assert sorted(state) == sorted(ref_state)
         for field in ref_state:
             assert_trees_close(
-                state[field], ref_state[field], rtol=rtol, atol=atol, what=f"{impl} {field} step {k}"
+                state[field],
+                ref_state[field],
+                rtol=rtol,
+                atol=atol,
+                what=f"{impl} {field} step {k}",
             )
         for key, tensor in params.items():
             assert tensor.shape == MANY_SHAPES.get(key, tensor.shape)
@@ -127,7 +149,9 @@ def run_engines(
 
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
 @pytest.mark.parametrize(("case_id", "name", "hyper"), ALL_CASES, ids=[c[0] for c in ALL_CASES])
-def test_foreach_equals_reference(case_id: str, name: str, hyper: dict[str, Any], inplace: bool) -> None:
+def test_foreach_equals_reference(
+    case_id: str, name: str, hyper: dict[str, Any], inplace: bool
+) -> None:
     run_engines(
         name, hyper, "foreach", inplace=inplace, dtype=torch.float32, seed=81, rtol=1e-7, atol=1e-7
     )
@@ -137,26 +161,44 @@ def test_foreach_equals_reference(case_id: str, name: str, hyper: dict[str, Any]
 def test_foreach_equals_reference_float64_scheduled(case_id: str) -> None:
     name, hyper = CASES_BY_ID[case_id]
     run_engines(
-        name, hyper, "foreach", inplace=True, dtype=torch.float64, seed=82, rtol=1e-14,
-        atol=1e-14, use_schedule=True,
+        name,
+        hyper,
+        "foreach",
+        inplace=True,
+        dtype=torch.float64,
+        seed=82,
+        rtol=1e-14,
+        atol=1e-14,
+        use_schedule=True,
     )
 
 
-@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
-@pytest.mark.parametrize("case_id", COMPILED_CASES)
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case_id", "inplace"),
+    COMPILED_CASES,
+    ids=[f"{c}-{'inplace' if i else 'pure'}" for c, i in COMPILED_CASES],
+)
 def test_compiled_equals_reference(case_id: str, inplace: bool) -> None:
     name, hyper = CASES_BY_ID[case_id]
     run_engines(
-        name, hyper, "compiled", inplace=inplace, dtype=torch.float32, seed=83, rtol=1e-6,
-        atol=1e-6, use_schedule=True,
+        name,
+        hyper,
+        "compiled",
+        inplace=inplace,
+        dtype=torch.float32,
+        seed=83,
+        rtol=1e-6,
+        atol=1e-6,
+        use_schedule=True,
     )
 
 
+@pytest.mark.slow
 def test_compiled_does_not_recompile_over_50_steps() -> None:
     params = many_params(84, torch.float32)
-    optimizer = optorch.get_optimizer(
-        "adamw", weight_decay=0.1, max_lr=0.01, schedule=schedule, impl="compiled"
-    )
+    name, hyper = CASES_BY_ID["adamw-amsgrad"]  # the kernel of the first compiled case
+    optimizer = optorch.get_optimizer(name, **hyper, schedule=schedule, impl="compiled")
     state = optimizer.init(params)
     grads_per_step = grad_sequence(84, params, 50)
     params, state = optimizer.step(params, grads_per_step[0], state)

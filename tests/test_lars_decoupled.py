@@ -200,13 +200,18 @@ def test_decoupled_decay_differs_from_adamw_under_a_schedule() -> None:
     """With s_t < 1, DECOUPLED decays by wd * s_t while ADAMW decays by lr * s_t * wd."""
     params = {"w": torch.ones(3, dtype=torch.float64)}
     zero = {"w": torch.zeros(3, dtype=torch.float64)}  # Adam's own update is then exactly 0
-    for mode, factor in ((AdamWDMode.DECOUPLED, 1 - 0.1 * 0.5), (AdamWDMode.ADAMW, 1 - 0.2 * 0.5 * 0.1)):
+    for mode, factor in (
+        (AdamWDMode.DECOUPLED, 1 - 0.1 * 0.5),
+        (AdamWDMode.ADAMW, 1 - 0.2 * 0.5 * 0.1),
+    ):
         config = AdamConfig(
             max_lr=0.2, weight_decay=0.1, mode=mode, lr_schedule_value=0.5, inplace=False
         )
         state = optorch.init_optimizer_state("adam", params, config)
         new, _ = adam_step(params, zero, state, config)
-        torch.testing.assert_close(new["w"], torch.full((3,), factor, dtype=torch.float64), rtol=0, atol=1e-15)
+        torch.testing.assert_close(
+            new["w"], torch.full((3,), factor, dtype=torch.float64), rtol=0, atol=1e-15
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -223,7 +228,9 @@ LARS_SHAPES = {
 }
 
 
-def lars_problem(dtype: torch.dtype, seed: int) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+def lars_problem(
+    dtype: torch.dtype, seed: int
+) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
     params = make_params(seed, dtype, LARS_SHAPES)
     params["zero_weight"].zero_()
     params["dead_weight"].zero_()
@@ -260,7 +267,11 @@ def lars_formula(
                 d = g + weight_decay * p[name]
                 p_norm = math.sqrt(float((p[name] ** 2).sum()))
                 d_norm = math.sqrt(float((d**2).sum()))
-                ratio = trust_coefficient * p_norm / (d_norm + eps) if p_norm > 0 and d_norm > 0 else 1.0
+                ratio = (
+                    trust_coefficient * p_norm / (d_norm + eps)
+                    if p_norm > 0 and d_norm > 0
+                    else 1.0
+                )
                 b[name] = momentum * b[name] + lr * ratio * d
             p[name] = p[name] - b[name]
         history.append((dict(p), dict(b)))

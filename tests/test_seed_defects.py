@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import tomllib
 import typing
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import torch
 from conftest import (
     TOLERANCES,
@@ -69,8 +69,13 @@ def test_1_sgd_weight_decay_with_momentum_matches_torch() -> None:
         params, state = sgd_step(params, grads, state, config)
         reference.step(grads)
         assert_matches_torch(
-            params, state, reference, ("momentum",), step_count=k + 1,
-            torch_has_step=False, **TOLERANCES[torch.float64],
+            params,
+            state,
+            reference,
+            ("momentum",),
+            step_count=k + 1,
+            torch_has_step=False,
+            **TOLERANCES[torch.float64],
         )
 
 
@@ -270,7 +275,9 @@ class _OpRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         outs = out if isinstance(out, (list, tuple)) else [out]
-        self.calls.append((str(func), [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]))
+        self.calls.append(
+            (str(func), [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)])
+        )
         return out
 
 
@@ -298,13 +305,22 @@ def test_6_adam_cpu_step_allocates_no_scalar_tensors(impl: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "hyper"),
-    [("sgd", {"momentum": 0.9}), ("adam", {"amsgrad": True}), ("decoupled_adam", {"weight_decay": 0.1}), ("lars", {})],
+    [
+        ("sgd", {"momentum": 0.9}),
+        ("adam", {"amsgrad": True}),
+        ("decoupled_adam", {"weight_decay": 0.1}),
+        ("lars", {}),
+    ],
     ids=lambda x: str(x),
 )
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
-def test_7_step_count_in_state_config_unchanged(name: str, hyper: dict[str, Any], inplace: bool) -> None:
+def test_7_step_count_in_state_config_unchanged(
+    name: str, hyper: dict[str, Any], inplace: bool
+) -> None:
     params = make_params(40, torch.float32)
-    config = optorch.DEFAULT_OPTIMIZER_CONFIGS[name](**hyper, inplace=inplace, lr_schedule_value=0.5)
+    config = optorch.DEFAULT_OPTIMIZER_CONFIGS[name](
+        **hyper, inplace=inplace, lr_schedule_value=0.5
+    )
     before = dataclasses.asdict(config)
     state = optorch.init_optimizer_state(name, params, config)
     step = optorch.OPTIMIZER_STEP[name]

@@ -144,7 +144,13 @@ SEED_CONFIGS = [
         "optorch.sgd",
         "SGDConfig",
         ["momentum", "weight_decay", "max_lr", "steps", "lr_schedule_value"],
-        {"momentum": 0.9, "weight_decay": 0.0, "max_lr": 0.1, "steps": 0, "lr_schedule_value": None},
+        {
+            "momentum": 0.9,
+            "weight_decay": 0.0,
+            "max_lr": 0.1,
+            "steps": 0,
+            "lr_schedule_value": None,
+        },
     ),
     (
         "optorch.adam",
@@ -163,7 +169,15 @@ SEED_CONFIGS = [
     (
         "optorch.lars",
         "LARSConfig",
-        ["max_lr", "momentum", "weight_decay", "trust_coefficient", "eps", "steps", "lr_schedule_value"],
+        [
+            "max_lr",
+            "momentum",
+            "weight_decay",
+            "trust_coefficient",
+            "eps",
+            "steps",
+            "lr_schedule_value",
+        ],
         {
             "max_lr": 0.1,
             "momentum": 0.9,

@@ -48,7 +48,10 @@ class Case:
 
 
 def _sgd(case_id: str, seed: int, **hyper: Any) -> Case:
-    torch_hyper = {"lr": hyper.get("max_lr", 0.1), **{k: v for k, v in hyper.items() if k != "max_lr"}}
+    torch_hyper = {
+        "lr": hyper.get("max_lr", 0.1),
+        **{k: v for k, v in hyper.items() if k != "max_lr"},
+    }
     fields = ("momentum",) if hyper.get("momentum", 0.9) != 0 else ()
     return Case(case_id, "sgd", hyper, torch.optim.SGD, torch_hyper, fields, seed)
 
@@ -66,7 +69,9 @@ CASES = [
     _sgd("sgd-plain", 1, momentum=0.0, max_lr=0.1),
     _sgd("sgd-plain-wd", 2, momentum=0.0, weight_decay=0.1, max_lr=0.1),
     _sgd("sgd-momentum", 3, momentum=0.9, max_lr=0.05),
-    _sgd("sgd-momentum-wd-dampening", 4, momentum=0.9, weight_decay=0.05, dampening=0.3, max_lr=0.05),
+    _sgd(
+        "sgd-momentum-wd-dampening", 4, momentum=0.9, weight_decay=0.05, dampening=0.3, max_lr=0.05
+    ),
     _sgd("sgd-nesterov-wd", 5, momentum=0.8, weight_decay=0.01, nesterov=True, max_lr=0.05),
     _sgd("sgd-maximize", 6, momentum=0.5, weight_decay=0.02, maximize=True, max_lr=0.05),
     _adam("adam", "adam", 7, max_lr=0.05),
@@ -127,7 +132,9 @@ def run_against_torch(
                         assert new_state[field_name][name] is tensor
         else:
             assert_unchanged([params, grads, state], before, what=f"{case.id} step {k}")
-            assert_no_aliasing(new_params, [params, grads, state], what=f"{case.id} step {k} params")
+            assert_no_aliasing(
+                new_params, [params, grads, state], what=f"{case.id} step {k} params"
+            )
             assert_no_aliasing(
                 {f: new_state[f] for f in case.fields},
                 [params, grads, state],
@@ -157,7 +164,9 @@ def test_matches_torch_optim(case: Case, dtype: torch.dtype, inplace: bool, impl
     run_against_torch(case, dtype, inplace=inplace, impl=impl)
 
 
-SCHEDULED = [c for c in CASES if c.id in {"sgd-momentum-wd-dampening", "adam-l2", "amsgrad", "adamw"}]
+SCHEDULED = [
+    c for c in CASES if c.id in {"sgd-momentum-wd-dampening", "adam-l2", "amsgrad", "adamw"}
+]
 
 
 @pytest.mark.parametrize("schedule_via", ["value", "callable"])

@@ -697,6 +697,7 @@ def test_injected_betas_and_decay_equal_replaced_configs(inplace: bool) -> None:
             assert_trees_close(state["inner"][field], ref_state[field], **F32, what=field)
 
 
+@pytest.mark.slow  # compiles AdamW once (seconds to a minute on a loaded machine)
 def test_changing_the_injected_lr_does_not_recompile() -> None:
     from torch._dynamo.utils import counters
 
@@ -858,6 +859,7 @@ def test_every_wrapper_around_every_optimizer(name: str, wrapper: str) -> None:
         assert_trees_close(params, expected, rtol=1e-5, atol=1e-6, what=f"{key}")
 
 
+@pytest.mark.slow
 def test_wrappers_around_the_compiled_engine() -> None:
     """One compiled case (each compilation costs seconds): every wrapper nested around
     in-place compiled AdamW; pure mode runs the same rule and is covered by the table."""
@@ -1030,6 +1032,35 @@ def test_bad_step_raises_and_leaves_everything_untouched(
     with pytest.raises(error, match=message):
         opt.step(step_params, step_grads, state)
     assert_unchanged([params, state, step_params], before, what="after the refused step")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: wrappers.masked(_sgd(), {"layer.weight": True}), r"mask tree does not match"),
+        (lambda: wrappers.partition({"x": "a"}, {"a": _sgd()}), r"labels tree does not match"),
+        (
+            lambda: wrappers.partition(lambda path, p: p.ndim, {2: _sgd()}),
+            r"label 3 of param \['conv.weight'\] has no optimizer",
+        ),
+    ],
+    ids=["mask-tree", "label-tree", "unknown-label"],
+)
+def test_bad_selection_is_refused_at_init(make: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make().init(_params())
+
+
+def test_nested_states_are_found_by_the_helpers() -> None:
+    params = _params()
+    inner = wrappers.ema(wrappers.inject_hyperparams(_sgd(max_lr=0.3)), 0.5)
+    opt = wrappers.skip_nonfinite(wrappers.accumulate(inner, every=1))
+    state = opt.init(params)
+    assert wrappers.ema_params(state) is state["inner"]["inner"]["ema"]
+    wrappers.set_hyperparam(state, "max_lr", 0.25)
+    assert wrappers.get_hyperparams(state) == {"max_lr": 0.25}
+    with pytest.raises(ValueError, match="no ema wrapper state"):
+        wrappers.ema_params(_sgd().init(params))
 
 
 def test_mask_must_give_bools() -> None:

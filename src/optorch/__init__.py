@@ -4,7 +4,7 @@ An optimizer is a value: a config dataclass, a state pytree and a step function
 ``step(params, grads, state, config) -> (params, state)``. See the README.
 """
 
-from optorch import schedule
+from optorch import schedule, wrappers
 from optorch.adam import AdamConfig, AdamWDMode, adam_step, default_adam_state
 from optorch.base import BaseConfig, Optimizer, Rule
 from optorch.builder import (
@@ -47,4 +47,5 @@ __all__ = [
     "register",
     "schedule",
     "sgd_step",
+    "wrappers",
 ]

@@ -99,7 +99,7 @@ class AdamConfig(BaseConfig):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
-    mode: AdamWDMode = AdamWDMode.ORIGINAL
+    mode: AdamWDMode | str = AdamWDMode.ORIGINAL
     steps: int = 0
     lr_schedule_value: float | None = None
     amsgrad: bool = False

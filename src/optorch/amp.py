@@ -340,10 +340,12 @@ def unscale_grads(
 
 
 def _next_scale_and_tracker(
-    state: Mapping[str, Any], found_inf: torch.Tensor
+    state: Mapping[str, Any], found_inf: torch.Tensor | float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scale: torch.Tensor = state["scale"]
     tracker: torch.Tensor = state["growth_tracker"]
+    if not isinstance(found_inf, torch.Tensor):  # a Python flag from a hand-written loop
+        found_inf = torch.tensor(float(found_inf))
     # nonzero (NaN included) counts as an overflow, as in GradScaler's kernel
     overflow = found_inf.to(device=scale.device).reshape(()) != 0
     finite_in_a_row = tracker + 1
@@ -358,7 +360,9 @@ def _next_scale_and_tracker(
     return new_scale, new_tracker
 
 
-def next_scaler_state(scaler_state: Mapping[str, Any], found_inf: torch.Tensor) -> GradScalerState:
+def next_scaler_state(
+    scaler_state: Mapping[str, Any], found_inf: torch.Tensor | float
+) -> GradScalerState:
     r"""The scaler state after a step with ``found_inf``; the input is left untouched.
 
     The pure form of :func:`update_scale` (for ``torch.func`` transforms and code that
@@ -376,7 +380,9 @@ def next_scaler_state(scaler_state: Mapping[str, Any], found_inf: torch.Tensor) 
     return cast(GradScalerState, new_state)
 
 
-def update_scale(scaler_state: Mapping[str, Any], found_inf: torch.Tensor) -> GradScalerState:
+def update_scale(
+    scaler_state: Mapping[str, Any], found_inf: torch.Tensor | float
+) -> GradScalerState:
     r"""Update ``scale`` and ``growth_tracker`` in place (``GradScaler.update``'s rule).
 
     Call it after **every** step, finite or not: a non-finite step shrinks the scale, a

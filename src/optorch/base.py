@@ -51,8 +51,8 @@ def _is_tensor(value: Any) -> bool:
 def _concrete(value: Any) -> float | None:
     """A plain float for checking, or None when the value is a traced/batched tensor."""
     if _is_tensor(value):
-        if value.numel() != 1:
-            return None
+        if value.numel() != 1 or value.device.type != "cpu":
+            return None  # reading a device value would cost a host sync every step
         try:
             return float(value.detach())
         except Exception:  # under vmap/compile the value is symbolic: nothing to check
@@ -136,9 +136,9 @@ class BaseConfig:
     impl: str = "auto"
 
     if TYPE_CHECKING:  # declared by every concrete config, in the seed's order
-        max_lr: Any
-        steps: int
-        lr_schedule_value: Any
+        max_lr: Any = None
+        steps: int = 0
+        lr_schedule_value: Any = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -192,6 +192,9 @@ class BaseConfig:
 
 class Hyper:
     """Attribute access to a rule's per-step values (floats, or 0-d tensors)."""
+
+    static: Any
+    leaf: Any = None
 
     def __init__(self, values: Mapping[str, Any], static: Any) -> None:
         self.__dict__.update(values)
@@ -303,7 +306,7 @@ def zeros_tree(params: PyTree, *, only_trainable: bool) -> PyTree:
     """Zeros shaped like every param; for a module, only params with requires_grad."""
     if isinstance(params, Mapping) and only_trainable:
         return {k: torch.zeros_like(v).detach() for k, v in params.items() if _trainable(v)}
-    paths, leaves_, spec = flatten(params)
+    _, leaves_, spec = flatten(params)
     return unflatten(spec, [None if p is None else torch.zeros_like(p).detach() for p in leaves_])
 
 
@@ -318,7 +321,7 @@ def init_state(rule: Rule, model_or_params: Any, config: Any | None = None) -> d
     is_module = isinstance(model_or_params, torch.nn.Module)
     params = params_of(model_or_params)
     cfg = config if config is not None else rule.config_type()
-    paths, leaves_, spec = flatten(params)
+    leaves_ = flatten(params)[1]
     first = next((p for p in leaves_ if isinstance(p, torch.Tensor)), None)
     device = first.device if first is not None else torch.device("cpu")
     state: dict[str, Any] = {STEP: torch.zeros((), dtype=torch.int64, device=device)}
@@ -357,7 +360,11 @@ def _kind(node: Any) -> str:
 
 def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()) -> str:
     """Describe where two trees first differ (for messages)."""
-    if isinstance(a, torch.Tensor) or a is None or isinstance(b, torch.Tensor) or b is None:
+    a_leaf = isinstance(a, torch.Tensor) or a is None
+    b_leaf = isinstance(b, torch.Tensor) or b is None
+    if a_leaf and b_leaf:
+        return ""
+    if a_leaf or b_leaf:
         return f"at {format_path(path)}: {_kind(a)} vs {_kind(b)}"
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         for key in a:
@@ -384,9 +391,7 @@ def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()
     return f"at {format_path(path)}: containers differ"
 
 
-def _align_field(
-    name: str, tree: PyTree, param_paths: list[Any], params: PyTree
-) -> list[Any]:
+def _align_field(name: str, tree: PyTree, param_paths: list[Any], params: PyTree) -> list[Any]:
     """Leaves of state field ``name`` in params order (None where a param has no state)."""
     paths, leaves_, _ = flatten(tree)
     if paths == param_paths:
@@ -460,7 +465,8 @@ class Prepared:
     fields: dict[str, list[Any]]
     active: list[int]
     step: torch.Tensor
-    paths: list[str]
+    paths: list[str]  # for messages
+    raw_paths: list[Any]  # optree paths, for re-assembling state trees
 
 
 def prepare(
@@ -493,13 +499,17 @@ def prepare(
         else:
             fields[name] = []  # created below for the active leaves
     active: list[int] = []
-    for i, (path, param, grad) in enumerate(zip(text_paths, param_leaves, grad_leaves, strict=True)):
+    for i, (path, param, grad) in enumerate(
+        zip(text_paths, param_leaves, grad_leaves, strict=True)
+    ):
         if param is None:
             if grad is not None:
                 raise ValueError(f"{rule.name}: grad at {path} is set but the param is None")
             continue
         if not isinstance(param, torch.Tensor):
-            raise TypeError(f"{rule.name}: param at {path} must be a tensor, got {type(param).__name__}")
+            raise TypeError(
+                f"{rule.name}: param at {path} must be a tensor, got {type(param).__name__}"
+            )
         if grad is None:
             continue
         if not (param.is_floating_point() or param.is_complex()):
@@ -533,7 +543,7 @@ def prepare(
             step = torch.tensor(step, dtype=torch.int64)
         else:
             raise ValueError(f"{rule.name}: state['step'] must be a 0-d tensor, got {step!r}")
-    return Prepared(spec, param_leaves, grad_leaves, fields, active, step, text_paths)
+    return Prepared(spec, param_leaves, grad_leaves, fields, active, step, text_paths, param_paths)
 
 
 def rule_optional_fields(rule: Rule) -> tuple[str, ...]:
@@ -699,11 +709,10 @@ def _overridden(config: Any, overrides: Mapping[str, Any]) -> Any:
 
 def _rebuild_like(source: PyTree, prepared: Prepared, aligned: list[Any]) -> PyTree:
     """Put aligned (params-ordered) leaves back into the structure of ``source``."""
-    paths, leaves_, spec = flatten(source)
-    param_paths, _, _ = flatten(unflatten(prepared.spec, [None] * len(prepared.params)))
-    if paths == param_paths:
+    paths, _, spec = flatten(source)
+    if paths == prepared.raw_paths:
         return unflatten(spec, aligned)
-    index = {path: i for i, path in enumerate(param_paths)}
+    index = {path: i for i, path in enumerate(prepared.raw_paths)}
     return unflatten(spec, [aligned[index[path]] for path in paths])
 
 

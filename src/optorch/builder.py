@@ -22,6 +22,7 @@ __all__ = [
     "OPTIMIZER_STEP",
     "REGISTRY",
     "Entry",
+    "UnknownOptimizerError",
     "get_optimizer",
     "get_optimizer_step",
     "init_optimizer_state",
@@ -54,6 +55,14 @@ class Entry:
 REGISTRY: dict[str, Entry] = {}
 
 
+class UnknownOptimizerError(ValueError, KeyError):
+    """An unknown registry name: a ``ValueError`` (as the seed raised) that is also a
+    ``KeyError``, so the registry views behave like dicts (``in``, ``.get``)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def register(
     name: str, rule: Rule, *, defaults: Mapping[str, Any] | None = None, summary: str = ""
 ) -> Entry:
@@ -73,8 +82,8 @@ def _lookup(name: Any) -> Entry:
     if entry is None:
         known = sorted(REGISTRY)
         close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown optimizer {name!r}{hint} Known optimizers: {known}")
+        hint = f"; did you mean {close[0]!r}?" if close else ";"
+        raise UnknownOptimizerError(f"Unknown optimizer {name!r}{hint} Known optimizers: {known}")
     return entry
 
 
@@ -85,10 +94,13 @@ class _View(Mapping[str, Any]):
         self._project = project
 
     def __getitem__(self, name: str) -> Any:
-        if name not in REGISTRY:
-            _lookup(name)  # raises with the known names
-            raise KeyError(name)
+        entry = REGISTRY.get(name)
+        if entry is None:
+            _lookup(name)  # raises UnknownOptimizerError (a KeyError too) with the hint
         return self._project(REGISTRY[name])
+
+    def __contains__(self, name: object) -> bool:
+        return name in REGISTRY
 
     def __iter__(self) -> Iterator[str]:
         return iter(REGISTRY)

@@ -30,7 +30,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["CHUNK", "TensorList", "addcdiv", "addcmul", "resolve_impl", "run", "lerp", "scalar_sqrt", "select", "where"]
+__all__ = [
+    "CHUNK",
+    "TensorList",
+    "addcdiv",
+    "addcmul",
+    "lerp",
+    "resolve_impl",
+    "run",
+    "scalar_sqrt",
+    "select",
+    "where",
+]
 
 #: Tensors per compiled call (a chunk is padded with small scratch tensors).
 CHUNK = 8
@@ -142,7 +153,7 @@ class TensorList:
         """The tensors (evaluating this node and what it depends on, if needed)."""
         if self.value is None:
             evaluate([self])
-        assert self.value is not None  # noqa: S101 - evaluate() sets it
+        assert self.value is not None
         return self.value
 
     def __len__(self) -> int:
@@ -194,16 +205,16 @@ class TensorList:
         return self._node(torch._foreach_pow, torch._foreach_pow_, other)
 
     # comparisons (elementwise, per tensor) ----------------------------------------------
-    def __gt__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __gt__(self, other: Any) -> TensorList:
         return self._map(torch.gt, other)
 
-    def __ge__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __ge__(self, other: Any) -> TensorList:
         return self._map(torch.ge, other)
 
-    def __lt__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __lt__(self, other: Any) -> TensorList:
         return self._map(torch.lt, other)
 
-    def __le__(self, other: Any) -> TensorList:  # type: ignore[override]
+    def __le__(self, other: Any) -> TensorList:
         return self._map(torch.le, other)
 
     def __and__(self, other: Any) -> TensorList:
@@ -256,7 +267,7 @@ class TensorList:
             return self._node(torch._foreach_minimum, torch._foreach_minimum_, other)
         return self._map(torch.minimum, other)
 
-    def clamp(self, min: Any = None, max: Any = None) -> TensorList:  # noqa: A002
+    def clamp(self, min: Any = None, max: Any = None) -> TensorList:
         result = self
         if min is not None:
             result = result._node(torch._foreach_clamp_min, torch._foreach_clamp_min_, min)
@@ -327,7 +338,7 @@ def evaluate(outputs: Sequence[TensorList], *, reuse: bool = True) -> None:
     for node in order:
         if node.value is not None:
             continue
-        assert node.fn is not None  # noqa: S101 - a node without a value has a function
+        assert node.fn is not None
         first = node.args[0]
         can_reuse = (
             reuse
@@ -339,7 +350,7 @@ def evaluate(outputs: Sequence[TensorList], *, reuse: bool = True) -> None:
             and (node.scalar_like or not first.scalar_like)
         )
         values = _values(node.args)
-        if can_reuse:
+        if can_reuse and node.inplace_fn is not None:
             node.inplace_fn(*values)
             node.value = values[0]
         else:
@@ -391,8 +402,21 @@ def _gate(gate: Any, new: Any, old: Any) -> Any:
     return torch.where(gate, old, new)
 
 
+def _same_dtype(new: Any, old: Any) -> Any:
+    """Keep a tensor output in its input's dtype: a 0-d float64 scalar (e.g. an injected
+    learning rate) would otherwise promote a 0-d float32 param and its state."""
+    if isinstance(new, torch.Tensor) and new.dtype != old.dtype:
+        return new.to(old.dtype)
+    return new
+
+
 def _apply_rule(rule: Any, h: Any, gate: Any, param: Any, grad: Any, own: Sequence[Any]) -> Any:
     out = rule.update(param, grad, *own, h)
+    if not isinstance(param, TensorList):  # tensor lists are cast after evaluation
+        out = (
+            _same_dtype(out[0], param),
+            *(_same_dtype(n, o) for n, o in zip(out[1:], own, strict=True)),
+        )
     if gate is None:
         return out
     gated = [_gate(gate, n, o) for n, o in zip(out[1:], own, strict=True)]
@@ -435,8 +459,14 @@ Lists = tuple[list[torch.Tensor], list[list[torch.Tensor]]]
 
 
 def _run_reference(
-    rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any], gate: Any,
+    rule: Any,
+    h: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    inplace: bool,
+    leaf_keys: Sequence[Any],
+    gate: Any,
 ) -> Lists:
     new_params: list[torch.Tensor] = []
     new_states: list[list[torch.Tensor]] = [[] for _ in states]
@@ -493,8 +523,14 @@ def _piece(tensor: torch.Tensor, part: slice | None) -> torch.Tensor:
 
 
 def _run_foreach(
-    rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any], gate: Any,
+    rule: Any,
+    h: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    inplace: bool,
+    leaf_keys: Sequence[Any],
+    gate: Any,
 ) -> Lists:
     new_params: list[Any] = list(params) if inplace else [None] * len(params)
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
@@ -502,9 +538,9 @@ def _run_foreach(
     reuse = not torch.is_grad_enabled()
     for (_, _, _, leaf), indices in _group(params, leaf_keys).items():
         h_group = h.with_leaf(leaf)
-        chunks = _foreach_chunks(rule, params, indices) if inplace else [
-            [(i, None) for i in indices]
-        ]
+        chunks = (
+            _foreach_chunks(rule, params, indices) if inplace else [[(i, None) for i in indices]]
+        )
         for chunk in chunks:
             p = TensorList([_piece(params[i], part) for i, part in chunk], writable=inplace)
             g = TensorList([_piece(grads[i], part) for i, part in chunk])
@@ -512,11 +548,14 @@ def _run_foreach(
                 TensorList([_piece(field[i], part) for i, part in chunk], writable=inplace)
                 for field in states
             ]
-            buffers = [p.value, *(x.value for x in s)]
+            buffers: list[list[torch.Tensor]] = [p.value, *(x.value for x in s)]  # type: ignore[list-item]
             out = _apply_rule(rule, h_group, gate, p, g, s)
             evaluate(out, reuse=reuse)
+            for node, buffer in zip(out, buffers, strict=True):
+                if any(n.dtype != b.dtype for n, b in zip(node.items, buffer, strict=True)):
+                    node.value = [n.to(b.dtype) for n, b in zip(node.items, buffer, strict=True)]
             if inplace:
-                _write_back([(b, o.items) for b, o in zip(buffers, out, strict=True)])  # type: ignore[misc]
+                _write_back([(b, o.items) for b, o in zip(buffers, out, strict=True)])
             else:
                 for k, (i, _) in enumerate(chunk):
                     new_params[i] = out[0].items[k]
@@ -560,8 +599,12 @@ def _compiled_fn(
     if fn is not None:
         return fn
 
-    def chunk_step(params: list[torch.Tensor], grads: list[torch.Tensor],
-                   states: list[list[torch.Tensor]], values: dict[str, Any]) -> Any:
+    def chunk_step(
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        states: list[list[torch.Tensor]],
+        values: dict[str, Any],
+    ) -> Any:
         values = dict(values)
         gate = values.pop(_GATE, None)
         h = Hyper(values, static).with_leaf(leaf)
@@ -587,7 +630,9 @@ def _compiled_fn(
     return fn
 
 
-def _scratch(key: tuple[Any, ...], count: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def _scratch(
+    key: tuple[Any, ...], count: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
     cached = _SCRATCH.get(key)
     if cached is None or len(cached) < count:
         cached = [torch.zeros(2, dtype=dtype, device=device) for _ in range(count)]
@@ -595,18 +640,40 @@ def _scratch(key: tuple[Any, ...], count: int, dtype: torch.dtype, device: torch
     return cached[:count]
 
 
+def _flat_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D tensor on ``tensor``'s memory that is not a view of it.
+
+    Dynamo guards on a view's base (its rank and sizes), so flat *views* of tensors of
+    different shapes would compile different kernels; plain tensors that share the
+    storage do not. Only for in-place steps (autograd does not see through ``set_``).
+    """
+    alias = torch.empty((0,), dtype=tensor.dtype, device=tensor.device)
+    alias.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
+    return alias
+
+
+def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.reshape(-1)
+
+
 def _no_duck_shapes() -> Any:
     try:
         from torch.fx.experimental import _config as fx_config
 
-        return fx_config.patch(use_duck_shape=False)
+        return fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
     except (ImportError, AttributeError):  # pragma: no cover - older torch
         return nullcontext()
 
 
 def _run_compiled(
-    rule: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], inplace: bool, leaf_keys: Sequence[Any], gate: Any,
+    rule: Any,
+    h: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    inplace: bool,
+    leaf_keys: Sequence[Any],
+    gate: Any,
 ) -> Lists:
     new_params: list[Any] = list(params) if inplace else [None] * len(params)
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
@@ -620,19 +687,27 @@ def _run_compiled(
         if gate is not None:
             values[_GATE] = gate
         flat = rule.flattenable
-        usable = [i for i in indices if params[i].numel() >= 2 and (not flat or all(
-            t.is_contiguous() for t in (params[i], grads[i], *(f[i] for f in states))))]
+        usable = [
+            i
+            for i in indices
+            if params[i].numel() >= 2
+            and (
+                not flat
+                or all(t.is_contiguous() for t in (params[i], grads[i], *(f[i] for f in states)))
+            )
+        ]
         small.extend(i for i in indices if i not in set(usable))
         usable.sort(key=lambda i: params[i].numel())
         fn = _compiled_fn(rule, h.static, leaf, inplace, flat, gate is not None)
         width = CHUNK if flat else 1
         for start in range(0, len(usable), width):
-            chunk = usable[start:start + width]
+            chunk = usable[start : start + width]
             pad = width - len(chunk)
             if flat:
-                p = [params[i].view(-1) for i in chunk]
-                g = [grads[i].view(-1) for i in chunk]
-                s = [[f[i].view(-1) for i in chunk] for f in states]
+                flatten = _flat_alias if inplace else _flat_view
+                p = [flatten(params[i]) for i in chunk]
+                g = [flatten(grads[i]) for i in chunk]
+                s = [[flatten(f[i]) for i in chunk] for f in states]
             else:
                 p = [params[i] for i in chunk]
                 g = [grads[i] for i in chunk]
@@ -640,8 +715,8 @@ def _run_compiled(
             if pad:
                 scratch = _scratch((device, dtype), pad * (2 + nfields), dtype, device)
                 p = p + scratch[:pad]
-                g = g + scratch[pad:2 * pad]
-                s = [col + scratch[(2 + k) * pad:(3 + k) * pad] for k, col in enumerate(s)]
+                g = g + scratch[pad : 2 * pad]
+                s = [col + scratch[(2 + k) * pad : (3 + k) * pad] for k, col in enumerate(s)]
             with _no_duck_shapes():
                 out = fn(p, g, s, values)
             if not inplace:
@@ -678,8 +753,13 @@ _EXECUTORS = {"reference": _run_reference, "foreach": _run_foreach, "compiled": 
 
 
 def run(
-    rule: Any, config: Any, h: Any, params: list[torch.Tensor], grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]], gate: torch.Tensor | None = None,
+    rule: Any,
+    config: Any,
+    h: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    gate: torch.Tensor | None = None,
 ) -> Lists:
     """Execute ``rule`` over aligned lists; returns (params, states) lists.
 
@@ -691,8 +771,10 @@ def run(
     impl = resolve_impl(rule, config)
     if impl != "reference" and _under_functorch(params, grads):
         impl = "reference"  # torch.func transforms trace plain tensor ops best
-    if impl == "compiled" and torch.compiler.is_compiling():
-        impl = "foreach" if rule.foreach_ok else "reference"  # already inside a compiled graph
+    if impl != "reference" and torch.compiler.is_compiling():
+        # already inside a compiled graph: inductor fuses the per-tensor code itself, and
+        # dynamo cannot trace TensorList's lazy graph (a graph break under fullgraph=True)
+        impl = "reference"
     if impl == "foreach" and any(_is_dtensor(p) for p in params) and not rule.foreach_ok:
         impl = "reference"
     executor = _EXECUTORS[impl]

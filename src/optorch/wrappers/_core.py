@@ -348,6 +348,8 @@ def commit(
         if before is None or after is None:
             out.append(before)
             continue
+        if after.dtype != before.dtype:  # a 0-d leaf widened by a 0-d hyperparameter
+            after = after.to(before.dtype)
         value = after if skip is None else torch.where(skip, before, after)
         if inplace:
             if value is not before:

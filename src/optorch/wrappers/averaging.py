@@ -90,7 +90,8 @@ class EMA(Wrapper):
             weight = 1.0 - decay
             if isinstance(weight, torch.Tensor):
                 weight = weight.to(device=average.device, dtype=average.dtype)
-            new.append(torch.lerp(average, param.detach() if self.inplace else param, weight))
+            current = (param.detach() if self.inplace else param).to(average.dtype)
+            new.append(torch.lerp(average, current, weight))
         kept = commit(old, new, inplace=self.inplace, skip=gate)
         new_count = count + 1 if gate is None else torch.where(gate, count, count + 1)
         if self.inplace and isinstance(state, dict):
@@ -219,7 +220,7 @@ class Lookahead(Wrapper):
         return [
             None
             if s is None or f is None
-            else torch.lerp(s, f.detach() if self.inplace else f, self.alpha)
+            else torch.lerp(s, (f.detach() if self.inplace else f).to(s.dtype), self.alpha)
             for s, f in zip(slow, fast, strict=True)
         ]
 

@@ -44,21 +44,20 @@ __all__ = [
 Selector = Callable[[str, torch.Tensor], Any] | PyTree
 
 
+def _as_bool(who: str, value: Any, where: str) -> bool:
+    """A Python bool, or a one-element bool tensor (read on the host), else TypeError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
+        return bool(value)
+    if not isinstance(value, bool):
+        raise TypeError(f"{who}: the mask must give a bool for each leaf, got {value!r} at {where}")
+    return value
+
+
 def _bools(who: str, values: list[Any], paths: list[Any], leaves_: list[Any]) -> list[bool]:
-    out: list[bool] = []
-    for path, value, leaf in zip(paths, values, leaves_, strict=True):
-        if leaf is None:
-            out.append(False)
-            continue
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype == torch.bool:
-            value = bool(value)
-        if not isinstance(value, bool):
-            raise TypeError(
-                f"{who}: the mask must give a bool for each leaf, got {value!r} at "
-                f"{format_path(path)}"
-            )
-        out.append(value)
-    return out
+    return [
+        False if leaf is None else _as_bool(who, value, format_path(path))
+        for path, value, leaf in zip(paths, values, leaves_, strict=True)
+    ]
 
 
 class Masked(Wrapper):
@@ -377,17 +376,16 @@ def decay_mask(optimizer: Any, mask: Selector = _is_matrix) -> Partition:
     if callable(mask):
 
         def labels(path: str, tensor: torch.Tensor) -> str:
-            chosen = mask(path, tensor)
-            if not isinstance(chosen, bool):
-                raise TypeError(f"decay_mask: the mask must give a bool, got {chosen!r} at {path}")
-            return "decay" if chosen else "no_decay"
+            return "decay" if _as_bool("decay_mask", mask(path, tensor), path) else "no_decay"
     else:
-        _, values, spec = flatten(mask)
+        paths, values, spec = flatten(mask)
         labels = unflatten(
             spec,
             [
-                None if v is None else ("decay" if v is True else "no_decay" if v is False else v)
-                for v in values
+                None
+                if v is None
+                else ("decay" if _as_bool("decay_mask", v, format_path(p)) else "no_decay")
+                for p, v in zip(paths, values, strict=True)
             ],
         )
     return Partition(labels, {"decay": optimizer, "no_decay": no_decay})
@@ -408,16 +406,17 @@ def no_weight_decay_on(optimizer: Any, excluded: Selector) -> Partition:
     if callable(excluded):
 
         def keep(path: str, tensor: torch.Tensor) -> bool:
-            chosen = excluded(path, tensor)
-            if not isinstance(chosen, bool):
-                raise TypeError(
-                    f"no_weight_decay_on: the predicate must give a bool, got {chosen!r} at {path}"
-                )
-            return not chosen
+            return not _as_bool("no_weight_decay_on", excluded(path, tensor), path)
 
         return decay_mask(optimizer, keep)
-    _, values, spec = flatten(excluded)
+    paths, values, spec = flatten(excluded)
     return decay_mask(
         optimizer,
-        unflatten(spec, [(not v) if isinstance(v, bool) else v for v in values]),
+        unflatten(
+            spec,
+            [
+                None if v is None else not _as_bool("no_weight_decay_on", v, format_path(p))
+                for p, v in zip(paths, values, strict=True)
+            ],
+        ),
     )

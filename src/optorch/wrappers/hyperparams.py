@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import optree
 import torch
 
 from optorch.tree import PyTree, flatten
@@ -45,11 +46,29 @@ def _is_numbers(value: Any) -> bool:
     return isinstance(value, (tuple, list)) and bool(value) and all(_is_number(v) for v in value)
 
 
-def _default_dtype(leaves_: Sequence[Any]) -> torch.dtype:
-    """float64 when some param is float64, else float32 (a 0-d hyperparameter of a wider
-    dtype than a 0-d param would widen that param's result in pure mode)."""
-    wide = any(isinstance(p, torch.Tensor) and p.dtype == torch.float64 for p in leaves_)
-    return torch.float64 if wide else torch.float32
+def _default_dtype(device: torch.device) -> torch.dtype:
+    """float64, as the Python floats of a config (0.999 keeps its digits), where the
+    device has it."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _keep_dtypes(before: PyTree, after: PyTree) -> PyTree:
+    """``after`` with each tensor leaf cast to the dtype of the leaf at the same path in
+    ``before``: a 0-d param combined with a wider 0-d hyperparameter is promoted."""
+    old_paths, old_leaves, _ = optree.tree_flatten_with_path(before, none_is_leaf=True)
+    dtypes = {
+        path: leaf.dtype
+        for path, leaf in zip(old_paths, old_leaves, strict=True)
+        if isinstance(leaf, torch.Tensor)
+    }
+    paths, leaves_, spec = optree.tree_flatten_with_path(after, none_is_leaf=True)
+    fixed = [
+        leaf.to(dtypes[path])
+        if isinstance(leaf, torch.Tensor) and path in dtypes and leaf.dtype != dtypes[path]
+        else leaf
+        for path, leaf in zip(paths, leaves_, strict=True)
+    ]
+    return optree.tree_unflatten(spec, fixed)
 
 
 class InjectHyperparams(Wrapper):
@@ -82,9 +101,8 @@ class InjectHyperparams(Wrapper):
 
     def init(self, params: Any) -> dict[str, Any]:
         tree = params_tree(params)
-        leaves_ = flatten(tree)[1]
-        device = first_device(leaves_)
-        dtype = self.dtype or _default_dtype(leaves_)
+        device = first_device(flatten(tree)[1])
+        dtype = self.dtype or _default_dtype(device)
 
         def tensor(value: Any) -> torch.Tensor:
             if isinstance(value, torch.Tensor):
@@ -117,9 +135,13 @@ class InjectHyperparams(Wrapper):
             raise ValueError(f"{who}: state['hyperparams'] lacks {missing}")
         overrides = {name: injected[name] for name in self.names}
         overrides.update(hyper_overrides or {})  # an outer override wins
-        params, inner_state = self.inner.step(
+        new_params, inner_state = self.inner.step(
             params, grads, state["inner"], hyper_overrides=overrides, skip_if=gate
         )
+        if not self.inplace:
+            new_params = _keep_dtypes(params, new_params)
+            inner_state = _keep_dtypes(state["inner"], inner_state)
+        params = new_params
         if self.inplace and isinstance(state, dict):
             state["inner"] = inner_state
             return params, state
@@ -130,8 +152,8 @@ def inject_hyperparams(
     optimizer: Any, *, names: Sequence[str] = ("max_lr",), dtype: torch.dtype | None = None
 ) -> InjectHyperparams:
     """Keep the hyperparameters ``names`` in the state, as 0-d tensors of ``dtype``
-    (default: float64 if a param is float64, else float32), initialised from the config
-    and passed to every step.
+    (default float64, like the config's Python floats; float32 on MPS), initialised from
+    the config and passed to every step.
 
     Read them in ``state["hyperparams"]``; change them between steps with
     :func:`set_hyperparam` (or ``state["hyperparams"]["max_lr"].fill_(...)``). A tuple
@@ -154,7 +176,7 @@ def inject_hyperparams(
     >>> state = wrappers.set_hyperparam(state, "max_lr", 0.5)
     >>> params, state = opt.step(params, {"w": torch.ones(1)}, state)
     >>> params["w"], state["hyperparams"]["max_lr"]
-    (tensor([-0.5000]), tensor(0.5000))
+    (tensor([-0.5000]), tensor(0.5000, dtype=torch.float64))
     """
     return InjectHyperparams(optimizer, names, dtype)
 
@@ -182,7 +204,9 @@ def set_hyperparam(state: Mapping[str, Any], name: str, value: Any) -> Mapping[s
     0-d tensors, no new tensor, nothing recompiled) and return ``state``.
 
     ``value`` is a finite number, a 0-d tensor (read without a host sync), or a tuple
-    of them for a tuple field.
+    of them for a tuple field. In pure mode the states before and after a step share
+    these tensors; build a new ``state["hyperparams"]`` dict instead to keep the old
+    state's values (e.g. for a hypergradient with ``torch.func``).
     """
     hyperparams = _find_hyperparams(state)
     if name not in hyperparams:

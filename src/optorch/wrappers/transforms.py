@@ -93,7 +93,8 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     dtype = _norm_dtype(tensors)
-    norms = [torch.linalg.vector_norm(t, dtype=dtype) for t in tensors]
+    device = tensors[0].device
+    norms = [torch.linalg.vector_norm(t, dtype=dtype).to(device) for t in tensors]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -486,7 +487,10 @@ class Chain(Wrapper):
             for old, new in zip(old_states, new_states, strict=True)
         ]
         if inplace and isinstance(state, dict):
-            state["transforms"][:] = committed
+            if isinstance(state["transforms"], list):
+                state["transforms"][:] = committed
+            else:
+                state["transforms"] = committed
             state["inner"] = inner_state
             return params, state
         return params, {**state, "transforms": committed, "inner": inner_state}
