@@ -6,6 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.optorch-installed
 TORCH_SPEC ?= torch==2.13.0
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint typecheck pytest soak bench docs clean
 
@@ -31,9 +32,12 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile
 
-test: lint typecheck pytest
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
+
+test: lint typecheck docs pytest
 
 bench: $(STAMP)
 	$(PY) -m optorch bench

@@ -13,6 +13,10 @@ import optree
 import pytest
 import torch
 
+# the suite runs many tiny tensors: intra-op threads only add contention, and CI runs
+# one pytest worker per core (pytest-xdist)
+torch.set_num_threads(1)
+
 #: Explicit tolerances per dtype for comparisons against an independent reference.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: {"rtol": 1e-12, "atol": 1e-12},

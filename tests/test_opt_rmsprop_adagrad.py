@@ -40,6 +40,15 @@ from optorch.rmsprop import RMSpropConfig, default_rmsprop_state, rmsprop_step
 STEPS = 20
 
 
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny tensors: a second intra-op thread only spins (20x slower on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def halving_every_five(step: int) -> float:
     """A schedule multiplier that changes during the run (0.5 ** (step // 5))."""
     return 0.5 ** (step // 5)
@@ -344,7 +353,9 @@ def test_seed_style_functions_on_a_module(name: str) -> None:
         for tensor, key in zip(torch_twin.param_groups[0]["params"], grads, strict=True):
             tensor.grad = grads[key].clone()
         torch_twin.step()
-    expected = dict(zip(["layer.weight", "layer.bias"], torch_twin.param_groups[0]["params"]))
+    expected = dict(
+        zip(["layer.weight", "layer.bias"], torch_twin.param_groups[0]["params"], strict=True)
+    )
     assert_trees_close(
         dict(model.layer.named_parameters(prefix="layer")),
         {k: v.detach() for k, v in expected.items()},
@@ -361,9 +372,7 @@ def test_init_with_config_matches_created_on_first_step() -> None:
     params = make_params(21)
     grads = grad_sequence(21, params, 1)[0]
     from_init = init_state(optorch.REGISTRY["adagrad"].rule, params, config)
-    first, _ = adagrad_step(
-        {k: v.clone() for k, v in params.items()}, grads, from_init, config
-    )
+    first, _ = adagrad_step({k: v.clone() for k, v in params.items()}, grads, from_init, config)
     lazily = {"step": torch.zeros((), dtype=torch.int64)}
     second, lazy_state = adagrad_step(
         {k: v.clone() for k, v in params.items()}, grads, lazily, config
@@ -428,23 +437,25 @@ def rosenbrock_distance(name: str, steps: int, **hyper: Any) -> float:
     return float((params["xy"] - 1.0).norm())
 
 
-# (name, hyper, steps, bar); the MLP starts at a loss of 0.78, Rosenbrock 2.2 away
+# (name, hyper, steps, bar). The MLP starts at a loss of 0.91; the best linear fit of the
+# task reaches 0.556, so a bar of 0.02 needs the hidden layer. Rosenbrock starts 2.2 away
+# from (1, 1), and its curved valley stalls plain gradient steps.
 MLP_BARS = [
     ("rmsprop", {"max_lr": 3e-3}, 500, 0.02),
-    ("rmsprop", {"max_lr": 1e-3, "momentum": 0.9, "centered": True}, 300, 0.02),
+    ("rmsprop", {"max_lr": 1e-3, "momentum": 0.9, "centered": True}, 300, 0.006),
     ("adagrad", {"max_lr": 0.1}, 500, 0.02),
 ]
 ROSENBROCK_BARS = [
-    ("rmsprop", {"max_lr": 1e-3, "momentum": 0.9}, 2000, 0.01),
-    ("rmsprop", {"max_lr": 1e-3, "momentum": 0.9, "centered": True}, 2000, 0.01),
-    ("adagrad", {"max_lr": 0.5}, 6000, 0.03),
+    ("rmsprop", {"max_lr": 1e-3, "momentum": 0.9}, 1500, 0.005),
+    ("rmsprop", {"max_lr": 1e-3, "momentum": 0.9, "centered": True}, 1500, 0.005),
+    ("adagrad", {"max_lr": 1.5}, 3000, 0.08),
 ]
 
 
 @pytest.mark.parametrize(("name", "hyper", "steps", "bar"), MLP_BARS)
 def test_trains_mlp_regression(name: str, hyper: dict[str, Any], steps: int, bar: float) -> None:
     initial, final = train_mlp(name, steps, **hyper)
-    assert initial > 0.7
+    assert initial > 0.85
     assert final < bar, f"{name} {hyper}: loss {final:.4g} after {steps} steps (bar {bar})"
 
 

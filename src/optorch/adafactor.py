@@ -102,7 +102,7 @@ class AdafactorConfig(BaseConfig):
     def __post_init__(self) -> None:
         # YAML/Hydra give sequences as lists
         if isinstance(self.eps, Sequence) and not isinstance(self.eps, (str, tuple)):
-            self.eps = tuple(self.eps)  # type: ignore[assignment]
+            self.eps = tuple(self.eps)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -148,9 +148,11 @@ class AdafactorRule(Rule):
     def state_shape(self, name: str, param: torch.Tensor, config: AdafactorConfig) -> torch.Size:
         factored = param.dim() >= 2
         if name == "row_var":
-            return param.shape[:-1] + (1,) if factored else PLACEHOLDER_SHAPE
+            return torch.Size((*param.shape[:-1], 1)) if factored else PLACEHOLDER_SHAPE
         if name == "col_var":
-            return param.shape[:-2] + (1, param.shape[-1]) if factored else PLACEHOLDER_SHAPE
+            if not factored:
+                return PLACEHOLDER_SHAPE
+            return torch.Size((*param.shape[:-2], 1, param.shape[-1]))
         if name == "variance":
             return PLACEHOLDER_SHAPE if factored else param.shape
         return param.shape

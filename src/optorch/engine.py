@@ -721,10 +721,9 @@ def _run_compiled(
                 out = fn(p, g, s, values)
             if not inplace:
                 for k, i in enumerate(chunk):
-                    shape = params[i].shape
-                    new_params[i] = out[k][0].view(shape)
-                    for column, new in zip(new_states, out[k][1:], strict=True):
-                        column[i] = new.view(shape)
+                    new_params[i] = out[k][0].view(params[i].shape)
+                    for column, field, new in zip(new_states, states, out[k][1:], strict=True):
+                        column[i] = new.view(field[i].shape)
     if small:
         sub_p = [params[i] for i in small]
         sub_g = [grads[i] for i in small]
