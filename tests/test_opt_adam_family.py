@@ -57,8 +57,11 @@ class Case:
         return self.module.RULE.config_type(**{**self.options, **overrides})
 
     def torch_kwargs(self) -> dict[str, Any]:
-        kwargs = {k: v for k, v in self.options.items() if k not in ("max_lr", "schedule",
-                                                                     "lr_schedule_value")}
+        kwargs = {
+            k: v
+            for k, v in self.options.items()
+            if k not in ("max_lr", "schedule", "lr_schedule_value")
+        }
         lr = self.options.get("max_lr", self.module.RULE.config_type().max_lr)
         kwargs["lr"] = lr * self.options.get("lr_schedule_value", 1.0)
         return kwargs
@@ -70,44 +73,130 @@ ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 CASES = [
     # Adamax
     Case("adamax-default", adamax, torch.optim.Adamax, {}, ADAMAX_KEYS),
-    Case("adamax-lr-betas-eps", adamax, torch.optim.Adamax,
-         {"max_lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-3}, ADAMAX_KEYS),
-    Case("adamax-wd-maximize", adamax, torch.optim.Adamax,
-         {"max_lr": 0.01, "weight_decay": 0.1, "maximize": True}, ADAMAX_KEYS, compiled=True),
-    Case("adamax-beta1-zero", adamax, torch.optim.Adamax,
-         {"max_lr": 0.01, "betas": (0.0, 0.9)}, ADAMAX_KEYS),
-    Case("adamax-schedule", adamax, torch.optim.Adamax,
-         {"max_lr": 0.02, "schedule": _decay, "weight_decay": 0.01}, ADAMAX_KEYS),
+    Case(
+        "adamax-lr-betas-eps",
+        adamax,
+        torch.optim.Adamax,
+        {"max_lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-3},
+        ADAMAX_KEYS,
+    ),
+    Case(
+        "adamax-wd-maximize",
+        adamax,
+        torch.optim.Adamax,
+        {"max_lr": 0.01, "weight_decay": 0.1, "maximize": True},
+        ADAMAX_KEYS,
+        compiled=True,
+    ),
+    Case(
+        "adamax-beta1-zero",
+        adamax,
+        torch.optim.Adamax,
+        {"max_lr": 0.01, "betas": (0.0, 0.9)},
+        ADAMAX_KEYS,
+    ),
+    Case(
+        "adamax-schedule",
+        adamax,
+        torch.optim.Adamax,
+        {"max_lr": 0.02, "schedule": _decay, "weight_decay": 0.01},
+        ADAMAX_KEYS,
+    ),
     # NAdam
     Case("nadam-default", nadam, torch.optim.NAdam, {}, ADAM_KEYS),
-    Case("nadam-lr-betas-eps", nadam, torch.optim.NAdam,
-         {"max_lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-4}, ADAM_KEYS),
-    Case("nadam-l2-maximize", nadam, torch.optim.NAdam,
-         {"max_lr": 0.01, "weight_decay": 0.1, "maximize": True}, ADAM_KEYS),
-    Case("nadam-decoupled", nadam, torch.optim.NAdam,
-         {"max_lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}, ADAM_KEYS, compiled=True),
-    Case("nadam-momentum-decay", nadam, torch.optim.NAdam,
-         {"max_lr": 0.01, "momentum_decay": 0.5}, ADAM_KEYS),
-    Case("nadam-no-momentum-decay", nadam, torch.optim.NAdam,
-         {"max_lr": 0.01, "momentum_decay": 0.0}, ADAM_KEYS),
-    Case("nadam-schedule-value", nadam, torch.optim.NAdam,
-         {"max_lr": 0.02, "lr_schedule_value": 0.5, "weight_decay": 0.05,
-          "decoupled_weight_decay": True}, ADAM_KEYS),
-    Case("nadam-schedule", nadam, torch.optim.NAdam,
-         {"max_lr": 0.02, "schedule": _decay, "weight_decay": 0.05,
-          "decoupled_weight_decay": True}, ADAM_KEYS),
+    Case(
+        "nadam-lr-betas-eps",
+        nadam,
+        torch.optim.NAdam,
+        {"max_lr": 0.02, "betas": (0.8, 0.95), "eps": 1e-4},
+        ADAM_KEYS,
+    ),
+    Case(
+        "nadam-l2-maximize",
+        nadam,
+        torch.optim.NAdam,
+        {"max_lr": 0.01, "weight_decay": 0.1, "maximize": True},
+        ADAM_KEYS,
+    ),
+    Case(
+        "nadam-decoupled",
+        nadam,
+        torch.optim.NAdam,
+        {"max_lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ADAM_KEYS,
+        compiled=True,
+    ),
+    Case(
+        "nadam-momentum-decay",
+        nadam,
+        torch.optim.NAdam,
+        {"max_lr": 0.01, "momentum_decay": 0.5},
+        ADAM_KEYS,
+    ),
+    Case(
+        "nadam-no-momentum-decay",
+        nadam,
+        torch.optim.NAdam,
+        {"max_lr": 0.01, "momentum_decay": 0.0},
+        ADAM_KEYS,
+    ),
+    Case(
+        "nadam-schedule-value",
+        nadam,
+        torch.optim.NAdam,
+        {
+            "max_lr": 0.02,
+            "lr_schedule_value": 0.5,
+            "weight_decay": 0.05,
+            "decoupled_weight_decay": True,
+        },
+        ADAM_KEYS,
+    ),
+    Case(
+        "nadam-schedule",
+        nadam,
+        torch.optim.NAdam,
+        {"max_lr": 0.02, "schedule": _decay, "weight_decay": 0.05, "decoupled_weight_decay": True},
+        ADAM_KEYS,
+    ),
     # RAdam: beta2 = 0.9 rectifies from step 6 on; beta2 = 0.6 gives rho_inf = 4 (never)
     Case("radam-default", radam, torch.optim.RAdam, {}, ADAM_KEYS),
-    Case("radam-lr-betas-eps", radam, torch.optim.RAdam,
-         {"max_lr": 0.02, "betas": (0.8, 0.9), "eps": 1e-4}, ADAM_KEYS),
-    Case("radam-never-rectified", radam, torch.optim.RAdam,
-         {"max_lr": 0.01, "betas": (0.9, 0.6)}, ADAM_KEYS),
-    Case("radam-l2-maximize", radam, torch.optim.RAdam,
-         {"max_lr": 0.01, "weight_decay": 0.1, "maximize": True}, ADAM_KEYS),
-    Case("radam-decoupled", radam, torch.optim.RAdam,
-         {"max_lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True}, ADAM_KEYS, compiled=True),
-    Case("radam-schedule", radam, torch.optim.RAdam,
-         {"max_lr": 0.02, "schedule": _decay, "weight_decay": 0.05}, ADAM_KEYS),
+    Case(
+        "radam-lr-betas-eps",
+        radam,
+        torch.optim.RAdam,
+        {"max_lr": 0.02, "betas": (0.8, 0.9), "eps": 1e-4},
+        ADAM_KEYS,
+    ),
+    Case(
+        "radam-never-rectified",
+        radam,
+        torch.optim.RAdam,
+        {"max_lr": 0.01, "betas": (0.9, 0.6)},
+        ADAM_KEYS,
+    ),
+    Case(
+        "radam-l2-maximize",
+        radam,
+        torch.optim.RAdam,
+        {"max_lr": 0.01, "weight_decay": 0.1, "maximize": True},
+        ADAM_KEYS,
+    ),
+    Case(
+        "radam-decoupled",
+        radam,
+        torch.optim.RAdam,
+        {"max_lr": 0.01, "weight_decay": 0.1, "decoupled_weight_decay": True},
+        ADAM_KEYS,
+        compiled=True,
+    ),
+    Case(
+        "radam-schedule",
+        radam,
+        torch.optim.RAdam,
+        {"max_lr": 0.02, "schedule": _decay, "weight_decay": 0.05},
+        ADAM_KEYS,
+    ),
 ]
 
 
@@ -118,8 +207,9 @@ def make_problem(dtype: torch.dtype, seed: int = 0) -> tuple[dict[str, torch.Ten
     grads = []
     for step in range(STEPS):
         scale = 10.0 ** ((step % 5) - 2)
-        grad = {k: torch.randn(s, generator=generator, dtype=dtype) * scale
-                for k, s in SHAPES.items()}
+        grad = {
+            k: torch.randn(s, generator=generator, dtype=dtype) * scale for k, s in SHAPES.items()
+        }
         grad["bias"][0] = 0.0
         grads.append(grad)
     return params, grads
@@ -143,8 +233,10 @@ def run_torch(case: Case, params0: dict[str, torch.Tensor], grads: list[Any]) ->
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            state = {key: {name: optimizer.state[p][key].clone() for name, p in params.items()}
-                     for key in case.state_keys}
+            state = {
+                key: {name: optimizer.state[p][key].clone() for name, p in params.items()}
+                for key in case.state_keys
+            }
             history.append(({k: p.detach().clone() for k, p in params.items()}, state))
         return history
     finally:
@@ -167,8 +259,9 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
         assert torch.equal(actual, expected)
 
 
-def run_ours(rule: Rule, config: Any, params0: dict[str, torch.Tensor],
-             grads: list[Any]) -> list[Any]:
+def run_ours(
+    rule: Rule, config: Any, params0: dict[str, torch.Tensor], grads: list[Any]
+) -> list[Any]:
     """(params, state) after each step; checks each mode's contract along the way."""
     optimizer = Optimizer(rule, config)
     params = clone_tree(params0)
@@ -194,8 +287,9 @@ def run_ours(rule: Rule, config: Any, params0: dict[str, torch.Tensor],
     return history
 
 
-def compare(ours: list[Any], reference: list[Any], state_keys: tuple[str, ...],
-            rtol: float, atol: float) -> None:
+def compare(
+    ours: list[Any], reference: list[Any], state_keys: tuple[str, ...], rtol: float, atol: float
+) -> None:
     """Params and the state fields, after each step."""
     assert len(ours) == len(reference) == STEPS
     for step, ((params, state), (ref_params, ref_state)) in enumerate(
@@ -207,7 +301,10 @@ def compare(ours: list[Any], reference: list[Any], state_keys: tuple[str, ...],
             assert all(actual[name].dtype == expected[name].dtype for name in ref_params)
             # one comparison per tree: the message names the step and the field
             torch.testing.assert_close(
-                _flat(actual, ref_params), _flat(expected, ref_params), rtol=rtol, atol=atol,
+                _flat(actual, ref_params),
+                _flat(expected, ref_params),
+                rtol=rtol,
+                atol=atol,
                 msg=lambda m, w=what, s=step: f"{w} after step {s}: {m}",
             )
 
@@ -228,8 +325,12 @@ def test_matches_torch_optim(case: Case, dtype: torch.dtype, impl: str, inplace:
 
 
 COMPILED = [
-    pytest.param(case, torch.float32 if i % 2 == 0 else torch.float64, i % 2 == 0,
-                 id=f"{case.id}-{'f32-inplace' if i % 2 == 0 else 'f64-pure'}")
+    pytest.param(
+        case,
+        torch.float32 if i % 2 == 0 else torch.float64,
+        i % 2 == 0,
+        id=f"{case.id}-{'f32-inplace' if i % 2 == 0 else 'f64-pure'}",
+    )
     for i, case in enumerate(c for c in CASES if c.compiled)
 ]
 
@@ -238,8 +339,7 @@ COMPILED = [
 def test_compiled_matches_torch_optim(case: Case, dtype: torch.dtype, inplace: bool) -> None:
     params0, grads = make_problem(dtype, seed=1)
     reference = run_torch(case, params0, grads)
-    ours = run_ours(case.module.RULE, case.config(impl="compiled", inplace=inplace), params0,
-                    grads)
+    ours = run_ours(case.module.RULE, case.config(impl="compiled", inplace=inplace), params0, grads)
     compare(ours, reference, case.state_keys, *COMPILED_TOLERANCES[dtype])
 
 
@@ -257,8 +357,11 @@ SCALAR_CONFIGS = [
     radam.RAdamConfig(betas=(0.9, 0.0)),
     radam.RAdamConfig(betas=(0.5, 0.9), weight_decay=0.1, decoupled_weight_decay=True),
 ]
-RULES = {adamax.AdamaxConfig: adamax.RULE, nadam.NAdamConfig: nadam.RULE,
-         radam.RAdamConfig: radam.RULE}
+RULES = {
+    adamax.AdamaxConfig: adamax.RULE,
+    nadam.NAdamConfig: nadam.RULE,
+    radam.RAdamConfig: radam.RULE,
+}
 
 
 @pytest.mark.parametrize("config", SCALAR_CONFIGS, ids=repr)
@@ -273,8 +376,9 @@ def test_scalars_from_a_tensor_step_match_python_step(config: Any) -> None:
             assert float(traced[key]) == pytest.approx(value, rel=1e-12, abs=1e-15), (key, t)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "schedule" not in c.options],
-                         ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if "schedule" not in c.options], ids=lambda c: c.id
+)
 def test_vmapped_pure_step_matches_single_runs(case: Case) -> None:
     """Under vmap the step is a batched tensor: the rule runs on traced scalars."""
     batch = [make_problem(torch.float64, seed=seed) for seed in range(3)]
@@ -282,9 +386,14 @@ def test_vmapped_pure_step_matches_single_runs(case: Case) -> None:
     optimizer = Optimizer(case.module.RULE, config)
     stacked = {k: torch.stack([params[k] for params, _ in batch]) for k in SHAPES}
     state = optimizer.init({k: v[0] for k, v in stacked.items()})
-    state = {key: ({k: torch.stack([v] * 3) for k, v in value.items()}
-                   if isinstance(value, dict) else torch.stack([value] * 3))
-             for key, value in state.items()}
+    state = {
+        key: (
+            {k: torch.stack([v] * 3) for k, v in value.items()}
+            if isinstance(value, dict)
+            else torch.stack([value] * 3)
+        )
+        for key, value in state.items()
+    }
     vmapped = torch.func.vmap(lambda p, g, s: optimizer.step(p, g, s))
     steps = 8  # RAdam switches to the rectified update at step 6
     for step in range(steps):
@@ -293,11 +402,11 @@ def test_vmapped_pure_step_matches_single_runs(case: Case) -> None:
     for index, (params0, grads) in enumerate(batch):
         params, single_state = run_ours(case.module.RULE, config, params0, grads[:steps])[-1]
         for name in SHAPES:
-            torch.testing.assert_close(stacked[name][index], params[name], rtol=1e-12,
-                                       atol=1e-14)
+            torch.testing.assert_close(stacked[name][index], params[name], rtol=1e-12, atol=1e-14)
             for key in case.state_keys:
-                torch.testing.assert_close(state[key][name][index], single_state[key][name],
-                                           rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(
+                    state[key][name][index], single_state[key][name], rtol=1e-12, atol=1e-14
+                )
         assert int(state["step"][index]) == steps
 
 
@@ -307,7 +416,7 @@ def test_vmapped_pure_step_matches_single_runs(case: Case) -> None:
 
 
 @pytest.mark.parametrize("beta1", [0.0, 0.5, 0.9, 0.999])
-@pytest.mark.parametrize("momentum_decay", [0.0, 1e-6, 4e-3, 0.5, 30.0])
+@pytest.mark.parametrize("momentum_decay", [0.0, 1e-300, 1e-6, 4e-3, 0.5, 30.0])
 def test_nadam_mu_product_equals_running_product(beta1: float, momentum_decay: float) -> None:
     running = 1.0
     checked = 0
@@ -367,8 +476,7 @@ INVALID = [
     (nadam.NAdamConfig, {"momentum_decay": -4e-3}, ValueError, r"momentum_decay"),
     (nadam.NAdamConfig, {"momentum_decay": float("nan")}, ValueError, r"momentum_decay"),
     (nadam.NAdamConfig, {"momentum_decay": torch.tensor(4e-3)}, TypeError, r"momentum_decay"),
-    (nadam.NAdamConfig, {"decoupled_weight_decay": "yes"}, TypeError,
-     r"decoupled_weight_decay"),
+    (nadam.NAdamConfig, {"decoupled_weight_decay": "yes"}, TypeError, r"decoupled_weight_decay"),
     (nadam.NAdamConfig, {"lr_schedule_value": -0.5}, ValueError, r"lr_schedule_value"),
     (radam.RAdamConfig, {"max_lr": -0.1}, ValueError, r"max_lr"),
     (radam.RAdamConfig, {"betas": (0.9, 1.0)}, ValueError, r"betas\[1\]"),
@@ -380,8 +488,11 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("config_type", "kwargs", "error", "pattern"), INVALID,
-                         ids=lambda v: repr(v) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    ("config_type", "kwargs", "error", "pattern"),
+    INVALID,
+    ids=lambda v: repr(v) if isinstance(v, dict) else None,
+)
 def test_invalid_hyperparameters_are_rejected(
     config_type: type, kwargs: dict[str, Any], error: type[Exception], pattern: str
 ) -> None:
@@ -409,8 +520,9 @@ def test_registered_and_steps_by_name(name: str) -> None:
     assert int(state["step"]) == 1
 
 
-@pytest.mark.parametrize(("module", "prefix"), [(adamax, "adamax"), (nadam, "nadam"),
-                                                (radam, "radam")])
+@pytest.mark.parametrize(
+    ("module", "prefix"), [(adamax, "adamax"), (nadam, "nadam"), (radam, "radam")]
+)
 def test_seed_style_functions(module: Any, prefix: str) -> None:
     """``default_x_state(model)`` covers trainable params; ``x_step`` takes a config."""
     model = torch.nn.Linear(3, 2)
@@ -432,7 +544,11 @@ def test_seed_style_functions(module: Any, prefix: str) -> None:
 
 
 def mlp_problem() -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Tensor]], Any]]:
-    """A 4-32-1 tanh MLP and a smooth synthetic regression target (fixed seed)."""
+    """A 4-32-1 tanh MLP and a smooth synthetic regression target (fixed seed).
+
+    The initial loss is 1.43; the best affine fit reaches 1.05 (the target's variance is
+    1.09), so a loss below 0.05 means the network fits the nonlinearity.
+    """
     generator = torch.Generator().manual_seed(1234)
     inputs = torch.randn(128, 4, generator=generator)
     targets = torch.sin(inputs @ torch.tensor([1.0, -2.0, 0.5, 1.5])) + 0.5 * inputs[:, 0] ** 2
@@ -450,9 +566,53 @@ def mlp_problem() -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Te
     return params, loss
 
 
-def minimise(config: Any, rule: Rule, params: dict[str, torch.Tensor],
-             loss: Callable[[dict[str, torch.Tensor]], Any], steps: int) -> float:
-    optimizer = Optimizer(rule, config)
+def _cosine(total: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def _warmup(steps: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / steps)
+
+
+# (config, steps, loss below); see mlp_problem for the scale
+MLP_CASES = [
+    pytest.param(adamax.AdamaxConfig(max_lr=0.02), 400, 0.05, id="adamax"),
+    pytest.param(nadam.NAdamConfig(max_lr=0.01), 400, 0.05, id="nadam"),
+    pytest.param(radam.RAdamConfig(max_lr=0.02), 400, 0.05, id="radam"),
+]
+
+# (config, steps, distance to (1, 1) below); the start is 2.2 away. RAdam's first five
+# steps are momentum SGD on gradients of about 200, hence its warmup; NAdam follows the
+# valley better with the shorter second-moment memory.
+ROSENBROCK_CASES = [
+    pytest.param(adamax.AdamaxConfig(max_lr=0.3), 2000, 5e-3, id="adamax"),
+    pytest.param(
+        nadam.NAdamConfig(max_lr=0.02, betas=(0.9, 0.99), schedule=_cosine(2500)),
+        2500,
+        2e-2,
+        id="nadam",
+    ),
+    pytest.param(radam.RAdamConfig(max_lr=0.2, schedule=_warmup(100)), 2000, 1e-3, id="radam"),
+]
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Tiny matmuls gain nothing from threads, and on a busy machine (the CI's two cores
+    shared) the intra-op thread pool's synchronisation makes them 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
+def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
+    params, loss = mlp_problem()
+    initial = float(loss(params))
+    assert initial > 1.4
+    optimizer = Optimizer(RULES[type(config)], config)
     params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     state = optimizer.init(params)
     for _ in range(steps):
@@ -460,48 +620,29 @@ def minimise(config: Any, rule: Rule, params: dict[str, torch.Tensor],
         grads = dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True))
         params, state = optimizer.step(params, grads, state)
     with torch.no_grad():
-        return float(loss(params))
-
-
-# (config, steps, loss below): the initial loss is about 1.4
-MLP_CASES = [
-    pytest.param(adamax.AdamaxConfig(max_lr=0.02), 300, 0.05, id="adamax"),
-    pytest.param(nadam.NAdamConfig(max_lr=0.01), 300, 0.05, id="nadam"),
-    pytest.param(radam.RAdamConfig(max_lr=0.01), 300, 0.05, id="radam"),
-]
-
-
-@pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
-def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
-    params, loss = mlp_problem()
-    initial = float(loss(params))
-    assert initial > 1.0
-    final = minimise(config, RULES[type(config)], params, loss, steps)
+        final = float(loss(params))
     assert final < bound, f"loss {initial:.4f} -> {final:.4f} after {steps} steps"
 
 
-def rosenbrock(p: dict[str, torch.Tensor]) -> torch.Tensor:
-    x, y = p["xy"][0], p["xy"][1]
-    return (1.0 - x) ** 2 + 100.0 * (y - x * x) ** 2
+def rosenbrock_grad(xy: torch.Tensor) -> torch.Tensor:
+    """The gradient of (1 - x)^2 + 100 (y - x^2)^2, by hand (cheaper than autograd)."""
+    x, y = xy[0], xy[1]
+    return torch.stack([-2.0 * (1.0 - x) - 400.0 * x * (y - x * x), 200.0 * (y - x * x)])
 
 
-# (config, steps, distance to (1, 1) below), from (-1.2, 1.0)
-ROSENBROCK_CASES = [
-    pytest.param(adamax.AdamaxConfig(max_lr=0.02), 3000, 1e-2, id="adamax"),
-    pytest.param(nadam.NAdamConfig(max_lr=0.01), 3000, 1e-2, id="nadam"),
-    pytest.param(radam.RAdamConfig(max_lr=0.01), 3000, 1e-2, id="radam"),
-]
+def test_rosenbrock_gradient() -> None:
+    xy = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad((1.0 - xy[0]) ** 2 + 100.0 * (xy[1] - xy[0] ** 2) ** 2, [xy])
+    torch.testing.assert_close(rosenbrock_grad(xy.detach()), expected, rtol=1e-14, atol=0.0)
 
 
 @pytest.mark.parametrize(("config", "steps", "bound"), ROSENBROCK_CASES)
 def test_minimises_rosenbrock(config: Any, steps: int, bound: float) -> None:
-    start = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
-    rule = RULES[type(config)]
-    optimizer = Optimizer(rule, config)
-    params = {k: v.clone().requires_grad_(True) for k, v in start.items()}
+    """From the classic start (-1.2, 1) through the curved valley to (1, 1), in float64."""
+    optimizer = Optimizer(RULES[type(config)], config)
+    params = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
     state = optimizer.init(params)
     for _ in range(steps):
-        (grad,) = torch.autograd.grad(rosenbrock(params), [params["xy"]])
-        params, state = optimizer.step(params, {"xy": grad}, state)
-    distance = float(torch.linalg.vector_norm(params["xy"].detach() - 1.0))
+        params, state = optimizer.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
+    distance = float(torch.linalg.vector_norm(params["xy"] - 1.0))
     assert distance < bound, f"ended at {params['xy'].tolist()}, {distance:.2e} from (1, 1)"

@@ -25,8 +25,14 @@ from optorch.base import Optimizer, Rule
 STEPS = 20
 # "zeros" starts at the origin (LAMB's ||p|| = 0 guard); "still" never gets a gradient
 # (LAMB's ||update|| = 0 guard when there is no weight decay)
-SHAPES = {"weight": (4, 3), "bias": (5,), "kernel": (2, 3, 2), "scale": (), "zeros": (3,),
-          "still": (2, 2)}
+SHAPES = {
+    "weight": (4, 3),
+    "bias": (5,),
+    "kernel": (2, 3, 2),
+    "scale": (),
+    "zeros": (3,),
+    "still": (2, 2),
+}
 # (rtol, atol) on params and state after each step, against the float64 formula
 TOLERANCES = {torch.float32: (2e-5, 2e-6), torch.float64: (1e-11, 1e-13)}
 # the compiled engine passes every per-step scalar as a 0-d tensor of the param dtype
@@ -52,8 +58,9 @@ def make_problem(dtype: torch.dtype, seed: int = 0) -> tuple[dict[str, torch.Ten
     grads = []
     for step in range(STEPS):
         scale = 10.0 ** ((step % 5) - 2)
-        grad = {k: torch.randn(s, generator=generator, dtype=dtype) * scale
-                for k, s in SHAPES.items()}
+        grad = {
+            k: torch.randn(s, generator=generator, dtype=dtype) * scale for k, s in SHAPES.items()
+        }
         grad["bias"][0] = 0.0
         grad["still"].zero_()
         grads.append(grad)
@@ -65,8 +72,9 @@ def make_problem(dtype: torch.dtype, seed: int = 0) -> tuple[dict[str, torch.Ten
 # --------------------------------------------------------------------------------------
 
 
-def lion_formula(options: dict[str, Any], params0: dict[str, torch.Tensor],
-                 grads: list[Any]) -> list[Any]:
+def lion_formula(
+    options: dict[str, Any], params0: dict[str, torch.Tensor], grads: list[Any]
+) -> list[Any]:
     """Algorithm 2 of arXiv:2302.06675, one tensor at a time."""
     config = lion.LionConfig(**options)
     beta1, beta2 = config.betas
@@ -86,8 +94,9 @@ def lion_formula(options: dict[str, Any], params0: dict[str, torch.Tensor],
     return history
 
 
-def lamb_formula(options: dict[str, Any], params0: dict[str, torch.Tensor],
-                 grads: list[Any]) -> list[Any]:
+def lamb_formula(
+    options: dict[str, Any], params0: dict[str, torch.Tensor], grads: list[Any]
+) -> list[Any]:
     """Algorithm 2 of arXiv:1904.00962 with Adam's bias correction, per tensor."""
     config = lamb.LambConfig(**options)
     beta1, beta2 = config.betas
@@ -108,8 +117,11 @@ def lamb_formula(options: dict[str, Any], params0: dict[str, torch.Tensor],
             weight_norm = math.sqrt(float((params[name] ** 2).sum()))
             update_norm = math.sqrt(float((update**2).sum()))
             if weight_norm > 0 and update_norm > 0:
-                phi = weight_norm if config.clamp_value is None else min(weight_norm,
-                                                                         config.clamp_value)
+                phi = (
+                    weight_norm
+                    if config.clamp_value is None
+                    else min(weight_norm, config.clamp_value)
+                )
                 trust_ratio = phi / update_norm
             else:
                 trust_ratio = 1.0
@@ -118,14 +130,20 @@ def lamb_formula(options: dict[str, Any], params0: dict[str, torch.Tensor],
     return history
 
 
-def lion_pytorch_reference(options: dict[str, Any], params0: dict[str, torch.Tensor],
-                           grads: list[Any]) -> list[Any]:
+def lion_pytorch_reference(
+    options: dict[str, Any], params0: dict[str, torch.Tensor], grads: list[Any]
+) -> list[Any]:
     """The lion-pytorch package (its plain PyTorch update, not the triton kernel)."""
     config = lion.LionConfig(**options)
     params = {k: torch.nn.Parameter(v.clone()) for k, v in params0.items()}
-    optimizer = Lion(list(params.values()), lr=config.max_lr, betas=config.betas,
-                     weight_decay=config.weight_decay, use_triton=False,
-                     decoupled_weight_decay=config.decoupled_weight_decay)
+    optimizer = Lion(
+        list(params.values()),
+        lr=config.max_lr,
+        betas=config.betas,
+        weight_decay=config.weight_decay,
+        use_triton=False,
+        decoupled_weight_decay=config.decoupled_weight_decay,
+    )
     scheduler = LambdaLR(optimizer, config.schedule) if config.schedule is not None else None
     history = []
     for grad in grads:
@@ -160,8 +178,9 @@ def assert_trees_equal(actual: Any, expected: Any) -> None:
         assert torch.equal(actual, expected)
 
 
-def run_ours(rule: Rule, config: Any, params0: dict[str, torch.Tensor],
-             grads: list[Any]) -> list[Any]:
+def run_ours(
+    rule: Rule, config: Any, params0: dict[str, torch.Tensor], grads: list[Any]
+) -> list[Any]:
     """(params, state) after each step; checks each mode's contract along the way."""
     optimizer = Optimizer(rule, config)
     params = clone_tree(params0)
@@ -200,8 +219,11 @@ def compare(ours: list[Any], reference: list[Any], rtol: float, atol: float) -> 
             assert all(actual[name].dtype == dtype for name in ref_params)
             # one comparison per tree: the message names the step and the field
             torch.testing.assert_close(
-                _flat(actual, ref_params), _flat(expected, ref_params).to(dtype), rtol=rtol,
-                atol=atol, msg=lambda m, w=what, s=step: f"{w} after step {s}: {m}",
+                _flat(actual, ref_params),
+                _flat(expected, ref_params).to(dtype),
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, w=what, s=step: f"{w} after step {s}: {m}",
             )
 
 
@@ -223,23 +245,49 @@ CASES = [
     Case("lion-lr-betas", lion, lion_formula, {"max_lr": 3e-3, "betas": (0.95, 0.98)}),
     Case("lion-beta1-zero", lion, lion_formula, {"max_lr": 1e-3, "betas": (0.0, 0.9)}),
     Case("lion-wd", lion, lion_formula, {"max_lr": 1e-3, "weight_decay": 0.5}),
-    Case("lion-wd-maximize", lion, lion_formula,
-         {"max_lr": 1e-3, "weight_decay": 0.5, "maximize": True}),
-    Case("lion-decoupled-schedule", lion, lion_formula,
-         {"max_lr": 1e-3, "weight_decay": 0.01, "decoupled_weight_decay": True,
-          "schedule": _decay}, compiled=True),
-    Case("lion-schedule-value", lion, lion_formula,
-         {"max_lr": 1e-3, "weight_decay": 0.5, "lr_schedule_value": 0.25}),
+    Case(
+        "lion-wd-maximize",
+        lion,
+        lion_formula,
+        {"max_lr": 1e-3, "weight_decay": 0.5, "maximize": True},
+    ),
+    Case(
+        "lion-decoupled-schedule",
+        lion,
+        lion_formula,
+        {"max_lr": 1e-3, "weight_decay": 0.01, "decoupled_weight_decay": True, "schedule": _decay},
+        compiled=True,
+    ),
+    Case(
+        "lion-schedule-value",
+        lion,
+        lion_formula,
+        {"max_lr": 1e-3, "weight_decay": 0.5, "lr_schedule_value": 0.25},
+    ),
     Case("lamb-default", lamb, lamb_formula, {}),
-    Case("lamb-lr-betas-eps", lamb, lamb_formula,
-         {"max_lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3}),
+    Case(
+        "lamb-lr-betas-eps", lamb, lamb_formula, {"max_lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-3}
+    ),
     Case("lamb-wd", lamb, lamb_formula, {"max_lr": 0.01, "weight_decay": 0.1}),
-    Case("lamb-wd-clamp", lamb, lamb_formula,
-         {"max_lr": 0.01, "weight_decay": 0.1, "clamp_value": 0.5}, compiled=True),
-    Case("lamb-maximize-clamp-inactive", lamb, lamb_formula,
-         {"max_lr": 0.01, "maximize": True, "clamp_value": 100.0}),
-    Case("lamb-schedule", lamb, lamb_formula,
-         {"max_lr": 0.01, "weight_decay": 0.01, "schedule": _decay}),
+    Case(
+        "lamb-wd-clamp",
+        lamb,
+        lamb_formula,
+        {"max_lr": 0.01, "weight_decay": 0.1, "clamp_value": 0.5},
+        compiled=True,
+    ),
+    Case(
+        "lamb-maximize-clamp-inactive",
+        lamb,
+        lamb_formula,
+        {"max_lr": 0.01, "maximize": True, "clamp_value": 100.0},
+    ),
+    Case(
+        "lamb-schedule",
+        lamb,
+        lamb_formula,
+        {"max_lr": 0.01, "weight_decay": 0.01, "schedule": _decay},
+    ),
     Case("lamb-schedule-value", lamb, lamb_formula, {"max_lr": 0.01, "lr_schedule_value": 0.5}),
 ]
 
@@ -257,8 +305,12 @@ def test_matches_the_paper(case: Case, dtype: torch.dtype, impl: str, inplace: b
 
 
 COMPILED = [
-    pytest.param(case, torch.float32 if i % 2 == 0 else torch.float64, i % 2 == 0,
-                 id=f"{case.id}-{'f32-inplace' if i % 2 == 0 else 'f64-pure'}")
+    pytest.param(
+        case,
+        torch.float32 if i % 2 == 0 else torch.float64,
+        i % 2 == 0,
+        id=f"{case.id}-{'f32-inplace' if i % 2 == 0 else 'f64-pure'}",
+    )
     for i, case in enumerate(c for c in CASES if c.compiled)
 ]
 
@@ -272,8 +324,11 @@ def test_compiled_matches_the_paper(case: Case, dtype: torch.dtype, inplace: boo
     compare(ours, reference, *COMPILED_TOLERANCES[dtype])
 
 
-LION_PACKAGE_CASES = [c for c in CASES if c.module is lion and not c.options.get("maximize")
-                      and "lr_schedule_value" not in c.options]
+LION_PACKAGE_CASES = [
+    c
+    for c in CASES
+    if c.module is lion and not c.options.get("maximize") and "lr_schedule_value" not in c.options
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -295,12 +350,17 @@ def test_lion_matches_lion_pytorch(case: Case, dtype: torch.dtype) -> None:
 def test_lamb_moves_each_tensor_by_lr_times_its_norm(impl: str) -> None:
     """Away from the guards, ||p_t - p_{t-1}|| = lr * min(||p_{t-1}||, clamp_value)."""
     generator = torch.Generator().manual_seed(3)
-    params = {"a": torch.randn(6, 4, generator=generator, dtype=torch.float64) * 3.0,
-              "b": torch.randn(7, generator=generator, dtype=torch.float64) * 0.1}
-    grads = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64) * 1e3
-             for k, v in params.items()}
-    config = lamb.LambConfig(max_lr=0.05, weight_decay=0.3, clamp_value=2.0, impl=impl,
-                             inplace=False)
+    params = {
+        "a": torch.randn(6, 4, generator=generator, dtype=torch.float64) * 3.0,
+        "b": torch.randn(7, generator=generator, dtype=torch.float64) * 0.1,
+    }
+    grads = {
+        k: torch.randn(v.shape, generator=generator, dtype=torch.float64) * 1e3
+        for k, v in params.items()
+    }
+    config = lamb.LambConfig(
+        max_lr=0.05, weight_decay=0.3, clamp_value=2.0, impl=impl, inplace=False
+    )
     state = lamb.default_lamb_state(params)
     new_params, _ = lamb.lamb_step(params, grads, state, config)
     for name in params:
@@ -312,10 +372,14 @@ def test_lamb_moves_each_tensor_by_lr_times_its_norm(impl: str) -> None:
 @pytest.mark.parametrize("impl", ["reference", "foreach"])
 def test_lamb_zero_norm_guards_and_pure_gradients_stay_finite(impl: str) -> None:
     """||p|| = 0 and ||update|| = 0 give trust ratio 1, and no NaN in autograd either."""
-    params = {"origin": torch.zeros(3, dtype=torch.float64, requires_grad=True),
-              "still": torch.ones(2, dtype=torch.float64, requires_grad=True)}
-    grads = {"origin": torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64),
-             "still": torch.zeros(2, dtype=torch.float64)}
+    params = {
+        "origin": torch.zeros(3, dtype=torch.float64, requires_grad=True),
+        "still": torch.ones(2, dtype=torch.float64, requires_grad=True),
+    }
+    grads = {
+        "origin": torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64),
+        "still": torch.zeros(2, dtype=torch.float64),
+    }
     config = lamb.LambConfig(max_lr=0.1, impl=impl, inplace=False)
     state = lamb.default_lamb_state({k: v.detach() for k, v in params.items()})
     new_params, _ = lamb.lamb_step(params, grads, state, config)
@@ -356,8 +420,11 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("config_type", "kwargs", "error", "pattern"), INVALID,
-                         ids=lambda v: repr(v) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    ("config_type", "kwargs", "error", "pattern"),
+    INVALID,
+    ids=lambda v: repr(v) if isinstance(v, dict) else None,
+)
 def test_invalid_hyperparameters_are_rejected(
     config_type: type, kwargs: dict[str, Any], error: type[Exception], pattern: str
 ) -> None:
@@ -403,11 +470,16 @@ def test_seed_style_functions(module: Any, prefix: str) -> None:
 # convergence
 # --------------------------------------------------------------------------------------
 
+
 RULES = {lion.LionConfig: lion.RULE, lamb.LambConfig: lamb.RULE}
 
 
 def mlp_problem() -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Tensor]], Any]]:
-    """A 4-32-1 tanh MLP and a smooth synthetic regression target (fixed seed)."""
+    """A 4-32-1 tanh MLP and a smooth synthetic regression target (fixed seed).
+
+    The initial loss is 1.43; the best affine fit reaches 1.05 (the target's variance is
+    1.09), so a loss below 0.05 means the network fits the nonlinearity.
+    """
     generator = torch.Generator().manual_seed(1234)
     inputs = torch.randn(128, 4, generator=generator)
     targets = torch.sin(inputs @ torch.tensor([1.0, -2.0, 0.5, 1.5])) + 0.5 * inputs[:, 0] ** 2
@@ -425,8 +497,44 @@ def mlp_problem() -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Te
     return params, loss
 
 
-def minimise(config: Any, params: dict[str, torch.Tensor],
-             loss: Callable[[dict[str, torch.Tensor]], Any], steps: int) -> dict[str, Any]:
+def _cosine(total: int) -> Callable[[int], float]:
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+def _warmup(steps: int) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / steps)
+
+
+# (config, steps, loss below); see mlp_problem for the scale. Both move every tensor by
+# about lr per step whatever its gradient's size, so their rate decays to zero (cosine).
+MLP_CASES = [
+    pytest.param(lion.LionConfig(max_lr=0.01, schedule=_cosine(400)), 400, 0.05, id="lion"),
+    pytest.param(lamb.LambConfig(max_lr=0.02, schedule=_cosine(400)), 400, 0.05, id="lamb"),
+]
+
+# (config, steps, distance to (1, 1) below); the start is 2.2 away
+ROSENBROCK_CASES = [
+    pytest.param(lion.LionConfig(max_lr=0.02, schedule=_cosine(2000)), 2000, 5e-3, id="lion"),
+    pytest.param(lamb.LambConfig(max_lr=0.05, schedule=_cosine(1500)), 1500, 1e-2, id="lamb"),
+]
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Tiny matmuls gain nothing from threads, and on a busy machine (the CI's two cores
+    shared) the intra-op thread pool's synchronisation makes them 100x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
+def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
+    params, loss = mlp_problem()
+    initial = float(loss(params))
+    assert initial > 1.4
     optimizer = Optimizer(RULES[type(config)], config)
     params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     state = optimizer.init(params)
@@ -434,46 +542,30 @@ def minimise(config: Any, params: dict[str, torch.Tensor],
         value = loss(params)
         grads = dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True))
         params, state = optimizer.step(params, grads, state)
-    return params
-
-
-def _cosine(total: int) -> Callable[[int], float]:
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-# (config, steps, loss below): the initial loss is about 1.4
-MLP_CASES = [
-    pytest.param(lion.LionConfig(max_lr=3e-3), 300, 0.05, id="lion"),
-    pytest.param(lamb.LambConfig(max_lr=0.02), 300, 0.05, id="lamb"),
-]
-
-
-@pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
-def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
-    params, loss = mlp_problem()
-    initial = float(loss(params))
-    assert initial > 1.0
     with torch.no_grad():
-        final = float(loss(minimise(config, params, loss, steps)))
+        final = float(loss(params))
     assert final < bound, f"loss {initial:.4f} -> {final:.4f} after {steps} steps"
 
 
-def rosenbrock(p: dict[str, torch.Tensor]) -> torch.Tensor:
-    x, y = p["xy"][0], p["xy"][1]
-    return (1.0 - x) ** 2 + 100.0 * (y - x * x) ** 2
+def rosenbrock_grad(xy: torch.Tensor) -> torch.Tensor:
+    """The gradient of (1 - x)^2 + 100 (y - x^2)^2, by hand (cheaper than autograd)."""
+    x, y = xy[0], xy[1]
+    return torch.stack([-2.0 * (1.0 - x) - 400.0 * x * (y - x * x), 200.0 * (y - x * x)])
 
 
-# (config, steps, distance to (1, 1) below), from (-1.2, 1.0); both move by about lr
-# per step whatever the gradient's size, so the rate decays to zero (cosine)
-ROSENBROCK_CASES = [
-    pytest.param(lion.LionConfig(max_lr=0.01, schedule=_cosine(3000)), 3000, 1e-2, id="lion"),
-    pytest.param(lamb.LambConfig(max_lr=0.01, schedule=_cosine(3000)), 3000, 1e-2, id="lamb"),
-]
+def test_rosenbrock_gradient() -> None:
+    xy = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
+    (expected,) = torch.autograd.grad((1.0 - xy[0]) ** 2 + 100.0 * (xy[1] - xy[0] ** 2) ** 2, [xy])
+    torch.testing.assert_close(rosenbrock_grad(xy.detach()), expected, rtol=1e-14, atol=0.0)
 
 
 @pytest.mark.parametrize(("config", "steps", "bound"), ROSENBROCK_CASES)
 def test_minimises_rosenbrock(config: Any, steps: int, bound: float) -> None:
-    start = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
-    final = minimise(config, start, rosenbrock, steps)["xy"].detach()
-    distance = float(torch.linalg.vector_norm(final - 1.0))
-    assert distance < bound, f"ended at {final.tolist()}, {distance:.2e} from (1, 1)"
+    """From the classic start (-1.2, 1) through the curved valley to (1, 1), in float64."""
+    optimizer = Optimizer(RULES[type(config)], config)
+    params = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
+    state = optimizer.init(params)
+    for _ in range(steps):
+        params, state = optimizer.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
+    distance = float(torch.linalg.vector_norm(params["xy"] - 1.0))
+    assert distance < bound, f"ended at {params['xy'].tolist()}, {distance:.2e} from (1, 1)"

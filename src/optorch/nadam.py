@@ -139,15 +139,16 @@ def nadam_mu_product(step: Any, beta1: Any, momentum_decay: float) -> Any:
         step = torch.tensor(step, device=beta1.device)
     if isinstance(step, torch.Tensor):
         step = step.to(torch.float64)
-    if momentum_decay == 0:  # a constant schedule: mu_i = beta1 / 2
-        return (beta1 * 0.5) ** step
     log_q = momentum_decay * math.log(_SCHEDULE_BASE)
+    if log_q == 0:  # a constant schedule, mu_i = beta1 / 2 (momentum_decay 0 or denormal)
+        return (beta1 * 0.5) ** step
     terms = _series_length(float(momentum_decay))
+    # term k is 2^-k / k * q^k * (q^(k t) - 1) / (1 - q^k); the ratio is taken first so
+    # that a tiny momentum_decay (1 - q^k near 0) cannot overflow
     if isinstance(step, torch.Tensor):
-        # c_k = 2^-k / k * q^k / (1 - q^k), built on the device: no host-to-device copy
         k = torch.arange(1, terms + 1, dtype=torch.float64, device=step.device)
-        coefficients = 0.5**k / k * torch.exp(k * log_q) / -torch.expm1(k * log_q)
-        log_schedule = (coefficients * torch.expm1(k * (step * log_q))).sum()
+        ratio = torch.expm1(k * (step * log_q)) / -torch.expm1(k * log_q)
+        log_schedule = (0.5**k / k * torch.exp(k * log_q) * ratio).sum()
         log_beta1 = (
             beta1.to(torch.float64).log() if isinstance(beta1, torch.Tensor) else _log(beta1)
         )
@@ -158,7 +159,7 @@ def nadam_mu_product(step: Any, beta1: Any, momentum_decay: float) -> Any:
     if beta1 == 0:
         return 0.0
     log_schedule_py = math.fsum(
-        0.5**k / k * math.exp(k * log_q) / -math.expm1(k * log_q) * math.expm1(k * step * log_q)
+        0.5**k / k * math.exp(k * log_q) * (math.expm1(k * step * log_q) / -math.expm1(k * log_q))
         for k in range(1, terms + 1)
     )
     return math.exp(step * math.log(beta1) + log_schedule_py)

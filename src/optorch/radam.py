@@ -116,7 +116,9 @@ class RAdamRule(Rule):
         rho_t_used = where(rectified, rho_t, _RHO_THRESHOLD + 1.0)
         rho_inf_used = where(rectified, rho_inf, _RHO_THRESHOLD + 1.0)
         rectification = scalar_sqrt(
-            (rho_t_used - 4.0) * (rho_t_used - 2.0) * rho_inf_used
+            (rho_t_used - 4.0)
+            * (rho_t_used - 2.0)
+            * rho_inf_used
             / ((rho_inf_used - 4.0) * (rho_inf_used - 2.0) * rho_t_used)
         )
         step_size = lr / bias_correction1
