@@ -573,7 +573,9 @@ _SCRATCH: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
 def _scalar_tensors(h: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Every per-step value as a 0-d tensor, so a change never recompiles."""
-    scalar_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    # float64, so that scalar arithmetic inside the rule (``1 - beta2``) is as exact as the
+    # Python floats of the eager paths; a 0-d tensor does not promote the params' dtype
+    scalar_dtype = torch.float64
     values: dict[str, Any] = {}
     for key, value in vars(h).items():
         if key == "static":

@@ -39,20 +39,25 @@ default, as torch does; ``None`` keeps the param's dtype). The scale
 
 Muon is meant for the 2-D weights of hidden layers only; a param of any other
 dimension raises ``ValueError`` naming it. Embeddings, the output layer, biases and
-norm gains go to AdamW, as the authors recommend. With
-:func:`optorch.wrappers.partition` that is one optimizer, e.g.::
+norm gains go to AdamW, as the authors recommend; :func:`optorch.wrappers.partition`
+makes the pair one optimizer:
 
-    muon = optorch.get_optimizer("muon", max_lr=0.02)
-    adamw = optorch.get_optimizer("adamw", max_lr=3e-4, weight_decay=0.01)
-    optimizer = partition(
-        {"muon": muon, "adamw": adamw},
-        lambda path, p: "muon" if p.ndim == 2 and "embed" not in path else "adamw",
-    )
+>>> import torch, optorch
+>>> from optorch import wrappers
+>>> def group(path, param):
+...     hidden_matrix = param.ndim == 2 and not path.startswith(("embed", "head"))
+...     return "muon" if hidden_matrix else "adamw"
+>>> optimizer = wrappers.partition(group, {
+...     "muon": optorch.get_optimizer("muon", max_lr=0.02),
+...     "adamw": optorch.get_optimizer("adamw", max_lr=3e-4, weight_decay=0.01)})
+>>> params = {"embed": torch.randn(10, 4), "hidden": torch.randn(4, 4),
+...           "hidden_bias": torch.zeros(4), "head": torch.randn(2, 4)}
+>>> state = optimizer.init(params)
+>>> sorted(k for k, v in state["groups"]["muon"]["momentum"].items() if v is not None)
+['hidden']
 
-(see :mod:`optorch.wrappers` for the exact signature); without it, run two optimizers
-on the two sub-dicts of params.
+One step of Muon alone:
 
->>> import torch
 >>> from optorch.muon import MuonConfig, default_muon_state, muon_step
 >>> params = {"w": torch.zeros(2, 3)}
 >>> state = default_muon_state(params)
@@ -95,7 +100,7 @@ MAX_NS_STEPS = 100
 
 
 def _parse_dtype(value: Any) -> torch.dtype | None:
-    """A dtype, ``None``, or a dtype's name as YAML gives it (``"bfloat16"``, ``"torch.float32"``)."""
+    """A dtype, ``None``, or a dtype's name as YAML gives it (``"torch.float32"``)."""
     if value is None or isinstance(value, torch.dtype):
         return value
     if isinstance(value, str):
@@ -132,7 +137,7 @@ class MuonConfig(BaseConfig):
         if isinstance(self.ns_coefficients, Sequence) and not isinstance(
             self.ns_coefficients, (str, tuple)
         ):
-            self.ns_coefficients = tuple(self.ns_coefficients)  # type: ignore[assignment]
+            self.ns_coefficients = tuple(self.ns_coefficients)
         self.ns_dtype = _parse_dtype(self.ns_dtype)
         super().__post_init__()
 

@@ -158,6 +158,9 @@ class ScheduleFreeAdamWRule(Rule):
         beta2 = config.betas[1]
         return {
             "beta2": beta2,
+            # from the exact beta2: 1 - beta2 taken after rounding beta2 to a float32
+            # 0-d tensor (the compiled engine) would be off by about 1e-5 relative
+            "one_minus_beta2": 1.0 - beta2,
             "eps": config.eps,
             "weight_decay": config.weight_decay,
             "bias_correction2": 1.0 - beta2**t,
@@ -188,7 +191,7 @@ class ScheduleFreeAdamWRule(Rule):
     def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
         z, exp_avg_sq, h = rest
         (decay,) = h.static
-        exp_avg_sq = addcmul(exp_avg_sq * h.beta2, grad, grad, 1.0 - h.beta2)
+        exp_avg_sq = addcmul(exp_avg_sq * h.beta2, grad, grad, h.one_minus_beta2)
         denom = (exp_avg_sq / h.bias_correction2).sqrt() + h.eps
         direction = grad / denom
         if decay:  # at y, where the gradient was taken
