@@ -239,3 +239,16 @@ def _deterministic_torch() -> Iterable[None]:
     default_dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(default_dtype)
+
+
+def pytest_make_parametrize_id(config: Any, val: Any, argname: str) -> str | None:
+    """Stable ids for callables (the default embeds a memory address, which differs
+    between pytest-xdist workers and breaks their collection)."""
+    if callable(val) and not isinstance(val, type):
+        return f"{argname}={getattr(val, '__name__', type(val).__name__)}"
+    if isinstance(val, dict) and any(callable(v) for v in val.values()):
+        parts = [
+            f"{k}={getattr(v, '__name__', 'fn') if callable(v) else v!r}" for k, v in val.items()
+        ]
+        return "{" + ",".join(parts) + "}"
+    return None

@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.base import BaseConfig, Rule, apply_step, check_bool, check_range, init_state, is_zero
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import lerp, scalar_sqrt, where
 
@@ -120,13 +120,7 @@ class AdafactorConfig(BaseConfig):
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         if self.beta1 is not None:
             check_range(owner, "beta1", self.beta1, 0.0, 1.0, high_open=True)
-        if not isinstance(self.maximize, bool):
-            raise TypeError(f"{owner}.maximize must be a bool, got {self.maximize!r}")
-
-
-def _is_zero(value: Any) -> bool:
-    """Whether a hyperparameter is a literal zero (a tensor may change: never zero)."""
-    return not isinstance(value, torch.Tensor) and value == 0
+        check_bool(owner, ("maximize", self.maximize))
 
 
 def _rms(tensor: torch.Tensor) -> torch.Tensor:
@@ -167,7 +161,7 @@ class AdafactorRule(Rule):
     def static(self, config: AdafactorConfig) -> Any:
         return (
             config.maximize,
-            not _is_zero(config.weight_decay),
+            not is_zero(config.weight_decay),
             config.eps[0] is None,
             config.beta1 is not None,
         )

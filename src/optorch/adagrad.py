@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.base import BaseConfig, Rule, apply_step, check_bool, check_range, init_state
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcdiv, addcmul
 
@@ -63,8 +63,7 @@ class AdagradConfig(BaseConfig):
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         check_range(owner, "initial_accumulator_value", self.initial_accumulator_value, 0.0)
         check_range(owner, "eps", self.eps, 0.0)
-        if not isinstance(self.maximize, bool):
-            raise TypeError(f"{owner}.maximize must be a bool, got {self.maximize!r}")
+        check_bool(owner, ("maximize", self.maximize))
 
 
 class AdagradRule(Rule):

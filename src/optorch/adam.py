@@ -43,7 +43,15 @@ from typing import Any
 
 import torch
 
-from optorch.base import BaseConfig, Rule, apply_step, check_betas, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_betas,
+    check_bool,
+    check_range,
+    init_state,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcdiv, addcmul, lerp, scalar_sqrt
 
@@ -117,11 +125,7 @@ class AdamConfig(BaseConfig):
         check_betas(owner, self.betas)
         check_range(owner, "eps", self.eps, 0.0)
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
-        if not isinstance(self.amsgrad, bool) or not isinstance(self.maximize, bool):
-            raise TypeError(
-                f"{owner}.amsgrad and .maximize must be bools, got {self.amsgrad!r}, "
-                f"{self.maximize!r}"
-            )
+        check_bool(owner, ("amsgrad", self.amsgrad), ("maximize", self.maximize))
 
 
 class AdamRule(Rule):

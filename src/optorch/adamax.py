@@ -33,10 +33,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from optorch.adam import normalize_betas
-from optorch.base import BaseConfig, Rule, apply_step, check_betas, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_betas,
+    check_bool,
+    check_range,
+    init_state,
+    is_zero,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcdiv, lerp
 
@@ -65,13 +72,7 @@ class AdamaxConfig(BaseConfig):
         check_betas(owner, self.betas)
         check_range(owner, "eps", self.eps, 0.0)
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
-        if not isinstance(self.maximize, bool):
-            raise TypeError(f"{owner}.maximize must be a bool, got {self.maximize!r}")
-
-
-def _is_nonzero(value: Any) -> bool:
-    """Whether a hyperparameter may be nonzero (a tensor may change between steps)."""
-    return isinstance(value, torch.Tensor) or value != 0
+        check_bool(owner, ("maximize", self.maximize))
 
 
 class AdamaxRule(Rule):
@@ -82,7 +83,7 @@ class AdamaxRule(Rule):
         return ("exp_avg", "exp_inf")
 
     def static(self, config: AdamaxConfig) -> Any:
-        return (config.maximize, _is_nonzero(config.weight_decay))
+        return (config.maximize, not is_zero(config.weight_decay))
 
     def scalars(self, config: AdamaxConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas

@@ -104,6 +104,19 @@ def check_betas(owner: str, betas: Any, count: int = 2) -> None:
         check_range(owner, f"betas[{index}]", beta, 0.0, 1.0, high_open=True)
 
 
+def check_bool(owner: str, *names_and_values: tuple[str, Any]) -> None:
+    """Each ``(name, value)`` must be a real bool (``TypeError`` naming it otherwise)."""
+    for name, value in names_and_values:
+        if not isinstance(value, bool):
+            raise TypeError(f"{owner}.{name} must be a bool, got {value!r}")
+
+
+def is_zero(value: Any) -> bool:
+    """Whether a hyperparameter is a literal zero; a tensor is never known to be (it may
+    change between steps, or be traced), so code paths for it stay in."""
+    return not isinstance(value, torch.Tensor) and value == 0
+
+
 def check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Invalid {owner}.{name}: {value!r} (must be one of {choices})")

@@ -42,10 +42,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from optorch.adam import normalize_betas
-from optorch.base import BaseConfig, Rule, apply_step, check_betas, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_betas,
+    check_bool,
+    check_range,
+    init_state,
+    is_zero,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcmul, lerp, scalar_sqrt, select
 
@@ -77,13 +84,7 @@ class LambConfig(BaseConfig):
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         if self.clamp_value is not None:
             check_range(owner, "clamp_value", self.clamp_value, 0.0, low_open=True)
-        if not isinstance(self.maximize, bool):
-            raise TypeError(f"{owner}.maximize must be a bool, got {self.maximize!r}")
-
-
-def _is_nonzero(value: Any) -> bool:
-    """Whether a hyperparameter may be nonzero (a tensor may change between steps)."""
-    return isinstance(value, torch.Tensor) or value != 0
+        check_bool(owner, ("maximize", self.maximize))
 
 
 class LambRule(Rule):
@@ -95,7 +96,7 @@ class LambRule(Rule):
         return ("exp_avg", "exp_avg_sq")
 
     def static(self, config: LambConfig) -> Any:
-        return (config.maximize, _is_nonzero(config.weight_decay), config.clamp_value is not None)
+        return (config.maximize, not is_zero(config.weight_decay), config.clamp_value is not None)
 
     def scalars(self, config: LambConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.base import BaseConfig, Rule, apply_step, check_bool, check_range, init_state
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import select
 
@@ -64,8 +64,7 @@ class LARSConfig(BaseConfig):
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         check_range(owner, "trust_coefficient", self.trust_coefficient, 0.0, low_open=True)
         check_range(owner, "eps", self.eps, 0.0)
-        if not isinstance(self.exclude_1d, bool):
-            raise TypeError(f"{owner}.exclude_1d must be a bool, got {self.exclude_1d!r}")
+        check_bool(owner, ("exclude_1d", self.exclude_1d))
 
 
 class LARSRule(Rule):

@@ -37,10 +37,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from optorch.adam import normalize_betas
-from optorch.base import BaseConfig, Rule, apply_step, check_betas, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_betas,
+    check_bool,
+    check_range,
+    init_state,
+    is_zero,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 
 __all__ = ["LionConfig", "LionRule", "default_lion_state", "lion_step"]
@@ -67,14 +74,9 @@ class LionConfig(BaseConfig):
         owner = self._owner
         check_betas(owner, self.betas)
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
-        for name in ("decoupled_weight_decay", "maximize"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
-
-
-def _is_nonzero(value: Any) -> bool:
-    """Whether a hyperparameter may be nonzero (a tensor may change between steps)."""
-    return isinstance(value, torch.Tensor) or value != 0
+        check_bool(
+            owner, *((name, getattr(self, name)) for name in ("decoupled_weight_decay", "maximize"))
+        )
 
 
 class LionRule(Rule):
@@ -85,7 +87,7 @@ class LionRule(Rule):
         return ("exp_avg",)
 
     def static(self, config: LionConfig) -> Any:
-        return (config.maximize, _is_nonzero(config.weight_decay))
+        return (config.maximize, not is_zero(config.weight_decay))
 
     def scalars(self, config: LionConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas

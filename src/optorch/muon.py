@@ -78,7 +78,15 @@ from typing import Any
 
 import torch
 
-from optorch.base import BaseConfig, Rule, apply_step, check_choice, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_bool,
+    check_choice,
+    check_range,
+    init_state,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import lerp
 
@@ -148,8 +156,7 @@ class MuonConfig(BaseConfig):
         # 1 would freeze the buffer at zero (the update lerps towards the gradient by 1 - mu)
         check_range(owner, "momentum", self.momentum, 0.0, 1.0, high_open=True)
         check_range(owner, "eps", self.eps, 0.0, low_open=True)
-        if not isinstance(self.nesterov, bool):
-            raise TypeError(f"{owner}.nesterov must be a bool, got {self.nesterov!r}")
+        check_bool(owner, ("nesterov", self.nesterov))
         coefficients = self.ns_coefficients
         if not isinstance(coefficients, tuple) or len(coefficients) != 3:
             raise ValueError(

@@ -59,7 +59,16 @@ from typing import Any
 import torch
 
 from optorch.adam import normalize_betas
-from optorch.base import BaseConfig, Rule, apply_step, check_betas, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_betas,
+    check_bool,
+    check_range,
+    init_state,
+    is_zero,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcmul, lerp, scalar_sqrt
 
@@ -109,9 +118,9 @@ class NAdamConfig(BaseConfig):
                 f"the momentum product), got a tensor {self.momentum_decay!r}"
             )
         check_range(owner, "momentum_decay", self.momentum_decay, 0.0)
-        for name in ("decoupled_weight_decay", "maximize"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
+        check_bool(
+            owner, *((name, getattr(self, name)) for name in ("decoupled_weight_decay", "maximize"))
+        )
 
 
 @functools.lru_cache(maxsize=64)
@@ -169,11 +178,6 @@ def _log(value: float) -> float:
     return math.log(value) if value > 0 else -math.inf
 
 
-def _is_nonzero(value: Any) -> bool:
-    """Whether a hyperparameter may be nonzero (a tensor may change between steps)."""
-    return isinstance(value, torch.Tensor) or value != 0
-
-
 class NAdamRule(Rule):
     name = "nadam"
     config_type = NAdamConfig
@@ -182,7 +186,7 @@ class NAdamRule(Rule):
         return ("exp_avg", "exp_avg_sq")
 
     def static(self, config: NAdamConfig) -> Any:
-        return (config.maximize, _is_nonzero(config.weight_decay), config.decoupled_weight_decay)
+        return (config.maximize, not is_zero(config.weight_decay), config.decoupled_weight_decay)
 
     def scalars(self, config: NAdamConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas

@@ -43,10 +43,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from optorch.adam import normalize_betas
-from optorch.base import BaseConfig, Rule, apply_step, check_betas, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_betas,
+    check_bool,
+    check_range,
+    init_state,
+    is_zero,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcdiv, addcmul, lerp, scalar_sqrt, where
 
@@ -79,19 +86,9 @@ class RAdamConfig(BaseConfig):
         check_betas(owner, self.betas)
         check_range(owner, "eps", self.eps, 0.0)
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
-        for name in ("decoupled_weight_decay", "maximize"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{owner}.{name} must be a bool, got {getattr(self, name)!r}")
-
-
-def _is_nonzero(value: Any) -> bool:
-    """Whether a hyperparameter may be nonzero (a tensor may change between steps)."""
-    return isinstance(value, torch.Tensor) or value != 0
-
-
-def _is_zero(value: Any) -> bool:
-    """Whether a per-step scalar is a plain zero (a tensor is never known to be)."""
-    return not isinstance(value, torch.Tensor) and value == 0
+        check_bool(
+            owner, *((name, getattr(self, name)) for name in ("decoupled_weight_decay", "maximize"))
+        )
 
 
 class RAdamRule(Rule):
@@ -102,7 +99,7 @@ class RAdamRule(Rule):
         return ("exp_avg", "exp_avg_sq")
 
     def static(self, config: RAdamConfig) -> Any:
-        return (config.maximize, _is_nonzero(config.weight_decay), config.decoupled_weight_decay)
+        return (config.maximize, not is_zero(config.weight_decay), config.decoupled_weight_decay)
 
     def scalars(self, config: RAdamConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
@@ -149,10 +146,10 @@ class RAdamRule(Rule):
         exp_avg = lerp(exp_avg, grad, 1.0 - h.beta1)
         exp_avg_sq = addcmul(exp_avg_sq * h.beta2, grad, grad, 1.0 - h.beta2)
         # with host-side scalars one term is a known zero: skip its work
-        if _is_zero(h.adaptive_step):
+        if is_zero(h.adaptive_step):
             return param - exp_avg * h.momentum_step, exp_avg, exp_avg_sq
         denom = exp_avg_sq.sqrt() + h.eps
-        if _is_zero(h.momentum_step):
+        if is_zero(h.momentum_step):
             return addcdiv(param, exp_avg, denom, -h.adaptive_step), exp_avg, exp_avg_sq
         scale = h.adaptive_step / denom + h.momentum_step
         return param - exp_avg * scale, exp_avg, exp_avg_sq

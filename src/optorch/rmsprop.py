@@ -38,9 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.base import BaseConfig, Rule, apply_step, check_bool, check_range, init_state, is_zero
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import addcdiv, addcmul, lerp
 
@@ -68,14 +66,7 @@ class RMSpropConfig(BaseConfig):
         check_range(owner, "eps", self.eps, 0.0)
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         check_range(owner, "momentum", self.momentum, 0.0)
-        for flag in ("centered", "maximize"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{owner}.{flag} must be a bool, got {getattr(self, flag)!r}")
-
-
-def _is_zero(value: Any) -> bool:
-    """Whether a hyperparameter is a literal zero (a tensor may change: never zero)."""
-    return not isinstance(value, torch.Tensor) and value == 0
+        check_bool(owner, *((flag, getattr(self, flag)) for flag in ("centered", "maximize")))
 
 
 class RMSpropRule(Rule):
@@ -85,7 +76,7 @@ class RMSpropRule(Rule):
 
     def fields(self, config: RMSpropConfig) -> tuple[str, ...]:
         names = ["square_avg"]
-        if not _is_zero(config.momentum):
+        if not is_zero(config.momentum):
             names.append("momentum_buffer")
         if config.centered:
             names.append("grad_avg")
@@ -93,10 +84,10 @@ class RMSpropRule(Rule):
 
     def static(self, config: RMSpropConfig) -> Any:
         return (
-            not _is_zero(config.momentum),
+            not is_zero(config.momentum),
             config.centered,
             config.maximize,
-            not _is_zero(config.weight_decay),
+            not is_zero(config.weight_decay),
         )
 
     def scalars(self, config: RMSpropConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:

@@ -31,7 +31,15 @@ from typing import Any
 
 import torch
 
-from optorch.base import BaseConfig, Rule, apply_step, check_range, init_state
+from optorch.base import (
+    BaseConfig,
+    Rule,
+    apply_step,
+    check_bool,
+    check_range,
+    init_state,
+    is_zero,
+)
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
 from optorch.engine import where
 
@@ -57,15 +65,12 @@ class SGDConfig(BaseConfig):
         check_range(owner, "momentum", self.momentum, 0.0)
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         check_range(owner, "dampening", self.dampening, 0.0, 1.0)
-        if self.nesterov and (_is_zero(self.momentum) or not _is_zero(self.dampening)):
+        check_bool(owner, ("nesterov", self.nesterov), ("maximize", self.maximize))
+        if self.nesterov and (is_zero(self.momentum) or not is_zero(self.dampening)):
             raise ValueError(
                 f"Invalid {owner}: nesterov=True needs momentum > 0 and dampening == 0 "
                 f"(momentum={self.momentum!r}, dampening={self.dampening!r})"
             )
-
-
-def _is_zero(value: Any) -> bool:
-    return not isinstance(value, torch.Tensor) and value == 0
 
 
 class SGDRule(Rule):
@@ -74,14 +79,14 @@ class SGDRule(Rule):
     optional_fields = ("momentum",)
 
     def fields(self, config: SGDConfig) -> tuple[str, ...]:
-        return () if _is_zero(config.momentum) else ("momentum",)
+        return () if is_zero(config.momentum) else ("momentum",)
 
     def static(self, config: SGDConfig) -> Any:
         return (
-            not _is_zero(config.momentum),
+            not is_zero(config.momentum),
             config.nesterov,
             config.maximize,
-            not _is_zero(config.weight_decay),
+            not is_zero(config.weight_decay),
         )
 
     def scalars(self, config: SGDConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
@@ -142,7 +147,7 @@ def sgd(
     """
     taken = config.steps if step is None else step
     state = {"step": torch.tensor(taken, dtype=torch.int64), "momentum": momentum}
-    if _is_zero(config.momentum):
+    if is_zero(config.momentum):
         state.pop("momentum")
     params, state = sgd_step(params, grads, state, config)
     return params, state.get("momentum", momentum)

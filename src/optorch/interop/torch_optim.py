@@ -1,0 +1,242 @@
+r"""An optorch optimizer as a ``torch.optim.Optimizer``, for code written against torch.
+
+:class:`TorchOptimizer` is a real ``torch.optim.Optimizer`` subclass: it takes params or
+param groups, has ``step(closure=None)``, ``zero_grad``, ``state_dict`` /
+``load_state_dict`` in torch's format, and reads every hyperparameter from
+``param_groups`` at each step, so ``torch.optim.lr_scheduler`` classes and
+``torch.amp.GradScaler`` drive it as they drive ``torch.optim.AdamW``. The update itself
+is the optorch rule (:func:`optorch.base.apply_step`, in place, on the params of each
+group that have a gradient).
+
+Hyperparameters in ``param_groups`` have the optorch config's field names, which follow
+``torch.optim``'s (``betas``, ``eps``, ``weight_decay``, ``momentum``, ``nesterov``, ...),
+except that the learning rate is ``"lr"`` (optorch's ``max_lr``). A group's ``"max_lr"``
+key belongs to ``OneCycleLR`` (its peak) and is ignored here. If the optorch config has a
+``schedule``, its multiplier still applies on top of the group's ``lr`` (usually leave it
+unset and use an ``lr_scheduler``).
+
+State, per param as in torch: ``"step"`` (a 0-d float32 CPU tensor, torch's convention)
+and the optorch rule's fields (``exp_avg``, ``exp_avg_sq``, ``momentum``, ...; rule-wide
+values such as Schedule-Free's ``weight_sum`` are kept with every param). Params with
+different step counts (one that got its first gradient late) are stepped separately,
+each with its own count, as torch does.
+
+>>> import torch
+>>> w = torch.nn.Parameter(torch.ones(3))
+>>> opt = TorchOptimizer([w], "adamw", lr=0.1, weight_decay=0.0)
+>>> scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+>>> w.grad = torch.ones(3)
+>>> opt.step(); scheduler.step()
+>>> w.detach(), opt.param_groups[0]["lr"]
+(tensor([0.9000, 0.9000, 0.9000]), 0.05)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import enum
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from optorch.base import Optimizer, apply_step
+
+__all__ = ["TorchOptimizer"]
+
+#: Config fields that are not per-group hyperparameters.
+_NOT_HYPER = frozenset({"schedule", "inplace", "impl", "steps", "lr_schedule_value", "max_lr"})
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, float)):
+        return True
+    return isinstance(value, torch.Tensor) and value.numel() == 1
+
+
+def _is_numeric(value: Any) -> bool:
+    """A number, a 0-d tensor, or a tuple of them (``betas``): passed per step."""
+    if isinstance(value, (tuple, list)):
+        return len(value) > 0 and all(_is_number(v) for v in value)
+    return _is_number(value)
+
+
+def _group_value(value: Any) -> Any:
+    """A config value as a group holds it: enums by name (``torch.load(weights_only=
+    True)`` reads no enum), everything else as it is."""
+    return value.name if isinstance(value, enum.Enum) else value
+
+
+def _freeze(value: Any) -> Hashable:
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, Hashable):
+        return value
+    return repr(value)
+
+
+class TorchOptimizer(torch.optim.Optimizer):
+    """An optorch optimizer behind the ``torch.optim.Optimizer`` interface.
+
+    ``params_or_groups``: params or param groups, as for any ``torch.optim`` class (a
+    group's keys override the defaults for its params). ``optimizer``: a registry name
+    (``"adamw"``, ``"lion"``, ...) or an :class:`optorch.Optimizer` (wrappers are not
+    supported: param groups take their place). ``hyperparams``: config fields
+    (``lr`` or ``max_lr`` for the learning rate), applied to the optimizer's config.
+
+    Raises ``ValueError``/``TypeError`` from the config's validation for bad values, at
+    construction for the defaults and at each step for group values.
+    """
+
+    def __init__(
+        self,
+        params_or_groups: Iterable[Any],
+        optimizer: str | Optimizer = "adamw",
+        **hyperparams: Any,
+    ) -> None:
+        if "lr" in hyperparams:
+            if "max_lr" in hyperparams:
+                raise TypeError("TorchOptimizer: give the learning rate as lr or max_lr, not both")
+            hyperparams["max_lr"] = hyperparams.pop("lr")
+        if isinstance(optimizer, str):
+            from optorch.builder import get_optimizer
+
+            functional = get_optimizer(optimizer, **hyperparams)
+        elif isinstance(optimizer, Optimizer):
+            functional = optimizer.replace(**hyperparams) if hyperparams else optimizer
+        else:
+            raise TypeError(
+                "TorchOptimizer: optimizer must be a registry name or an optorch.Optimizer "
+                f"(use param groups instead of wrappers), got {type(optimizer).__name__}"
+            )
+        if not functional.config.inplace:
+            functional = functional.replace(inplace=True)
+        self.functional: Optimizer = functional
+        self._config_cache: dict[Hashable, Any] = {}
+        config = functional.config
+        self._hyper_names = tuple(
+            f.name for f in dataclasses.fields(config) if f.name not in _NOT_HYPER
+        )
+        defaults: dict[str, Any] = {"lr": config.max_lr}
+        for name in self._hyper_names:
+            defaults[name] = _group_value(getattr(config, name))
+        super().__init__(params_or_groups, defaults)
+
+    def __repr__(self) -> str:
+        return f"TorchOptimizer({self.functional!r}, groups={len(self.param_groups)})"
+
+    # ----------------------------------------------------------------------------------
+
+    def _group_config(self, group: Mapping[str, Any]) -> Any:
+        """The config for ``group``: structural fields through a cached validated config,
+        numbers (which schedulers change every step) set on a shallow copy."""
+        base = self.functional.config
+        structural: dict[str, Any] = {}
+        numeric: dict[str, Any] = {"max_lr": group["lr"]}
+        for name in self._hyper_names:
+            if name not in group:
+                continue
+            value = group[name]
+            if _is_numeric(value):
+                numeric[name] = tuple(value) if isinstance(value, list) else value
+            elif value != _group_value(getattr(base, name)):
+                structural[name] = value
+        key = tuple(sorted((k, _freeze(v)) for k, v in structural.items()))
+        config = self._config_cache.get(key)
+        if config is None:
+            config = base.replace(**structural) if structural else base
+            self._config_cache[key] = config
+        view = copy.copy(config)
+        for name, value in numeric.items():
+            object.__setattr__(view, name, value)
+        return view
+
+    def _new_param_state(self, param: torch.Tensor, config: Any) -> dict[str, Any]:
+        rule = self.functional.rule
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
+        with torch.no_grad():
+            for name in rule.fields(config):
+                state[name] = rule.init_field(name, param.detach(), config)
+            for name, initial in rule.global_fields(config).items():
+                state[name] = torch.tensor(initial, dtype=torch.float64, device=param.device)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step of every group on its params that have a gradient; returns the
+        closure's loss (the closure runs with gradients enabled) or ``None``."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group)
+        return loss
+
+    def _step_group(self, group: Mapping[str, Any]) -> None:
+        members = [p for p in group["params"] if p.grad is not None]
+        if not members:
+            return
+        rule = self.functional.rule
+        config = self._group_config(group)
+        names = rule.fields(config)
+        global_names = tuple(rule.global_fields(config))
+        buckets: dict[int, list[torch.Tensor]] = {}
+        for param in members:
+            state = self.state[param]
+            if not state:
+                state.update(self._new_param_state(param, config))
+            buckets.setdefault(int(state["step"]), []).append(param)
+        for taken, bucket in buckets.items():
+            states = [self.state[p] for p in bucket]
+            opt_state: dict[str, Any] = {
+                "step": torch.tensor(taken, dtype=torch.int64, device=bucket[0].device)
+            }
+            for name in names:
+                leaves = [s.get(name) for s in states]
+                if all(leaf is None for leaf in leaves):
+                    continue  # a field this group's config adds: created by the step
+                opt_state[name] = [
+                    rule.init_field(name, p.detach(), config) if leaf is None else leaf
+                    for p, leaf in zip(bucket, leaves, strict=True)
+                ]
+            for name in global_names:
+                if name in states[0]:
+                    opt_state[name] = states[0][name]
+            grads = [p.grad for p in bucket]
+            _, new_state = apply_step(rule, config, bucket, grads, opt_state)
+            for index, state in enumerate(states):
+                state["step"].add_(1)
+                for name in names:
+                    state[name] = new_state[name][index]
+                for name in global_names:
+                    value = new_state[name]
+                    if index == 0 or name not in state:
+                        state[name] = value if index == 0 else value.clone()
+                    else:
+                        state[name].copy_(value)
+
+    # ----------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """torch's ``load_state_dict``, keeping rule-wide float64 values (Schedule-Free's
+        ``weight_sum``) in float64 where torch would cast them to the param dtype."""
+        global_names = tuple(self.functional.rule.global_fields(self.functional.config))
+        kept: dict[Any, dict[str, torch.Tensor]] = {}
+        for key, per_param in state_dict.get("state", {}).items():
+            values = {
+                n: per_param[n] for n in global_names if isinstance(per_param.get(n), torch.Tensor)
+            }
+            if values:
+                kept[key] = {n: v.detach().clone() for n, v in values.items()}
+        super().load_state_dict(dict(state_dict))
+        if not kept:
+            return
+        ordered = [p for group in self.param_groups for p in group["params"]]
+        for key, values in kept.items():
+            param = ordered[int(key)]
+            for name, value in values.items():
+                self.state[param][name] = value.to(device=param.device)

@@ -1,0 +1,324 @@
+"""The ``torch.optim`` adapter against ``torch.optim`` itself.
+
+The adapter wrapping an optorch optimizer must follow the torch twin step for step when
+driven by the same code: ``lr_scheduler`` classes (``OneCycleLR`` cycling ``betas[0]``),
+``torch.amp.GradScaler`` with injected overflows, param groups with their own
+hyperparameters, params that get their first gradient late, and a ``state_dict`` round
+trip through ``torch.save``/``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import TOLERANCES
+
+import optorch
+from optorch.interop import TorchOptimizer
+
+TOL = TOLERANCES[torch.float32]
+SHAPES = {"w": (5, 3), "b": (5,), "g": ()}
+
+
+def make_model_params(
+    seed: int, shapes: dict[str, tuple[int, ...]] = SHAPES
+) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes.values()]
+
+
+def grads_for(step: int, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=gen) for p in params]
+
+
+def drive(
+    make_optimizer: Callable[[list[Any]], torch.optim.Optimizer],
+    steps: int,
+    *,
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+    groups: Callable[[list[torch.nn.Parameter]], list[Any]] | None = None,
+    has_grad: Callable[[int, int], bool] = lambda step, index: True,
+    shapes: dict[str, tuple[int, ...]] = SHAPES,
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = make_model_params(0, shapes)
+    optimizer = make_optimizer(groups(params) if groups else params)
+    sched = scheduler(optimizer) if scheduler else None
+    for step in range(steps):
+        for index, (p, g) in enumerate(zip(params, grads_for(step, params), strict=True)):
+            p.grad = g if has_grad(step, index) else None
+        optimizer.step()
+        if sched is not None:
+            sched.step()
+    return params, optimizer
+
+
+def assert_same_run(
+    ours: tuple[list[torch.nn.Parameter], torch.optim.Optimizer],
+    theirs: tuple[list[torch.nn.Parameter], torch.optim.Optimizer],
+    fields: dict[str, str],
+    *,
+    rtol: float = TOL["rtol"],
+    atol: float = TOL["atol"],
+) -> None:
+    """Params, per-param state (optorch field -> torch key) and step counts agree."""
+    for index, (a, b) in enumerate(zip(ours[0], theirs[0], strict=True)):
+        torch.testing.assert_close(
+            a.detach(), b.detach(), rtol=rtol, atol=atol, msg=f"param {index}"
+        )
+        state_a, state_b = ours[1].state[a], theirs[1].state[b]
+        if "step" in state_b:
+            assert float(state_a["step"]) == float(state_b["step"]), f"step of param {index}"
+        for field, key in fields.items():
+            if state_b.get(key) is None:
+                continue
+            torch.testing.assert_close(
+                state_a[field], state_b[key], rtol=rtol, atol=atol, msg=f"{field} of param {index}"
+            )
+
+
+ADAM_FIELDS = {"exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+
+
+def test_onecycle_with_cycled_betas_matches_torch_adamw() -> None:
+    def scheduler(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.05, total_steps=30, cycle_momentum=True, base_momentum=0.8
+        )
+
+    ours = drive(
+        lambda p: TorchOptimizer(p, "adamw", lr=0.01, weight_decay=0.1), 30, scheduler=scheduler
+    )
+    theirs = drive(
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, foreach=False),
+        30,
+        scheduler=scheduler,
+    )
+    assert ours[1].param_groups[0]["betas"][0] != 0.9, "OneCycleLR must have cycled beta1"
+    assert ours[1].param_groups[0]["betas"] == theirs[1].param_groups[0]["betas"]
+    assert_same_run(ours, theirs, ADAM_FIELDS)
+
+
+def test_grad_scaler_with_overflows_matches_torch() -> None:
+    overflow_at = {2, 6, 7}
+
+    def run(make: Callable[[list[Any]], torch.optim.Optimizer]) -> tuple[Any, Any, list[float]]:
+        params = make_model_params(0)
+        optimizer = make(params)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=30)
+        scales = []
+        data = torch.Generator().manual_seed(5)
+        for step in range(12):
+            optimizer.zero_grad()
+            loss = sum((p * torch.randn(p.shape, generator=data)).sum() for p in params)
+            scaler.scale(loss).backward()
+            if step in overflow_at:
+                params[0].grad.view(-1)[0] = float("inf")
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            scales.append(scaler.get_scale())
+        return params, optimizer, scales
+
+    ours = run(lambda p: TorchOptimizer(p, "adamw", lr=0.01, weight_decay=0.01))
+    theirs = run(lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.01, foreach=False))
+    assert ours[2] == theirs[2], "loss scale trajectory"
+    assert float(ours[1].state[ours[0][0]]["step"]) == 12 - len(overflow_at)
+    assert_same_run((ours[0], ours[1]), (theirs[0], theirs[1]), ADAM_FIELDS)
+
+
+def test_param_groups_with_their_own_hyperparameters() -> None:
+    def groups(params: list[torch.nn.Parameter]) -> list[Any]:
+        return [
+            {"params": [params[0]]},
+            {"params": params[1:], "lr": 0.003, "weight_decay": 0.0, "betas": (0.8, 0.95)},
+        ]
+
+    def scheduler(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+
+    ours = drive(
+        lambda g: TorchOptimizer(g, "adamw", lr=0.01, weight_decay=0.1),
+        12,
+        groups=groups,
+        scheduler=scheduler,
+    )
+    theirs = drive(
+        lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.1, foreach=False),
+        12,
+        groups=groups,
+        scheduler=scheduler,
+    )
+    assert_same_run(ours, theirs, ADAM_FIELDS)
+
+
+def test_late_gradients_keep_per_param_step_counts() -> None:
+    # param 1 gets its first gradient at step 4, param 2 misses steps 2 and 3
+    def has_grad(step: int, index: int) -> bool:
+        return not ((index == 1 and step < 4) or (index == 2 and step in (2, 3)))
+
+    ours = drive(lambda p: TorchOptimizer(p, "adam", lr=0.01), 10, has_grad=has_grad)
+    theirs = drive(lambda p: torch.optim.Adam(p, lr=0.01, foreach=False), 10, has_grad=has_grad)
+    assert [float(ours[1].state[p]["step"]) for p in ours[0]] == [10.0, 6.0, 8.0]
+    assert_same_run(ours, theirs, ADAM_FIELDS)
+
+
+# (registry name, optorch hyperparameters, torch class, torch hyperparameters, fields)
+TWINS: list[tuple[str, dict[str, Any], str, dict[str, Any], dict[str, str]]] = [
+    (
+        "sgd",
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        "SGD",
+        {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        {"momentum": "momentum_buffer"},
+    ),
+    (
+        "adam",
+        {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01},
+        "Adam",
+        {"lr": 0.01, "amsgrad": True, "weight_decay": 0.01},
+        {**ADAM_FIELDS, "max_exp_avg_sq": "max_exp_avg_sq"},
+    ),
+    (
+        "rmsprop",
+        {"lr": 0.01, "momentum": 0.5, "centered": True},
+        "RMSprop",
+        {"lr": 0.01, "momentum": 0.5, "centered": True},
+        {"square_avg": "square_avg", "momentum_buffer": "momentum_buffer", "grad_avg": "grad_avg"},
+    ),
+    (
+        "adagrad",
+        {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+        "Adagrad",
+        {"lr": 0.1, "lr_decay": 0.01, "initial_accumulator_value": 0.1},
+        {"sum": "sum"},
+    ),
+    ("adamax", {"lr": 0.01}, "Adamax", {"lr": 0.01}, {"exp_avg": "exp_avg", "exp_inf": "exp_inf"}),
+    (
+        "nadam",
+        {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
+        "NAdam",
+        {"lr": 0.01, "decoupled_weight_decay": True, "weight_decay": 0.1},
+        ADAM_FIELDS,
+    ),
+    ("radam", {"lr": 0.01}, "RAdam", {"lr": 0.01}, ADAM_FIELDS),
+    (
+        "adafactor",
+        {"lr": 0.01},
+        "Adafactor",
+        {"lr": 0.01},
+        {"row_var": "row_var", "col_var": "col_var", "variance": "variance"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "hyper", "torch_name", "torch_hyper", "fields"), TWINS, ids=[t[0] for t in TWINS]
+)
+def test_registry_optimizers_match_their_torch_twin_under_a_scheduler(
+    name: str,
+    hyper: dict[str, Any],
+    torch_name: str,
+    torch_hyper: dict[str, Any],
+    fields: dict[str, str],
+) -> None:
+    def scheduler(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+
+    if not hasattr(torch.optim, torch_name):
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.{torch_name}")
+    torch_class = getattr(torch.optim, torch_name)
+    extra = {"foreach": False} if "foreach" in torch_class.__init__.__code__.co_varnames else {}
+    ours = drive(lambda p: TorchOptimizer(p, name, **hyper), 10, scheduler=scheduler)
+    theirs = drive(lambda p: torch_class(p, **torch_hyper, **extra), 10, scheduler=scheduler)
+    assert_same_run(ours, theirs, fields, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch 2.9+")
+def test_optorch_optimizer_object_and_muon() -> None:
+    base = optorch.get_optimizer("muon", max_lr=0.02, weight_decay=0.0, inplace=False)
+    shapes = {"a": (4, 3), "b": (3, 3)}
+    ours = drive(lambda p: TorchOptimizer(p, base), 5, shapes=shapes)
+    theirs = drive(lambda p: torch.optim.Muon(p, lr=0.02, weight_decay=0.0), 5, shapes=shapes)
+    assert_same_run(ours, theirs, {"momentum": "momentum_buffer"}, rtol=1e-4, atol=1e-5)
+    assert ours[1].functional.config.inplace is True and base.config.inplace is False
+
+
+@pytest.mark.parametrize("name", ["adamw", "schedule_free_adamw", "adafactor", "sgd"])
+def test_state_dict_round_trip_through_weights_only_load(name: str) -> None:
+    first = drive(lambda p: TorchOptimizer(p, name, lr=0.01), 5)
+    buffer = io.BytesIO()
+    torch.save(first[1].state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    params = [torch.nn.Parameter(p.detach().clone()) for p in first[0]]
+    second = TorchOptimizer(params, name, lr=0.5)  # lr comes back from the state dict
+    second.load_state_dict(saved)
+    assert second.param_groups[0]["lr"] == 0.01
+    for step in range(5, 9):
+        for run_params in (first[0], params):
+            for p, g in zip(run_params, grads_for(step, run_params), strict=True):
+                p.grad = g
+        first[1].step()
+        second.step()
+    for a, b in zip(first[0], params, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(first[0], params, strict=True):
+        state_a, state_b = first[1].state[a], second.state[b]
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert state_a[key].dtype == state_b[key].dtype, key
+            assert torch.equal(state_a[key], state_b[key]), key
+
+
+def test_closure_zero_grad_and_no_grad_params() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    frozen = torch.nn.Parameter(torch.ones(2))
+    opt = TorchOptimizer([w, frozen], "sgd", lr=0.5, momentum=0.0)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = (w * w).sum()
+        loss.backward()
+        return loss
+
+    assert float(opt.step(closure).detach()) == 2.0
+    assert torch.equal(w.detach(), torch.zeros(2)) and torch.equal(frozen.detach(), torch.ones(2))
+    assert frozen not in opt.state
+    opt.zero_grad()
+    assert w.grad is None
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda p: TorchOptimizer(p, "adamqq"), ValueError, "Unknown optimizer 'adamqq'"),
+        (lambda p: TorchOptimizer(p, "adamw", lr=-1.0), ValueError, r"max_lr: -1.0"),
+        (lambda p: TorchOptimizer(p, "adamw", lr=0.1, max_lr=0.1), TypeError, "lr or max_lr"),
+        (
+            lambda p: TorchOptimizer(p, optorch.wrappers.ema(optorch.get_optimizer("sgd"), 0.9)),
+            TypeError,
+            "use param groups instead of wrappers",
+        ),
+        (lambda p: TorchOptimizer(p, "adamw", betas=(0.9, 1.5)), ValueError, r"betas\[1\]"),
+    ],
+    ids=["unknown name", "negative lr", "lr and max_lr", "wrapper", "bad betas"],
+)
+def test_bad_construction(make: Any, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        make([torch.nn.Parameter(torch.ones(2))])
+
+
+def test_bad_group_value_raises_at_step_and_changes_nothing() -> None:
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = TorchOptimizer([{"params": [w], "betas": (0.9, 1.5)}], "adam")
+    w.grad = torch.ones(2)
+    with pytest.raises(ValueError, match=r"betas\[1\]"):
+        opt.step()
+    assert torch.equal(w.detach(), torch.ones(2))
+    assert int(opt.state[w]["step"]) == 0
