@@ -5,15 +5,6 @@ An optimizer is a value: a config dataclass, a state pytree and a step function
 """
 
 from optorch import interop, schedule, wrappers
-from optorch.interop import (
-    TorchOptimizer,
-    build_recipe,
-    from_torch_state,
-    load_params,
-    save,
-    to_torch_state,
-)
-from optorch.interop import load_optimizer as load
 from optorch.adam import AdamConfig, AdamWDMode, adam_step, default_adam_state
 from optorch.base import BaseConfig, Optimizer, Rule
 from optorch.builder import (
@@ -27,6 +18,15 @@ from optorch.builder import (
     register,
 )
 from optorch.engine import TensorList
+from optorch.interop import (
+    TorchOptimizer,
+    build_recipe,
+    from_torch_state,
+    load_params,
+    save,
+    to_torch_state,
+)
+from optorch.interop import load_optimizer as load
 from optorch.lars import LARSConfig, lars_step
 from optorch.sgd import SGDConfig, default_sgd_state, sgd_step
 

@@ -60,7 +60,9 @@ _OPTORCH_KW: dict[str, dict[str, Any]] = {
 }
 
 
-def param_set(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> list[torch.Tensor]:
+def param_set(
+    name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> list[torch.Tensor]:
     """The shapes of a benchmark set, filled with seeded random values."""
     generator = torch.Generator().manual_seed(0)
     if name == "gpt":
@@ -76,12 +78,19 @@ def param_set(name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
         shapes = [(64, 32), (32,), (16, 16), (7,)] * 5
     else:
         raise ValueError(f"unknown param set {name!r} (choose gpt, small, tiny)")
-    return [torch.randn(s, generator=generator, dtype=torch.float32).to(dtype).to(device) for s in shapes]
+    return [
+        torch.randn(s, generator=generator, dtype=torch.float32).to(dtype).to(device)
+        for s in shapes
+    ]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--optimizers", default="adamw,sgd", help="comma-separated registry names, or 'all'")
-    parser.add_argument("--sets", default="gpt,small", help="comma-separated sets: gpt, small, tiny")
+    parser.add_argument(
+        "--optimizers", default="adamw,sgd", help="comma-separated registry names, or 'all'"
+    )
+    parser.add_argument(
+        "--sets", default="gpt,small", help="comma-separated sets: gpt, small, tiny"
+    )
     parser.add_argument(
         "--impls", default="reference,foreach,compiled", help="optorch impls to time"
     )
@@ -91,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", default="bench-out", help="folder for bench.json/csv/png")
     parser.add_argument(
-        "--compile-scaling", action="store_true",
+        "--compile-scaling",
+        action="store_true",
         help="also time the compiled AdamW first step for 100 vs 1,000 tensors",
     )
 
@@ -135,7 +145,9 @@ def _peak_rss() -> int:
     return 0
 
 
-def _measure(step: Callable[[], None], steps: int, warmup: int, device: str) -> tuple[float, float, float]:
+def _measure(
+    step: Callable[[], None], steps: int, warmup: int, device: str
+) -> tuple[float, float, float]:
     """(median ms, first ms, peak extra MB) of ``step``."""
     _sync(device)
     start = time.perf_counter()
@@ -263,10 +275,15 @@ def run(args: argparse.Namespace) -> int:
     sets = [s for s in args.sets.split(",") if s]
     bandwidth = bandwidth_gbs(device)
     rows: list[Row] = []
-    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else (
-        f"CPU, {torch.get_num_threads()} threads"
+    device_name = (
+        torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else (f"CPU, {torch.get_num_threads()} threads")
     )
-    print(f"device: {device_name}; torch {torch.__version__}; streaming bandwidth {bandwidth:.1f} GB/s")
+    print(
+        f"device: {device_name}; torch {torch.__version__}; "
+        f"streaming bandwidth {bandwidth:.1f} GB/s"
+    )
     for set_name in sets:
         params = param_set(set_name, device=device)
         numel = sum(p.numel() for p in params)
@@ -304,15 +321,21 @@ def run(args: argparse.Namespace) -> int:
 
 def _print_table(name: str, rows: list[Row], floor_ms: float, param_mb: float) -> None:
     print(f"  {name}: floor {floor_ms:.1f} ms; params {param_mb:.0f} MB")
-    print(f"  {'impl':<16}{'median ms':>11}{'first ms':>11}{'x torch foreach':>17}{'x floor':>9}"
-          f"{'peak extra MB':>15}")
+    print(
+        f"  {'impl':<16}{'median ms':>11}{'first ms':>11}{'x torch foreach':>17}{'x floor':>9}"
+        f"{'peak extra MB':>15}"
+    )
     for r in rows:
         ratio = f"{r.vs_torch_foreach:.2f}" if r.vs_torch_foreach is not None else "-"
-        print(f"  {r.impl:<16}{r.median_ms:>11.1f}{r.first_ms:>11.0f}{ratio:>17}"
-              f"{r.vs_floor or 0:>9.2f}{r.peak_extra_mb:>15.0f}")
+        print(
+            f"  {r.impl:<16}{r.median_ms:>11.1f}{r.first_ms:>11.0f}{ratio:>17}"
+            f"{r.vs_floor or 0:>9.2f}{r.peak_extra_mb:>15.0f}"
+        )
 
 
-def _write(out: Path, rows: list[Row], bandwidth: float, device: str, extra: dict[str, float]) -> None:
+def _write(
+    out: Path, rows: list[Row], bandwidth: float, device: str, extra: dict[str, float]
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         "device": device,
@@ -323,7 +346,9 @@ def _write(out: Path, rows: list[Row], bandwidth: float, device: str, extra: dic
     }
     (out / "bench.json").write_text(json.dumps(payload, indent=2))
     with open(out / "bench.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0]).keys()) if rows else ["set"])
+        writer = csv.DictWriter(
+            handle, fieldnames=list(asdict(rows[0]).keys()) if rows else ["set"]
+        )
         writer.writeheader()
         for r in rows:
             writer.writerow(asdict(r))
@@ -335,11 +360,16 @@ def _write(out: Path, rows: list[Row], bandwidth: float, device: str, extra: dic
     except ImportError:  # pragma: no cover - matplotlib is a demo extra
         return
     groups = sorted({(r.set, r.optimizer) for r in rows})
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(groups)), figsize=(5 * max(1, len(groups)), 4), squeeze=False
+    )
     for ax, (set_name, name) in zip(axes[0], groups, strict=False):
         sub = [r for r in rows if r.set == set_name and r.optimizer == name]
-        ax.bar([r.impl for r in sub], [r.median_ms for r in sub],
-               color=["#999999" if r.impl.startswith("torch") else "#1f77b4" for r in sub])
+        ax.bar(
+            [r.impl for r in sub],
+            [r.median_ms for r in sub],
+            color=["#999999" if r.impl.startswith("torch") else "#1f77b4" for r in sub],
+        )
         ax.set_title(f"{name} on {set_name}")
         ax.set_ylabel("ms per step (median)")
         ax.tick_params(axis="x", rotation=45)

@@ -32,9 +32,7 @@ def _is_leaf(node: Any) -> bool:
 
 def flatten(tree: PyTree) -> tuple[list[Path], list[Any], optree.PyTreeSpec]:
     """Flatten ``tree`` into (paths, leaves, spec), with tensors and ``None`` as leaves."""
-    paths, leaves_, spec = optree.tree_flatten_with_path(
-        tree, is_leaf=_is_leaf, none_is_leaf=True
-    )
+    paths, leaves_, spec = optree.tree_flatten_with_path(tree, is_leaf=_is_leaf, none_is_leaf=True)
     return list(paths), list(leaves_), spec
 
 

@@ -42,7 +42,15 @@ from .recipes import (
     torch_twin,
 )
 from .report import Comparison, compare, format_table, write_outputs
-from .settings import DEFAULTS, PRECISIONS, Recipe, load_recipe, parse_device, resolve
+from .settings import (
+    DEFAULTS,
+    PRECISIONS,
+    Recipe,
+    load_recipe,
+    parse_device,
+    resolve,
+    usable_cores,
+)
 from .train import DataPlan, RunResult, TrainSettings, train_optorch, train_torch_twin
 
 __all__ = [
@@ -135,8 +143,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, help=f"optimizer steps per run (default {d['steps']})")
-    train.add_argument("--batch-size", type=int, help=f"windows per step (default {d['batch_size']})")
-    train.add_argument("--seed", type=int, help=f"seed of init, batches and samples (default {d['seed']})")
+    train.add_argument(
+        "--batch-size", type=int, help=f"windows per step (default {d['batch_size']})"
+    )
+    train.add_argument(
+        "--seed", type=int, help=f"seed of init, batches and samples (default {d['seed']})"
+    )
     train.add_argument(
         "--warmup-steps",
         type=int,
@@ -160,7 +172,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument(
         "--threads",
         type=int,
-        help="torch CPU threads (default: usable cores, at most 4)",
+        help=f"torch CPU threads (default {d['threads']}: the default model is too small to "
+        "gain from more, and waiting threads slow down a busy machine; raise it for "
+        f"bigger models, this machine has {usable_cores()} usable cores)",
     )
     out = parser.add_argument_group("evaluation and outputs")
     out.add_argument(
@@ -172,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--eval-every",
         type=int,
-        help="validation loss every N steps (default: steps // 5)",
+        help="validation loss every N steps (default: steps // 10)",
     )
     out.add_argument(
         "--eval-batches",
@@ -189,9 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help=f"sampling temperature, 0 = greedy (default {d['temperature']})",
     )
-    out.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (on stderr)"
-    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
 
 
 # --------------------------------------------------------------------------------------
@@ -242,7 +254,8 @@ def _prompt(corpus: Corpus) -> str:
         start += 1
     prompt = head[start : start + 40]
     cut = prompt.rfind(" ", 16)
-    return prompt[: cut + 1] if cut > 0 else prompt
+    prompt = prompt[: cut + 1] if cut > 0 else prompt
+    return prompt or corpus.vocab.chars[0]
 
 
 def _batches(
@@ -300,14 +313,18 @@ def _preflight(spec: OptimizerSpec, model: CharTransformer) -> None:
         raise type(exc)(f"optimizer {spec.name!r}: {exc}{hint}") from None
 
 
-def _specs(names: list[str], recipe: Recipe | None, s: dict[str, Any]) -> list[OptimizerSpec]:
+def _specs(
+    names: list[str], recipe: Recipe | None, s: dict[str, Any], muon_ns_dtype: torch.dtype
+) -> list[OptimizerSpec]:
     specs = []
     for name in names:
         if recipe is not None and name in recipe.optimizer_names:
             optimizer = recipe.instantiate(f"optimizers.{name}")
             _check_optimizer(name, optimizer)
             specs.append(
-                OptimizerSpec(name, optimizer, note=f"from {recipe.path}", description=repr(optimizer))
+                OptimizerSpec(
+                    name, optimizer, note=f"from {recipe.path}", description=repr(optimizer)
+                )
             )
         else:
             specs.append(
@@ -316,14 +333,13 @@ def _specs(names: list[str], recipe: Recipe | None, s: dict[str, Any]) -> list[O
                     total_steps=s["steps"],
                     warmup_steps=s["warmup_steps"],
                     lr_terminal=s["lr_terminal"],
+                    muon_ns_dtype=muon_ns_dtype,
                 )
             )
     return specs
 
 
-def _scaler_factory(
-    recipe: Recipe | None, device: torch.device
-) -> Callable[[], Any]:
+def _scaler_factory(recipe: Recipe | None, device: torch.device) -> Callable[[], Any]:
     from optorch.amp import init_grad_scaler
 
     if recipe is not None and recipe.config.get("scaler") is not None:
@@ -386,7 +402,10 @@ def _run(
     )
     if recipe is not None:
         recipe.set_train({k: v for k, v in s.items() if k != "threads"})
-    specs = _specs(names, recipe, s)
+    # bfloat16 Newton-Schulz (torch.optim.Muon's) is emulated, slowly, on most CPUs;
+    # the twin comparison needs it, a plain CPU run is better served by float32
+    slow_bf16 = device.type == "cpu" and not args.compare_torch
+    specs = _specs(names, recipe, s, torch.float32 if slow_bf16 else torch.bfloat16)
     torch.manual_seed(s["seed"])
     template = CharTransformer(model_config)
     init_state = {k: v.detach().clone() for k, v in template.state_dict().items()}

@@ -34,6 +34,7 @@ import importlib
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +110,15 @@ def _ascii_only(text: str) -> str:
 def stdlib_docstrings(modules: Iterable[str] = STDLIB_MODULES) -> str:
     """The default corpus: docstrings of ``modules`` (missing ones are skipped)."""
     texts: list[str] = []
-    for name in modules:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # e.g. a Python built without sqlite3
-            continue
-        texts.extend(_docstrings_of(module))
+    with warnings.catch_warnings():
+        # reading deprecated attributes (typing.io, ...) warns; the text is all we want
+        warnings.simplefilter("ignore")
+        for name in modules:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:  # e.g. a Python built without sqlite3
+                continue
+            texts.extend(_docstrings_of(module))
     return _ascii_only("\n\n".join(texts))
 
 

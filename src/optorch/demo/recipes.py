@@ -60,14 +60,18 @@ DEFAULT_OPTIMIZERS: tuple[str, ...] = (
     "schedule_free_adamw",
 )
 
-#: Tuned hyperparameters (registry keyword arguments) per preset name. For
+#: Tuned hyperparameters (registry keyword arguments) per preset name, chosen by sweeping
+#: ``max_lr`` (and Lion's betas) at the default model and budget (250 steps, seed 0):
+#: final validation loss about 2.7 (adamw), 2.9 (lion), 2.8 (sgd), 2.2 (muon_adamw) and
+#: 2.5 (schedule_free_adamw) nats/char against a unigram baseline of 3.35. For
 #: ``muon_adamw``: one dict per partition group.
 PRESETS: dict[str, dict[str, Any]] = {
-    "adamw": {"max_lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1},
-    "lion": {"max_lr": 2e-3, "betas": (0.9, 0.99), "weight_decay": 0.3},
-    "sgd": {"max_lr": 1.0, "momentum": 0.9, "nesterov": True},
+    "adamw": {"max_lr": 3e-3, "betas": (0.9, 0.95), "weight_decay": 0.1},
+    # Lion wants a smaller lr than AdamW and, here, the paper's (0.95, 0.98) for stability
+    "lion": {"max_lr": 5e-4, "betas": (0.95, 0.98), "weight_decay": 0.1},
+    "sgd": {"max_lr": 0.1, "momentum": 0.9, "nesterov": True},
     MUON_ADAMW: {
-        "muon": {"max_lr": 0.05, "momentum": 0.95, "weight_decay": 0.0},
+        "muon": {"max_lr": 0.05, "momentum": 0.95, "nesterov": True, "weight_decay": 0.0},
         "adamw": {"max_lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.1},
     },
     "schedule_free_adamw": {"max_lr": 1e-2, "betas": (0.9, 0.95), "weight_decay": 0.0},
@@ -156,15 +160,26 @@ def _format_hyper(hyper: Mapping[str, Any]) -> str:
 
 
 def build_preset(
-    name: str, *, total_steps: int, warmup_steps: int, lr_terminal: float
+    name: str,
+    *,
+    total_steps: int,
+    warmup_steps: int,
+    lr_terminal: float,
+    muon_ns_dtype: torch.dtype | None = torch.bfloat16,
 ) -> OptimizerSpec:
-    """The optimizer for a preset or registry ``name``, with the demo's schedule."""
+    """The optimizer for a preset or registry ``name``, with the demo's schedule.
+
+    ``muon_ns_dtype``: the dtype of Muon's Newton-Schulz iteration in ``"muon_adamw"``
+    (bfloat16 as ``torch.optim.Muon``; float32 is much faster on CPUs without native
+    bfloat16 matmuls).
+    """
     schedule = warmup_cosine(total_steps, warmup_steps, lr_terminal)
     if name == MUON_ADAMW:
-        groups = PRESETS[MUON_ADAMW]
+        groups = {label: dict(hyper) for label, hyper in PRESETS[MUON_ADAMW].items()}
+        groups["muon"]["ns_dtype"] = muon_ns_dtype
         from optorch.wrappers import partition
 
-        optimizer = partition(
+        optimizer: Any = partition(
             muon_label,
             {
                 label: optorch.get_optimizer(label, schedule=schedule, **hyper)
@@ -280,7 +295,7 @@ def _twin_of_single(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.o
     lr = _number(config.max_lr)
     if isinstance(config, AdamConfig):
         mode = config.mode
-        kwargs = {
+        kwargs: dict[str, Any] = {
             "lr": lr,
             "betas": tuple(_number(b) for b in config.betas),
             "eps": _number(config.eps),
@@ -306,7 +321,7 @@ def _twin_of_single(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.o
     try:
         from optorch.muon import MuonConfig
     except ModuleNotFoundError:  # pragma: no cover - muon not written yet
-        MuonConfig = None  # type: ignore[assignment,misc]  # noqa: N806
+        MuonConfig = None  # type: ignore[assignment,misc]
     muon_class = getattr(torch.optim, "Muon", None)
     if MuonConfig is not None and isinstance(config, MuonConfig):
         if muon_class is None:

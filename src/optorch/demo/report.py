@@ -61,23 +61,32 @@ class Comparison:
         return self.ok is not None
 
 
+def _difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``|a - b|``, 0 where both are the same non-finite value (two runs that diverged
+    identically agree), inf where only one is non-finite."""
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, torch.zeros_like(a), (a - b).abs().nan_to_num(nan=math.inf))
+
+
 def compare(ours: RunResult, theirs: RunResult | str, twin_description: str) -> Comparison:
     """Loss curves and final params of two runs, element by element."""
     if isinstance(theirs, str):
         return Comparison(ours.name, theirs)
     mine = torch.tensor(ours.losses, dtype=torch.float64)
     other = torch.tensor(theirs.losses, dtype=torch.float64)
-    loss_diff = (mine - other).abs()
+    loss_diff = _difference(mine, other)
     param_diff = max(
-        float((ours.final_params[k].double() - theirs.final_params[k].double()).abs().max())
+        float(_difference(ours.final_params[k].double(), theirs.final_params[k].double()).max())
         for k in ours.final_params
     )
-    within = bool((loss_diff <= COMPARE_ATOL + COMPARE_RTOL * other.abs()).all())
+    within = bool((loss_diff <= COMPARE_ATOL + COMPARE_RTOL * other.abs().nan_to_num()).all())
     return Comparison(
         ours.name,
         twin_description,
         max_loss_diff=float(loss_diff.max()),
-        max_rel_loss_diff=float((loss_diff / other.abs().clamp_min(1e-12)).max()),
+        max_rel_loss_diff=float(
+            (loss_diff / other.abs().nan_to_num(nan=1.0).clamp_min(1e-12)).max()
+        ),
         max_param_diff=param_diff,
         val_loss_diff=abs(ours.final_val_loss - theirs.final_val_loss),
         ok=within and math.isfinite(param_diff),
@@ -102,12 +111,22 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bo
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths, strict=True)))]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    out = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(header, widths, strict=True))
+        )
+    ]
     out.append("  ".join("-" * w for w in widths))
     for row in rows:
         out.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
         )
     return "\n".join(out)
 
@@ -173,14 +192,19 @@ def format_table(
     below = [r for r in results if r.kind == "optorch"]
     if below:
         best = min(below, key=lambda r: r.final_val_loss)
-        parts.append(
-            f"best: {best.name} at {best.final_val_loss:.3f} nats/char, "
-            f"{baseline - best.final_val_loss:.3f} below the unigram baseline"
+        gap = baseline - best.final_val_loss
+        verdict = (
+            f"{gap:.3f} below the unigram baseline"
+            if gap > 0
+            else f"{-gap:.3f} above the unigram baseline (not beaten: train longer)"
         )
+        parts.append(f"best: {best.name} at {best.final_val_loss:.3f} nats/char, {verdict}")
     if comparisons:
         parts.append("")
-        parts.append(f"optorch vs torch.optim (match: every step's loss within "
-                     f"{COMPARE_ATOL:g} + {COMPARE_RTOL:g} x |loss|):")
+        parts.append(
+            f"optorch vs torch.optim (match: every step's loss within "
+            f"{COMPARE_ATOL:g} + {COMPARE_RTOL:g} x |loss|):"
+        )
         parts.append(comparison_table(comparisons))
     return "\n".join(parts)
 
@@ -202,7 +226,9 @@ def write_csv(path: Path, results: Sequence[RunResult]) -> None:
         writer.writeheader()
         for result in results:
             for row in result.rows:
-                writer.writerow({k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()})
+                writer.writerow(
+                    {k: (f"{v:.8g}" if isinstance(v, float) else v) for k, v in row.items()}
+                )
 
 
 def _smoothed(values: Sequence[float], span: int) -> list[float]:
@@ -250,16 +276,24 @@ def write_plot(path: Path, results: Sequence[RunResult], baseline: float, steps:
             label=result.name,
             **style,
         )
+    # a diverged run (inf, 1e5) must not squash the others: clip at the initial loss
+    finite = [v for r in results for v in r.losses if math.isfinite(v)]
+    first = [r.losses[0] for r in results if r.losses and math.isfinite(r.losses[0])]
+    top = max(first) * 1.05 if first else None
+    bottom = min([*finite, baseline]) - 0.1 if finite else None
     for axes, title in (
         (train_axes, f"training loss (minibatch; EMA over ~{span} steps)"),
         (val_axes, "validation loss"),
     ):
-        axes.axhline(baseline, color="black", linestyle=":", linewidth=1.0, label="unigram baseline")
+        axes.axhline(
+            baseline, color="black", linestyle=":", linewidth=1.0, label="unigram baseline"
+        )
         axes.set_title(title)
         axes.set_xlabel("step")
         axes.set_ylabel("cross-entropy (nats/char)")
-        axes.set_yscale("log")
-        axes.grid(True, which="both", alpha=0.3)
+        if top is not None and bottom is not None and bottom < top:
+            axes.set_ylim(bottom, top)
+        axes.grid(True, alpha=0.3)
         axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)

@@ -53,13 +53,13 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "precision": "fp32",
     "text": None,
-    "eval_every": None,  # steps // 5
+    "eval_every": None,  # steps // 10
     "eval_batches": 8,
     "warmup_steps": None,  # steps // 10
     "lr_terminal": 0.1,
     "sample_chars": 200,
     "temperature": 0.8,
-    "threads": None,  # the usable cores, at most 4
+    "threads": 1,  # the default model is too small to gain from more threads
 }
 
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "tie_embeddings")
@@ -235,7 +235,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     try:
         config = OmegaConf.load(file)
     except Exception as exc:  # yaml.YAMLError, OmegaConf's errors, bad encoding
-        raise ValueError(f"--config {str(file)!r}: not a valid YAML recipe: {_one_line(exc)}") from None
+        raise ValueError(
+            f"--config {str(file)!r}: not a valid YAML recipe: {_one_line(exc)}"
+        ) from None
     if not isinstance(config, DictConfig):
         raise ValueError(f"--config {str(file)!r}: the recipe must be a mapping of sections")
     unknown = sorted(set(map(str, config)) - set(RECIPE_SECTIONS))
@@ -250,8 +252,9 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
             f"--config {str(file)!r}: needs an 'optimizers' section mapping names to "
             "{_target_: ...} nodes"
         )
-    for name in optimizers:
-        node = optimizers[name]
+    for key in optimizers:
+        name = str(key)
+        node = optimizers[key]
         if not isinstance(node, DictConfig) or "_target_" not in node:
             raise ValueError(
                 f"--config {str(file)!r}: optimizers.{name} must be a node with a _target_"
@@ -273,15 +276,13 @@ def resolve(flags: Mapping[str, Any], recipe: Recipe | None) -> dict[str, Any]:
         settings[key] = _check(key, value)
     steps = settings["steps"]
     if settings["eval_every"] is None:
-        settings["eval_every"] = max(1, steps // 5)
+        settings["eval_every"] = max(1, steps // 10)
     if settings["warmup_steps"] is None:
         settings["warmup_steps"] = steps // 10
     if settings["warmup_steps"] > steps:
         raise ValueError(
             f"Invalid --warmup-steps: {settings['warmup_steps']} (must be <= --steps {steps})"
         )
-    if settings["threads"] is None:
-        settings["threads"] = default_threads()
     if settings["d_model"] % settings["n_heads"]:
         raise ValueError(
             f"Invalid --n-heads: {settings['n_heads']} does not divide --d-model "
@@ -290,10 +291,9 @@ def resolve(flags: Mapping[str, Any], recipe: Recipe | None) -> dict[str, Any]:
     return settings
 
 
-def default_threads() -> int:
-    """The cores this process may use, at most 4 (more only adds overhead at this size)."""
+def usable_cores() -> int:
+    """The cores this process may use (for ``--threads``' help)."""
     try:
-        usable = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
-    return max(1, min(4, usable))
+        return os.cpu_count() or 1

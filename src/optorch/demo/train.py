@@ -98,7 +98,9 @@ class RunResult:
 # --------------------------------------------------------------------------------------
 
 
-def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def autocast_context(
+    precision: str, device: torch.device
+) -> contextlib.AbstractContextManager[Any]:
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -229,6 +231,8 @@ def generate(
         with autocast_context(settings.precision, device):
             logits = forward(context)
         last = logits[0, -1].float().cpu()
+        if not bool(torch.isfinite(last).all()):
+            return plan.vocab.decode(ids[0].cpu()) + " [stopped: the model's logits are not finite]"
         if settings.temperature <= 0:
             chosen = last.argmax().reshape(1)
         else:
@@ -264,8 +268,9 @@ def _record_eval(result: RunResult, step: int, val_loss: float) -> None:
         )
 
 
-def _make_model(model_config: ModelConfig, init_state: Mapping[str, torch.Tensor],
-                device: torch.device) -> CharTransformer:
+def _make_model(
+    model_config: ModelConfig, init_state: Mapping[str, torch.Tensor], device: torch.device
+) -> CharTransformer:
     model = CharTransformer(model_config)
     model.load_state_dict(init_state)
     return model.to(device)
@@ -277,6 +282,7 @@ class _Timer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.train_seconds = 0.0
+        self.step_seconds: list[float] = []
         self.opt_seconds: list[float] = []
 
     @contextlib.contextmanager
@@ -290,11 +296,20 @@ class _Timer:
             self.opt_seconds.append(elapsed)
         else:
             self.train_seconds += elapsed
+            self.step_seconds.append(elapsed)
+
+    @staticmethod
+    def _steady(seconds: list[float]) -> list[float]:
+        # the first steps carry one-off costs (state creation, kernel selection, caches)
+        return seconds[min(3, len(seconds) - 1) :] if seconds else []
 
     def opt_step_ms(self) -> float:
-        # the first steps carry one-off costs (state creation, kernel selection)
-        timed = self.opt_seconds[min(3, len(self.opt_seconds) - 1) :]
+        timed = self._steady(self.opt_seconds)
         return 1000.0 * sum(timed) / max(len(timed), 1)
+
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        timed = self._steady(self.step_seconds)
+        return len(timed) * tokens_per_step / max(sum(timed), 1e-9)
 
 
 # --------------------------------------------------------------------------------------
@@ -314,7 +329,7 @@ def train_optorch(
     """Train a fresh copy of the model with ``spec.optimizer`` through ``torch.func``."""
     device = settings.device
     model = _make_model(model_config, init_state, device)
-    params = dict(model.named_parameters())
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
     names = frozenset(params)
     optimizer = spec.optimizer
     opt_state = optimizer.init(params)
@@ -390,7 +405,7 @@ def train_optorch(
     forward = forward_at(final)
     result.final_val_loss = result.rows[-1]["val_loss"]
     result.final_train_loss = evaluate(forward, plan.train_eval_batches, settings.precision)
-    result.tokens_per_s = settings.steps * tokens_per_step / max(timer.train_seconds, 1e-9)
+    result.tokens_per_s = timer.tokens_per_s(tokens_per_step)
     result.opt_step_ms = timer.opt_step_ms()
     result.peak_mem_mib = memory.mib
     result.state_mib = state_bytes(opt_state) / 2**20
@@ -458,18 +473,20 @@ def train_torch_twin(
                     logits = model(inputs)
                 loss = cross_entropy(logits, targets)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                grads = [p.grad for p in model.parameters() if p.grad is not None]
                 if scaler is not None:
                     for optimizer in twin.optimizers:
                         scaler.unscale_(optimizer)
-                grad_norm = float(_global_norm(grads))
                 with timer.measure(optimizer_step=True):
                     twin.step(scaler)
                 if scaler is not None:
                     scaler.update()
-                twin.zero_grad()
+            # optimizers leave .grad alone: its norm after the step is the step's
+            grad_norm = float(
+                _global_norm([p.grad for p in model.parameters() if p.grad is not None])
+            )
+            twin.zero_grad()
             memory.sample()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             result.losses.append(loss_value)
             row: dict[str, Any] = {
                 "optimizer": label,
@@ -500,7 +517,7 @@ def train_torch_twin(
     model.eval()
     result.final_val_loss = result.rows[-1]["val_loss"]
     result.final_train_loss = evaluate(model, plan.train_eval_batches, settings.precision)
-    result.tokens_per_s = settings.steps * tokens_per_step / max(timer.train_seconds, 1e-9)
+    result.tokens_per_s = timer.tokens_per_s(tokens_per_step)
     result.opt_step_ms = timer.opt_step_ms()
     result.peak_mem_mib = memory.mib
     result.state_mib = (
