@@ -33,6 +33,7 @@ import torch
 __all__ = [
     "CHUNK",
     "TensorList",
+    "add_scaled",
     "addcdiv",
     "addcmul",
     "lerp",
@@ -82,6 +83,19 @@ def select(condition: Any, if_true: Any, if_false: Any) -> Any:
     if isinstance(if_true, TensorList):
         return if_true.where(condition, if_false)
     return torch.where(condition, if_true, if_false)
+
+
+def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
+    """``x + alpha * y`` rounded once, as torch.optim's ``add_(y, alpha=...)`` does."""
+    if isinstance(alpha, torch.Tensor):
+        return x + y * alpha
+    if isinstance(x, TensorList):
+        return x._node(
+            lambda a, b: torch._foreach_add(a, b, alpha=alpha),
+            lambda a, b: torch._foreach_add_(a, b, alpha=alpha),
+            y,
+        )
+    return torch.add(x, y, alpha=alpha)
 
 
 def addcmul(x: Any, a: Any, b: Any, value: Any) -> Any:

@@ -41,7 +41,7 @@ from optorch.base import (
     is_zero,
 )
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import where
+from optorch.engine import add_scaled, where
 
 __all__ = ["SGDConfig", "SGDRule", "default_sgd_state", "sgd", "sgd_step"]
 
@@ -108,10 +108,10 @@ class SGDRule(Rule):
         if decay:
             grad = grad + param * h.weight_decay
         if not use_momentum:
-            return (param - grad * h.lr,)
+            return (add_scaled(param, grad, -h.lr),)
         buf = rest[0] * h.keep + grad * h.grad_scale
         direction = grad + buf * h.momentum if nesterov else buf
-        return param - direction * h.lr, buf
+        return add_scaled(param, direction, -h.lr), buf
 
 
 RULE = SGDRule()

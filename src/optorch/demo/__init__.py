@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,14 @@ from .settings import (
     resolve,
     usable_cores,
 )
-from .train import DataPlan, RunResult, TrainSettings, train_optorch, train_torch_twin
+from .train import (
+    DataPlan,
+    RunResult,
+    TrainSettings,
+    train_optorch,
+    train_torch_twin,
+    warm_up,
+)
 
 __all__ = [
     "DEFAULT_OPTIMIZERS",
@@ -78,7 +86,7 @@ DESCRIPTION = (
     "optimizer-state statistics (CSV), a markdown report and text samples to --out. "
     "--compare-torch also trains the torch.optim twin of each optimizer that has one "
     "and checks that the loss curves coincide. --config takes a Hydra recipe "
-    "(examples/recipe.yaml). The defaults take about 100 s on 2 CPU cores."
+    "(examples/recipe.yaml). The defaults take about 90 s on one CPU core."
 )
 
 EPILOG = f"""\
@@ -87,7 +95,7 @@ default optimizers: {",".join(DEFAULT_OPTIMIZERS)}
   any other registry name (see optorch.REGISTRY) runs with its registry defaults
 
 examples:
-  optorch demo                                   # the five default optimizers, ~100 s
+  optorch demo                                   # the five default optimizers, ~90 s
   optorch demo --optimizers adamw,muon_adamw --steps 500 --out runs/muon
   optorch demo --optimizers adamw,sgd --compare-torch --steps 100
   optorch demo --text my_book.txt --seq-len 128 --d-model 128 --n-layers 4
@@ -103,7 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags. Every setting flag defaults to ``None``: a value not given on
     the command line comes from the recipe (``--config``), else from the built-in
     defaults (shown in each help line)."""
+    # raw: keep the epilog's example lines; so the description is wrapped here
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = textwrap.fill(DESCRIPTION, width=88)
     parser.epilog = EPILOG
     d = DEFAULTS
     what = parser.add_argument_group("what to train")
@@ -131,10 +141,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="train on this UTF-8 text file instead of the embedded stdlib docstrings",
     )
-    data.add_argument("--seq-len", type=int, help=f"characters per window (default {d['seq_len']})")
-    data.add_argument("--d-model", type=int, help=f"model width (default {d['d_model']})")
-    data.add_argument("--n-layers", type=int, help=f"transformer blocks (default {d['n_layers']})")
-    data.add_argument("--n-heads", type=int, help=f"attention heads (default {d['n_heads']})")
+    data.add_argument(
+        "--seq-len", type=int, metavar="N", help=f"characters per window (default {d['seq_len']})"
+    )
+    data.add_argument(
+        "--d-model", type=int, metavar="N", help=f"model width (default {d['d_model']})"
+    )
+    data.add_argument(
+        "--n-layers", type=int, metavar="N", help=f"transformer blocks (default {d['n_layers']})"
+    )
+    data.add_argument(
+        "--n-heads", type=int, metavar="N", help=f"attention heads (default {d['n_heads']})"
+    )
     data.add_argument(
         "--tie-embeddings",
         action="store_const",
@@ -142,21 +160,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="share the token embedding with the output head (default: untied)",
     )
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, help=f"optimizer steps per run (default {d['steps']})")
     train.add_argument(
-        "--batch-size", type=int, help=f"windows per step (default {d['batch_size']})"
+        "--steps", type=int, metavar="N", help=f"optimizer steps per run (default {d['steps']})"
     )
     train.add_argument(
-        "--seed", type=int, help=f"seed of init, batches and samples (default {d['seed']})"
+        "--batch-size", type=int, metavar="N", help=f"windows per step (default {d['batch_size']})"
+    )
+    train.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help=f"seed of init, batches and samples (default {d['seed']})",
     )
     train.add_argument(
         "--warmup-steps",
         type=int,
+        metavar="N",
         help="linear warmup of the schedule (default: steps // 10)",
     )
     train.add_argument(
         "--lr-terminal",
         type=float,
+        metavar="X",
         help=f"final lr multiplier of the cosine decay (default {d['lr_terminal']})",
     )
     train.add_argument(
@@ -167,11 +192,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     train.add_argument(
         "--device",
+        metavar="DEVICE",
         help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)",
     )
     train.add_argument(
         "--threads",
         type=int,
+        metavar="N",
         help=f"torch CPU threads (default {d['threads']}: the default model is too small to "
         "gain from more, and waiting threads slow down a busy machine; raise it for "
         f"bigger models, this machine has {usable_cores()} usable cores)",
@@ -186,21 +213,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument(
         "--eval-every",
         type=int,
+        metavar="N",
         help="validation loss every N steps (default: steps // 10)",
     )
     out.add_argument(
         "--eval-batches",
         type=int,
+        metavar="N",
         help=f"fixed validation batches per evaluation (default {d['eval_batches']})",
     )
     out.add_argument(
         "--sample-chars",
         type=int,
+        metavar="N",
         help=f"characters generated per model (default {d['sample_chars']})",
     )
     out.add_argument(
         "--temperature",
         type=float,
+        metavar="X",
         help=f"sampling temperature, 0 = greedy (default {d['temperature']})",
     )
     out.add_argument("--no-progress", action="store_true", help="no progress bars (on stderr)")
@@ -234,6 +265,11 @@ def check_precision(precision: str, device: torch.device) -> None:
             f"torch {torch.__version__} ({reason}); use --precision fp32 or bf16, or a CUDA "
             "device"
         )
+
+
+def _threads_text() -> str:
+    count = torch.get_num_threads()
+    return f"{count} thread" if count == 1 else f"{count} threads"
 
 
 def _load_corpus(text_path: str | None) -> Corpus:
@@ -310,7 +346,8 @@ def _preflight(spec: OptimizerSpec, model: CharTransformer) -> None:
         spec.optimizer.step(scratch, zeros, spec.optimizer.init(scratch))
     except (ValueError, TypeError) as exc:
         hint = f" (use the preset {MUON_ADAMW!r} for Muon + AdamW)" if spec.name == "muon" else ""
-        raise type(exc)(f"optimizer {spec.name!r}: {exc}{hint}") from None
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        raise kind(f"optimizer {spec.name!r}: {exc}{hint}") from None
 
 
 def _specs(
@@ -426,7 +463,7 @@ def _run(
         f"{tokens:,} tokens"
     )
     print(
-        f"device: {device} ({torch.get_num_threads()} threads), precision {s['precision']}; "
+        f"device: {device} ({_threads_text()}), precision {s['precision']}; "
         f"unigram baseline {baseline:.3f} nats/char (uniform: {math.log(corpus.vocab.size):.3f})"
     )
     print("optimizers: " + ", ".join(spec.name for spec in specs), flush=True)
@@ -451,6 +488,7 @@ def _run(
         "settings": settings,
         "make_scaler": make_scaler,
     }
+    warm_up(model_config, init_state, plan, settings)
     results: list[RunResult] = []
     comparisons: list[Comparison] = []
     for spec in specs:
@@ -487,7 +525,7 @@ def _run(
         f"model: {s['n_layers']} pre-LN blocks, d_model {s['d_model']}, {s['n_heads']} heads, "
         f"seq_len {s['seq_len']}, tied embeddings: {s['tie_embeddings']}, {n_params:,} params",
         f"training: {s['steps']} steps, batch {s['batch_size']}, seed {s['seed']}, "
-        f"precision {s['precision']}, device {device} ({torch.get_num_threads()} threads)",
+        f"precision {s['precision']}, device {device} ({_threads_text()})",
         f"schedule: linear warmup {s['warmup_steps']} steps, cosine to {s['lr_terminal']} x "
         "max_lr (built-in presets; recipe optimizers bring their own)",
         f"evaluation: every {s['eval_every']} steps on {s['eval_batches']} fixed batches",

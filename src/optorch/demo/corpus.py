@@ -214,7 +214,7 @@ def windows_to_batch(
     data: torch.Tensor, starts: torch.Tensor, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``(B, T)`` and next-character targets ``(B, T)`` for the window starts."""
-    offsets = starts[:, None] + torch.arange(seq_len + 1)[None, :]
+    offsets = starts[:, None] + torch.arange(seq_len + 1, device=starts.device)[None, :]
     windows = data[offsets]
     return windows[:, :-1], windows[:, 1:]
 

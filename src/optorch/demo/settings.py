@@ -40,7 +40,7 @@ __all__ = ["DEFAULTS", "PRECISIONS", "Recipe", "load_recipe", "parse_device", "r
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-#: Built-in defaults: finish in about 100 s on 2 CPU cores for the five default optimizers.
+#: Built-in defaults: the five default optimizers take about 90 s on one CPU core.
 DEFAULTS: dict[str, Any] = {
     "steps": 250,
     "batch_size": 32,

@@ -37,7 +37,14 @@ from .corpus import CharVocab, windows_to_batch
 from .model import CharTransformer, ModelConfig
 from .recipes import OptimizerSpec, TorchTwin, evaluation_params, lr_values
 
-__all__ = ["DataPlan", "RunResult", "TrainSettings", "train_optorch", "train_torch_twin"]
+__all__ = [
+    "DataPlan",
+    "RunResult",
+    "TrainSettings",
+    "train_optorch",
+    "train_torch_twin",
+    "warm_up",
+]
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
@@ -310,6 +317,32 @@ class _Timer:
     def tokens_per_s(self, tokens_per_step: int) -> float:
         timed = self._steady(self.step_seconds)
         return len(timed) * tokens_per_step / max(sum(timed), 1e-9)
+
+
+def warm_up(
+    model_config: ModelConfig,
+    init_state: Mapping[str, torch.Tensor],
+    plan: DataPlan,
+    settings: TrainSettings,
+) -> None:
+    """One functional and one autograd gradient, one evaluation: the one-off costs
+    (lazy imports, kernel and thread-pool set-up, allocator growth) are paid here, not
+    in the first optimizer's time and memory."""
+    model = _make_model(model_config, init_state, settings.device)
+    params: dict[str, torch.Tensor] = dict(model.named_parameters())
+    inputs, targets = plan.batch(0)
+
+    def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        with autocast_context(settings.precision, settings.device):
+            logits = functional_call(model, p, (inputs,))
+        return cross_entropy(logits, targets)
+
+    torch.func.grad(loss_fn)(params)
+    loss_fn(params).backward()
+    evaluate(model, plan.val_batches[:1], settings.precision)
+    if settings.progress:
+        with contextlib.suppress(ImportError):
+            import tqdm.auto  # noqa: F401  # its import is a one-off cost too
 
 
 # --------------------------------------------------------------------------------------
