@@ -51,8 +51,10 @@ def _is_tensor(value: Any) -> bool:
 def _concrete(value: Any) -> float | None:
     """A plain float for checking, or None when the value is a traced/batched tensor."""
     if _is_tensor(value):
-        if value.numel() != 1 or value.device.type != "cpu":
-            return None  # reading a device value would cost a host sync every step
+        if value.numel() != 1 or value.device.type != "cpu" or torch.compiler.is_compiling():
+            # a device value would cost a host sync every step; a value traced by dynamo
+            # would become a data-dependent guard (an error under fullgraph=True)
+            return None
         try:
             return float(value.detach())
         except Exception:  # under vmap/compile the value is symbolic: nothing to check
@@ -77,8 +79,14 @@ def check_range(
 ) -> None:
     """Raise ``ValueError`` naming ``owner.name`` unless ``value`` lies in the range.
 
-    Infinite values are rejected unless the range explicitly allows them.
+    Infinite values are rejected unless the range explicitly allows them. A tensor must
+    be 0-d (batched under ``vmap``, it is 0-d per member).
     """
+    if _is_tensor(value) and value.dim() != 0:
+        raise ValueError(
+            f"Invalid {owner}.{name}: a tensor of shape {tuple(value.shape)} (must be a number "
+            "or a 0-d tensor; use torch.func.vmap for one value per model)"
+        )
     try:
         number = _concrete(value)
     except TypeError as exc:
@@ -595,6 +603,14 @@ def _check_transform_mode(rule: Rule, config: Any, prepared: Prepared) -> None:
                 f"{rule.name}: an in-place step cannot run on tensors traced by a torch.func "
                 f"transform (param {prepared.paths[i]}); build the config with inplace=False "
                 "for grad/vmap/jacrev"
+            )
+    for i in prepared.active:
+        if prepared.params[i].grad_fn is not None:
+            raise RuntimeError(
+                f"{rule.name}: an in-place step would overwrite param {prepared.paths[i]}, "
+                "which is the output of an autograd graph (not a leaf): the update would not "
+                "be differentiated; build the config with inplace=False to differentiate "
+                "through the step, or pass leaf tensors"
             )
 
 

@@ -65,6 +65,9 @@ def scalar_sqrt(value: Any) -> Any:
 def where(condition: Any, if_true: Any, if_false: Any) -> Any:
     """Select between two scalars by a Python bool or a 0-d bool tensor (no host sync)."""
     if isinstance(condition, torch.Tensor):
+        if not isinstance(if_true, torch.Tensor) and not isinstance(if_false, torch.Tensor):
+            # two Python numbers would make a default-dtype (float32) tensor: keep float64
+            if_true = torch.tensor(if_true, dtype=torch.float64, device=condition.device)
         return torch.where(condition, if_true, if_false)
     return if_true if condition else if_false
 
@@ -754,14 +757,30 @@ def _run_compiled(
     return new_params, new_states
 
 
-def _under_functorch(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
+def _step_tensors(params: Sequence[Any], grads: Sequence[Any], h: Any, gate: Any) -> list[Any]:
+    """Every tensor a step reads besides the state: params, grads, per-step values, gate."""
+    scalars = [v for v in vars(h).values() if isinstance(v, torch.Tensor)]
+    return [*params, *grads, *scalars, *([] if gate is None else [gate])]
+
+
+def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether a torch.func transform traces any of ``tensors`` (e.g. only a vmapped lr)."""
     if torch.compiler.is_compiling():
         return False  # dynamo traces the transforms itself
     try:
         from torch._C._functorch import is_functorch_wrapped_tensor
     except ImportError:  # pragma: no cover
         return False
-    return is_functorch_wrapped_tensor(params[0]) or is_functorch_wrapped_tensor(grads[0])
+    return any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _records_graph(tensors: Sequence[torch.Tensor], states: Sequence[Sequence[Any]]) -> bool:
+    """Whether autograd records the step (a pure step on tensors that require grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors) or any(
+        t.requires_grad for field in states for t in field
+    )
 
 
 _EXECUTORS = {"reference": _run_reference, "foreach": _run_foreach, "compiled": _run_compiled}
@@ -784,8 +803,14 @@ def run(
     if not params:
         return [], [[] for _ in states]
     impl = resolve_impl(rule, config)
-    if impl != "reference" and _under_functorch(params, grads):
+    tensors = _step_tensors(params, grads, h, gate)
+    if impl != "reference" and _under_functorch(tensors):
         impl = "reference"  # torch.func transforms trace plain tensor ops best
+    if impl == "foreach" and not config.inplace and _records_graph(tensors, states):
+        # autograd through torch._foreach_* has gaps: no gradient into a 0-d tensor
+        # scalar (`_foreach_mul(list, lr)` fails in backward) nor into the divisor of
+        # `_foreach_addcdiv` when a list holds a 0-d tensor
+        impl = "reference"
     if impl != "reference" and torch.compiler.is_compiling():
         # already inside a compiled graph: inductor fuses the per-tensor code itself, and
         # dynamo cannot trace TensorList's lazy graph (a graph break under fullgraph=True)

@@ -1,0 +1,648 @@
+"""PyTorch's function transforms applied to training itself.
+
+* **Meta-gradients.** The pure step (``inplace=False``) is differentiable: a validation
+  loss after a few unrolled steps has gradients with respect to the learning rate, the
+  weight decay (given as tensors) and the initial params, by ``torch.autograd.grad``
+  and by ``torch.func.grad``. Each is checked against central finite differences in
+  float64 (an independent oracle: nothing but forward evaluations).
+* **Ensembles.** ``torch.func.vmap`` of a whole train step (``functional_call``,
+  ``torch.func.grad``, an optorch step) over stacked models, each with its own learning
+  rate as a batched tensor, equals separate eager runs, params and state, for 20 steps.
+* **Transform matrix.** Every (transform, in place or pure, impl) combination either
+  matches an oracle computed without the transform, or raises a short ``RuntimeError``
+  from optorch itself (never a deep autograd trace).
+* **Compile.** A whole train step (forward, backward, optimizer step, schedule, loss
+  scaler) under ``torch.compile(fullgraph=True)``: no graph break, no recompilation
+  over 30 steps while the schedule moves, the eager trajectory reproduced.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+import torch._dynamo.utils
+from conftest import assert_trees_close, generator
+from torch.func import (
+    functional_call,
+    grad,
+    grad_and_value,
+    jacrev,
+    jvp,
+    stack_module_state,
+    vjp,
+    vmap,
+)
+
+import optorch
+from optorch.schedule import cosine_annealing
+
+F64 = torch.float64
+F32 = torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# a tiny model, written as a function of a params dict
+# --------------------------------------------------------------------------------------
+
+#: A 3-4-1 tanh MLP with an output gain: 22 scalars in matrices, vectors, a 1-element
+#: bias and a 0-d tensor (foreach kernels treat 0-d tensors specially).
+MLP_SHAPES: dict[str, tuple[int, ...]] = {
+    "w1": (4, 3),
+    "b1": (4,),
+    "w2": (1, 4),
+    "b2": (1,),
+    "gain": (),
+}
+
+
+def mlp_params(seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    gen = generator(seed)
+    params = {
+        name: (0.7 * torch.randn(shape, generator=gen, dtype=F64)).to(dtype)
+        for name, shape in MLP_SHAPES.items()
+    }
+    params["gain"] = (params["gain"] * 0.1 + 1.0).to(dtype)
+    return params
+
+
+def mlp(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    hidden = torch.tanh(x @ params["w1"].T + params["b1"])
+    return (hidden @ params["w2"].T + params["b2"]) * params["gain"]
+
+
+def mse(params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((mlp(params, x) - y) ** 2).mean()
+
+
+def regression_batches(
+    seed: int, count: int, size: int, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of a smooth 3 -> 1 target plus noise."""
+    gen = generator(seed)
+    batches = []
+    for _ in range(count):
+        x = torch.randn(size, 3, generator=gen, dtype=F64)
+        y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(size, 1, generator=gen)
+        batches.append((x.to(dtype), y.to(dtype)))
+    return batches
+
+
+# --------------------------------------------------------------------------------------
+# meta-gradients: d(validation loss after K steps) / d(lr, weight decay, initial params)
+# --------------------------------------------------------------------------------------
+
+INNER_STEPS = 5
+TRAIN_BATCHES = regression_batches(seed=1, count=INNER_STEPS, size=8, dtype=F64)
+VALIDATION_BATCH = regression_batches(seed=2, count=1, size=16, dtype=F64)[0]
+INIT_PARAMS = mlp_params(seed=3, dtype=F64)
+
+#: (id, registry name, fixed hyperparameters, lr, weight decay). The learning rate and
+#: the weight decay are the differentiated hyperparameters; adamw also runs a schedule,
+#: so that lr = max_lr * multiplier carries the tensor through ``scalars()``.
+META_CASES: list[tuple[str, str, dict[str, Any], float, float]] = [
+    ("sgd-momentum", "sgd", {"momentum": 0.9}, 0.1, 0.01),
+    ("adam-l2", "adam", {}, 0.05, 0.01),
+    ("adamw-cosine", "adamw", {"schedule": cosine_annealing(T_max=8, eta_min=0.1)}, 0.05, 0.1),
+]
+META_IDS = [case[0] for case in META_CASES]
+
+#: (differentiation mode, impl): how the inner grads and the hypergradient are taken.
+#: Under ``torch.func`` the engine runs the reference loop whatever impl is asked.
+META_MODES = [("autograd", "reference"), ("autograd", "auto"), ("func", "auto")]
+
+
+def unrolled_validation_loss(
+    name: str,
+    hyper: dict[str, Any],
+    lr: Any,
+    weight_decay: Any,
+    params0: dict[str, torch.Tensor],
+    *,
+    mode: str,
+    impl: str,
+) -> torch.Tensor:
+    """The validation loss after ``INNER_STEPS`` pure steps from ``params0``."""
+    opt = optorch.get_optimizer(
+        name, max_lr=lr, weight_decay=weight_decay, inplace=False, impl=impl, **hyper
+    )
+    params, state = params0, opt.init(params0)
+    for x, y in TRAIN_BATCHES:
+        if mode == "autograd":
+            leaves = list(params.values())
+            inner = torch.autograd.grad(mse(params, x, y), leaves, create_graph=True)
+            grads = dict(zip(params, inner, strict=True))
+        else:
+            grads = grad(mse)(params, x, y)
+        params, state = opt.step(params, grads, state)
+    return mse(params, *VALIDATION_BATCH)
+
+
+def hypergradients(
+    name: str, hyper: dict[str, Any], lr: float, weight_decay: float, *, mode: str, impl: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(d/d lr, d/d weight_decay, d/d params0) of the unrolled validation loss."""
+    lr_t = torch.tensor(lr, dtype=F64)
+    wd_t = torch.tensor(weight_decay, dtype=F64)
+    params0 = {k: v.clone() for k, v in INIT_PARAMS.items()}
+    if mode == "autograd":
+        inputs = [lr_t.requires_grad_(), wd_t.requires_grad_()]
+        inputs += [p.requires_grad_() for p in params0.values()]
+        loss = unrolled_validation_loss(name, hyper, lr_t, wd_t, params0, mode=mode, impl=impl)
+        d_lr, d_wd, *d_params = torch.autograd.grad(loss, inputs)
+        return d_lr, d_wd, dict(zip(params0, d_params, strict=True))
+
+    def loss_of(lr_: torch.Tensor, wd_: torch.Tensor, p0: dict[str, torch.Tensor]) -> Any:
+        return unrolled_validation_loss(name, hyper, lr_, wd_, p0, mode=mode, impl=impl)
+
+    d_lr, d_wd, d_params = grad(loss_of, argnums=(0, 1, 2))(lr_t, wd_t, params0)
+    return d_lr, d_wd, d_params
+
+
+FD_EPS = 1e-6
+
+
+@functools.cache
+def finite_differences(case_id: str) -> tuple[float, float, dict[str, torch.Tensor]]:
+    """Central differences of the unrolled loss (plain floats in, eager steps)."""
+    _, name, hyper, lr, weight_decay = next(c for c in META_CASES if c[0] == case_id)
+
+    def value(lr_: float, wd_: float, p0: dict[str, torch.Tensor]) -> float:
+        loss = unrolled_validation_loss(name, hyper, lr_, wd_, p0, mode="func", impl="reference")
+        return float(loss)
+
+    d_lr = (
+        value(lr + FD_EPS, weight_decay, INIT_PARAMS)
+        - value(lr - FD_EPS, weight_decay, INIT_PARAMS)
+    ) / (2 * FD_EPS)
+    d_wd = (
+        value(lr, weight_decay + FD_EPS, INIT_PARAMS)
+        - value(lr, weight_decay - FD_EPS, INIT_PARAMS)
+    ) / (2 * FD_EPS)
+    d_params: dict[str, torch.Tensor] = {}
+    for key, tensor in INIT_PARAMS.items():
+        flat = torch.zeros(tensor.numel(), dtype=F64)
+        for index in range(tensor.numel()):
+            shifted = []
+            for sign in (1.0, -1.0):
+                moved = {k: v.clone() for k, v in INIT_PARAMS.items()}
+                moved[key].view(-1)[index] += sign * FD_EPS
+                shifted.append(value(lr, weight_decay, moved))
+            flat[index] = (shifted[0] - shifted[1]) / (2 * FD_EPS)
+        d_params[key] = flat.view(tensor.shape)
+    return d_lr, d_wd, d_params
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize(("mode", "impl"), META_MODES, ids=[f"{m}-{i}" for m, i in META_MODES])
+@pytest.mark.parametrize(
+    ("case_id", "name", "hyper", "lr", "weight_decay"), META_CASES, ids=META_IDS
+)
+def test_hypergradients_match_finite_differences(
+    case_id: str,
+    name: str,
+    hyper: dict[str, Any],
+    lr: float,
+    weight_decay: float,
+    mode: str,
+    impl: str,
+) -> None:
+    d_lr, d_wd, d_params = hypergradients(name, hyper, lr, weight_decay, mode=mode, impl=impl)
+    fd_lr, fd_wd, fd_params = finite_differences(case_id)
+    assert d_lr.dtype == F64 and d_lr.shape == ()
+    # central differences in float64 with eps 1e-6: truncation and rounding both << 1e-6
+    assert abs(float(d_lr) - fd_lr) <= 1e-6 * abs(fd_lr), (float(d_lr), fd_lr)
+    assert abs(float(d_wd) - fd_wd) <= 1e-6 * abs(fd_wd), (float(d_wd), fd_wd)
+    flat = torch.cat([d_params[k].reshape(-1) for k in MLP_SHAPES])
+    fd_flat = torch.cat([fd_params[k].reshape(-1) for k in MLP_SHAPES])
+    assert relative_error(flat, fd_flat) < 1e-6, (flat, fd_flat)
+    assert_trees_close(d_params, fd_params, rtol=1e-5, atol=1e-9, what="d loss / d params0")
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+@pytest.mark.parametrize(
+    ("case_id", "name", "hyper", "lr", "weight_decay"), META_CASES, ids=META_IDS
+)
+def test_autograd_through_steps_with_float_hyperparameters(
+    case_id: str, name: str, hyper: dict[str, Any], lr: float, weight_decay: float, impl: str
+) -> None:
+    """Hyperparameters as Python floats, only the initial params differentiated: the
+    plain ``loss.backward()``-style use of the pure step, through each eager engine."""
+    params0 = {k: v.clone().requires_grad_() for k, v in INIT_PARAMS.items()}
+    loss = unrolled_validation_loss(
+        name, hyper, lr, weight_decay, params0, mode="autograd", impl=impl
+    )
+    d_params = dict(zip(params0, torch.autograd.grad(loss, list(params0.values())), strict=True))
+    _, _, fd_params = finite_differences(case_id)
+    assert_trees_close(d_params, fd_params, rtol=1e-5, atol=1e-9, what="d loss / d params0")
+
+
+def test_hypergradient_of_a_learning_rate_sweep_is_a_batched_gradient() -> None:
+    """``vmap(grad(...))`` over 3 learning rates equals 3 separate hypergradients."""
+    name, hyper = "sgd", {"momentum": 0.9}
+    lrs = torch.tensor([0.02, 0.05, 0.1], dtype=F64)
+
+    def loss_of(lr: torch.Tensor) -> torch.Tensor:
+        return unrolled_validation_loss(
+            name, hyper, lr, 0.0, INIT_PARAMS, mode="func", impl="reference"
+        )
+
+    batched = vmap(grad(loss_of))(lrs)
+    separate = torch.stack([grad(loss_of)(lr) for lr in lrs])
+    torch.testing.assert_close(batched, separate, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------
+# tensor hyperparameters: validation
+# --------------------------------------------------------------------------------------
+
+BAD_TENSOR_HYPER: list[tuple[str, Any, type[Exception], str]] = [
+    ("negative", torch.tensor(-0.1), ValueError, r"max_lr.*-0\.1"),
+    ("nan", torch.tensor(float("nan")), ValueError, r"max_lr.*nan"),
+    ("inf", torch.tensor(float("inf")), ValueError, r"max_lr.*inf"),
+    ("one-element-vector", torch.tensor([0.1]), ValueError, r"max_lr.*0-d"),
+    ("vector", torch.tensor([0.1, 0.2]), ValueError, r"max_lr.*0-d"),
+]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [case[1:] for case in BAD_TENSOR_HYPER],
+    ids=[case[0] for case in BAD_TENSOR_HYPER],
+)
+def test_bad_tensor_hyperparameter_is_rejected_naming_it(
+    value: torch.Tensor, error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        optorch.get_optimizer("adamw", max_lr=value, inplace=False)
+
+
+def test_tensor_hyperparameter_is_checked_under_grad_and_skipped_under_vmap() -> None:
+    """A traced value is checked where it can be read (grad) and passes where it cannot
+    (vmap: a batched value has no single number to check)."""
+    params = {"w": torch.ones(3)}
+
+    def updated(lr: torch.Tensor) -> torch.Tensor:
+        opt = optorch.get_optimizer("sgd", max_lr=lr, momentum=0.0, inplace=False)
+        return opt.step(params, {"w": torch.ones(3)}, opt.init(params))[0]["w"]
+
+    with pytest.raises(ValueError, match="max_lr"):
+        grad(lambda lr: updated(lr).sum())(torch.tensor(-0.5))
+    out = vmap(updated)(torch.tensor([0.5, 0.25]))
+    torch.testing.assert_close(out, torch.tensor([[0.5] * 3, [0.75] * 3]), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# ensembles: vmap of a whole train step over stacked models and batched learning rates
+# --------------------------------------------------------------------------------------
+
+ENSEMBLE_SIZE = 8
+ENSEMBLE_STEPS = 20
+
+#: (registry name, fixed hyperparameters, the 8 learning rates).
+ENSEMBLE_CASES: list[tuple[str, dict[str, Any], list[float]]] = [
+    ("adamw", {"weight_decay": 0.1}, [0.001 * 2**k for k in range(ENSEMBLE_SIZE)]),
+    (
+        "sgd",
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+        [0.01 * 1.5**k for k in range(8)],
+    ),
+    ("lion", {"weight_decay": 0.5}, [1e-4 * 2**k for k in range(ENSEMBLE_SIZE)]),
+]
+
+
+def stacked_modules(dtype: torch.dtype) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """8 differently initialised 3-4-1 MLPs, stacked, and a weightless copy to call."""
+    torch.manual_seed(11)
+    models = [
+        torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(dtype)
+        for _ in range(ENSEMBLE_SIZE)
+    ]
+    stacked, _ = stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    return skeleton, {k: v.detach() for k, v in stacked.items()}
+
+
+def module_loss(
+    skeleton: torch.nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    return ((functional_call(skeleton, params, (x,)) - y) ** 2).mean()
+
+
+def ensemble_train_step(
+    skeleton: torch.nn.Module, name: str, hyper: dict[str, Any], how: str
+) -> Callable[..., Any]:
+    """One model's train step; the learning rate arrives as a (vmapped) 0-d tensor."""
+
+    def step(params: Any, state: Any, lr: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Any:
+        grads = grad(functools.partial(module_loss, skeleton))(params, x, y)
+        if how == "config":
+            opt = optorch.get_optimizer(name, max_lr=lr, inplace=False, **hyper)
+            return opt.step(params, grads, state)
+        opt = optorch.get_optimizer(name, inplace=False, **hyper)
+        return opt.step(params, grads, state, hyper_overrides={"max_lr": lr})
+
+    return step
+
+
+@pytest.mark.parametrize("how", ["config", "hyper_overrides"])
+@pytest.mark.parametrize(
+    ("name", "hyper", "lrs"), ENSEMBLE_CASES, ids=[c[0] for c in ENSEMBLE_CASES]
+)
+def test_vmapped_ensemble_equals_separate_runs(
+    name: str, hyper: dict[str, Any], lrs: list[float], how: str
+) -> None:
+    skeleton, stacked = stacked_modules(F64)
+    batches = regression_batches(seed=5, count=ENSEMBLE_STEPS, size=8, dtype=F64)
+    lr_tensor = torch.tensor(lrs, dtype=F64)
+    opt = optorch.get_optimizer(name, inplace=False, **hyper)
+    step = vmap(ensemble_train_step(skeleton, name, hyper, how), in_dims=(0, 0, 0, None, None))
+    params, state = stacked, vmap(opt.init)(stacked)
+    for x, y in batches:
+        params, state = step(params, state, lr_tensor, x, y)
+
+    assert state["step"].dtype == torch.int64
+    assert state["step"].tolist() == [ENSEMBLE_STEPS] * ENSEMBLE_SIZE
+    fields = [k for k in state if k != "step"]
+    assert fields, f"{name} keeps no per-param state to compare"
+    for index, lr in enumerate(lrs):
+        # the oracle: a plain eager in-place run of one model with a Python float lr
+        alone = optorch.get_optimizer(name, max_lr=lr, **hyper)
+        own = {k: v[index].clone() for k, v in stacked.items()}
+        own_state = alone.init(own)
+        for x, y in batches:
+            grads = grad(functools.partial(module_loss, skeleton))(own, x, y)
+            own, own_state = alone.step(own, grads, own_state)
+        what = f"{name} model {index} (lr {lr:g})"
+        mine = {k: v[index] for k, v in params.items()}
+        assert_trees_close(mine, own, rtol=1e-10, atol=1e-13, what=f"{what} params")
+        for field in fields:
+            mine_field = {k: v[index] for k, v in state[field].items()}
+            assert_trees_close(
+                mine_field, own_state[field], rtol=1e-10, atol=1e-13, what=f"{what} {field}"
+            )
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_vmap_over_learning_rates_from_one_shared_init(impl: str) -> None:
+    """A learning-rate sweep from the same initial params: only the lr is batched, so on
+    the first step params, grads and state are plain tensors and only the lr is traced
+    by vmap (the engine must notice it there too)."""
+    lrs = torch.tensor([0.01, 0.05, 0.2], dtype=F64)
+
+    def train(lr: torch.Tensor) -> dict[str, torch.Tensor]:
+        opt = optorch.get_optimizer("adamw", max_lr=lr, weight_decay=0.1, inplace=False, impl=impl)
+        params, state = INIT_PARAMS, opt.init(INIT_PARAMS)
+        for x, y in TRAIN_BATCHES:
+            params, state = opt.step(params, grad(mse)(params, x, y), state)
+        return params
+
+    swept = vmap(train)(lrs)
+    for index, lr in enumerate(lrs.tolist()):
+        opt = optorch.get_optimizer("adamw", max_lr=lr, weight_decay=0.1)
+        params = {k: v.clone() for k, v in INIT_PARAMS.items()}
+        state = opt.init(params)
+        for x, y in TRAIN_BATCHES:
+            params, state = opt.step(params, grad(mse)(params, x, y), state)
+        assert_trees_close(
+            {k: v[index] for k, v in swept.items()}, params, rtol=1e-10, atol=1e-13, what=f"lr {lr}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# the transform matrix: every mode under every transform, with its oracle
+# --------------------------------------------------------------------------------------
+
+TRANSFORMS = ("grad", "vjp", "jacrev", "jvp", "vmap")
+IMPLS = ("reference", "foreach", "compiled")
+TRANSFORM_ERROR = (
+    r"in-place step cannot run on tensors traced by a torch\.func transform.*inplace=False"
+)
+
+
+def _validation_after_one_step(opt: optorch.Optimizer, params: dict[str, torch.Tensor]) -> Any:
+    x, y = TRAIN_BATCHES[0]
+    return mse(opt.step(params, grad(mse)(params, x, y), opt.init(params))[0], *VALIDATION_BATCH)
+
+
+def _autograd_oracle(params0: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """d validation / d params0 through one pure reference step, by plain autograd."""
+    opt = optorch.get_optimizer(
+        "adamw", max_lr=0.05, weight_decay=0.1, inplace=False, impl="reference"
+    )
+    leaves = {k: v.clone().requires_grad_() for k, v in params0.items()}
+    x, y = TRAIN_BATCHES[0]
+    grads = torch.autograd.grad(mse(leaves, x, y), list(leaves.values()), create_graph=True)
+    stepped = opt.step(leaves, dict(zip(leaves, grads, strict=True)), opt.init(leaves))[0]
+    out = torch.autograd.grad(mse(stepped, *VALIDATION_BATCH), list(leaves.values()))
+    return dict(zip(leaves, out, strict=True))
+
+
+def _run_transform(transform: str, opt: optorch.Optimizer) -> Any:
+    params0 = {k: v.clone() for k, v in INIT_PARAMS.items()}
+    loss_of = functools.partial(_validation_after_one_step, opt)
+    if transform == "grad":
+        return grad(loss_of)(params0)
+    if transform == "jacrev":
+        return jacrev(loss_of)(params0)
+    if transform == "vjp":
+        _, pullback, *_ = vjp(loss_of, params0)
+        return pullback(torch.tensor(1.0, dtype=F64))[0]
+    if transform == "jvp":  # forward mode: one directional derivative per param tensor
+        return {key: jvp(loss_of, (params0,), (_basis(key),))[1] for key in params0}
+    stacked = {k: torch.stack([v, 2 * v]) for k, v in params0.items()}
+    return vmap(functools.partial(_params_after_one_step, opt))(stacked)
+
+
+def _params_after_one_step(
+    opt: optorch.Optimizer, params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    x, y = TRAIN_BATCHES[0]
+    return opt.step(params, grad(mse)(params, x, y), opt.init(params))[0]
+
+
+def _basis(key: str) -> dict[str, torch.Tensor]:
+    """A tangent: ones on the param ``key``, zeros elsewhere."""
+    return {k: torch.full_like(v, float(k == key)) for k, v in INIT_PARAMS.items()}
+
+
+def _transform_oracle(transform: str) -> Any:
+    if transform == "jvp":
+        gradient = _autograd_oracle(INIT_PARAMS)
+        return {key: gradient[key].sum() for key in gradient}
+    if transform != "vmap":
+        return _autograd_oracle(INIT_PARAMS)
+    opt = optorch.get_optimizer("adamw", max_lr=0.05, weight_decay=0.1, impl="reference")
+    outs = [
+        _params_after_one_step(opt, {k: scale * v.clone() for k, v in INIT_PARAMS.items()})
+        for scale in (1.0, 2.0)
+    ]
+    return {k: torch.stack([o[k] for o in outs]) for k in INIT_PARAMS}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "inplace"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_transform_matrix(transform: str, inplace: bool, impl: str) -> None:
+    opt = optorch.get_optimizer("adamw", max_lr=0.05, weight_decay=0.1, inplace=inplace, impl=impl)
+    if inplace:
+        with pytest.raises(RuntimeError, match=TRANSFORM_ERROR) as excinfo:
+            _run_transform(transform, opt)
+        # optorch refuses before any tensor is touched: the error comes from its own
+        # check, in one line, not from deep inside autograd or a batching rule
+        assert "optorch" in Path(str(excinfo.traceback[-1].path)).parts
+        assert "\n" not in str(excinfo.value) and len(str(excinfo.value)) < 300
+        return
+    result = _run_transform(transform, opt)
+    assert_trees_close(result, _transform_oracle(transform), rtol=1e-10, atol=1e-13, what=transform)
+
+
+# --------------------------------------------------------------------------------------
+# in-place steps and autograd (outside torch.func)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS[:2])
+def test_inplace_step_on_leaves_that_require_grad_is_the_torch_optim_pattern(impl: str) -> None:
+    """``loss.backward()`` then an in-place step on the leaves: the leaves stay leaves
+    (no graph is recorded through the update) and the numbers equal the pure step."""
+    opt = optorch.get_optimizer("adamw", max_lr=0.05, weight_decay=0.1, impl=impl)
+    leaves = {k: v.clone().requires_grad_() for k, v in INIT_PARAMS.items()}
+    state = opt.init(leaves)
+    mse(leaves, *TRAIN_BATCHES[0]).backward()
+    grads = {k: v.grad for k, v in leaves.items()}
+    expected = opt.replace(inplace=False).step(
+        {k: v.detach() for k, v in leaves.items()}, grads, opt.init(leaves)
+    )[0]
+    out, state = opt.step(leaves, grads, state)
+    for key, tensor in out.items():
+        assert tensor is leaves[key] and tensor.is_leaf and tensor.requires_grad
+        assert tensor.grad_fn is None
+    assert_trees_close(
+        {k: v.detach() for k, v in out.items()}, expected, rtol=0, atol=0, what="in place"
+    )
+
+
+def test_inplace_step_on_params_inside_an_autograd_graph_raises() -> None:
+    """Params that are results of differentiable ops (not leaves) would be overwritten
+    under ``no_grad``: the graph would silently lose the update. Refuse it."""
+    opt = optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.0)
+    w = INIT_PARAMS["w1"].clone().requires_grad_()
+    params = {"w1": w * 1.0, **{k: v for k, v in INIT_PARAMS.items() if k != "w1"}}
+    grads = {k: torch.ones_like(v) for k, v in params.items()}
+    with pytest.raises(RuntimeError, match=r"in-place.*w1.*autograd graph.*inplace=False"):
+        opt.step(params, grads, opt.init(params))
+
+
+def test_inplace_step_records_no_hypergradient() -> None:
+    """With ``inplace=True`` the update runs under ``no_grad``: a learning rate that
+    requires grad is not in the graph, and autograd says so."""
+    lr = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    opt = optorch.get_optimizer("sgd", max_lr=lr, momentum=0.0)
+    params = {k: v.clone() for k, v in INIT_PARAMS.items()}
+    params, _ = opt.step(params, grad(mse)(params, *TRAIN_BATCHES[0]), opt.init(params))
+    loss = mse(params, *VALIDATION_BATCH)
+    assert not loss.requires_grad
+    pure = opt.replace(inplace=False)
+    params = {k: v.clone() for k, v in INIT_PARAMS.items()}
+    params, _ = pure.step(params, grad(mse)(params, *TRAIN_BATCHES[0]), pure.init(params))
+    assert mse(params, *VALIDATION_BATCH).requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile of a whole train step
+# --------------------------------------------------------------------------------------
+
+COMPILE_STEPS = 30
+
+#: (id, inplace, impl, loss scaler, lr as a tensor override, backend, atol). Inside a
+#: compiled graph every impl runs the reference loop; the eager baseline of
+#: ``impl="compiled"`` runs optorch's own compiled kernels, which fuse differently (1e-6 a
+#: step in float32, accumulated over 30 steps).
+COMPILE_CASES: list[tuple[str, bool, str, bool, bool, str, float]] = [
+    ("pure-reference", False, "reference", False, False, "aot_eager", 1e-6),
+    ("inplace-auto-scaler", True, "auto", True, False, "aot_eager", 1e-6),
+    ("pure-compiled-lr-tensor", False, "compiled", False, True, "aot_eager", 1e-5),
+    ("inplace-reference-inductor", True, "reference", False, False, "inductor", 1e-6),
+]
+
+
+def _compile_fixture(inplace: bool, impl: str, scaler: bool, lr_tensor: bool) -> Any:
+    from optorch import amp
+
+    batches = regression_batches(seed=7, count=COMPILE_STEPS, size=16, dtype=F32)
+    params0 = mlp_params(seed=8, dtype=F32)
+    schedule = cosine_annealing(T_max=COMPILE_STEPS, eta_min=0.05)
+    opt = optorch.get_optimizer(
+        "adamw", max_lr=0.03, weight_decay=0.1, inplace=inplace, impl=impl, schedule=schedule
+    )
+
+    def train_step(params: Any, state: Any, scaler_state: Any, lr: Any, x: Any, y: Any) -> Any:
+        overrides = {"max_lr": lr} if lr_tensor else None
+        if scaler:
+
+            def scaled_loss(p: Any) -> tuple[torch.Tensor, torch.Tensor]:
+                loss = mse(p, x, y)
+                return amp.scale_loss(loss, scaler_state), loss
+
+            grads, (_, loss) = grad_and_value(scaled_loss, has_aux=True)(params)
+            out = amp.scaled_step(
+                opt, params, grads, state, scaler_state, hyper_overrides=overrides
+            )
+            return out.params, out.opt_state, out.scaler_state, loss
+        grads, loss = grad_and_value(mse)(params, x, y)
+        params, state = opt.step(params, grads, state, hyper_overrides=overrides)
+        return params, state, scaler_state, loss
+
+    def trajectory(step_fn: Callable[..., Any]) -> tuple[Any, Any, torch.Tensor]:
+        params = {k: v.clone() for k, v in params0.items()}
+        state = opt.init(params)
+        scaler_state = amp.init_grad_scaler(init_scale=2.0**8, growth_interval=4)
+        lr = torch.tensor(0.03)
+        losses = []
+        for k, (x, y) in enumerate(batches):
+            lr.fill_(0.03 * (1.0 - k / (2 * COMPILE_STEPS)))  # changes every step
+            params, state, scaler_state, loss = step_fn(params, state, scaler_state, lr, x, y)
+            losses.append(loss.detach().clone())
+        return params, state, torch.stack(losses)
+
+    return train_step, trajectory
+
+
+@pytest.mark.parametrize(
+    ("inplace", "impl", "scaler", "lr_tensor", "backend", "atol"),
+    [case[1:] for case in COMPILE_CASES],
+    ids=[case[0] for case in COMPILE_CASES],
+)
+def test_compiled_train_step_has_no_graph_break_and_no_recompile(
+    inplace: bool, impl: str, scaler: bool, lr_tensor: bool, backend: str, atol: float
+) -> None:
+    train_step, trajectory = _compile_fixture(inplace, impl, scaler, lr_tensor)
+    eager_params, eager_state, eager_losses = trajectory(train_step)
+
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(train_step, backend=backend, fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        params, state, losses = trajectory(compiled)
+
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert int(state["step"]) == COMPILE_STEPS
+    assert_trees_close(params, eager_params, rtol=1e-5, atol=atol, what="compiled params")
+    for field in ("exp_avg", "exp_avg_sq"):
+        assert_trees_close(state[field], eager_state[field], rtol=1e-5, atol=atol, what=field)
+    torch.testing.assert_close(losses, eager_losses, rtol=1e-5, atol=atol)
+    assert float(losses[-1]) < float(losses[0])
+    assert math.isfinite(float(losses[-1]))
