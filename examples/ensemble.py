@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # the same model trained alone, eagerly, in place, with a Python float lr
         index = args.models // 2
         alone = optorch.get_optimizer(args.optimizer, max_lr=float(lrs[index]))
-        own = {name: tensor[index].clone() for name, tensor in stacked.items()}
+        own = {name: tensor[index].detach().clone() for name, tensor in stacked.items()}
         own_state = alone.init(own)
         for step in range(args.steps):
             x = x_train[step * batch : (step + 1) * batch]

@@ -436,9 +436,14 @@ def test_11_testpaths_exist() -> None:
     ]
     paths = pytest_options["testpaths"]
     assert paths, "no testpaths configured"
+    doctests = "--doctest-modules" in pytest_options.get("addopts", "")
     for path in paths:
         assert (ROOT / path).is_dir(), f"testpaths entry {path!r} does not exist"
-        assert any((ROOT / path).glob("test_*.py")), f"no test file under {path!r}"
+        # a folder of tests, or of modules whose docstring examples run as doctests
+        holds_tests = any((ROOT / path).glob("test_*.py"))
+        holds_doctests = doctests and any((ROOT / path).glob("*.py"))
+        assert holds_tests or holds_doctests, f"nothing to test under {path!r}"
+    assert any(any((ROOT / p).glob("test_*.py")) for p in paths), "no test files at all"
 
 
 def _make_rules(text: str) -> dict[str, tuple[list[str], list[str]]]:

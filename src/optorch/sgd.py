@@ -106,11 +106,11 @@ class SGDRule(Rule):
         if maximize:
             grad = -grad
         if decay:
-            grad = grad + param * h.weight_decay
+            grad = add_scaled(grad, param, h.weight_decay)
         if not use_momentum:
             return (add_scaled(param, grad, -h.lr),)
-        buf = rest[0] * h.keep + grad * h.grad_scale
-        direction = grad + buf * h.momentum if nesterov else buf
+        buf = add_scaled(rest[0] * h.keep, grad, h.grad_scale)
+        direction = add_scaled(grad, buf, h.momentum) if nesterov else buf
         return add_scaled(param, direction, -h.lr), buf
 
 
