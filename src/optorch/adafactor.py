@@ -182,6 +182,8 @@ class AdafactorRule(Rule):
 
     def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
         h = rest[-1]
+        if param.numel() == 0:  # the mean over an empty dimension would be NaN
+            return (param, *rest[:-1])
         row_var, col_var, variance = rest[:3]
         maximize, decay, machine_eps1, momentum = h.static
         factored = h.leaf

@@ -246,6 +246,8 @@ def scale_loss(loss: torch.Tensor, scaler_state: Mapping[str, Any]) -> torch.Ten
     tensor(1.)
     """
     scale = _checked_state(scaler_state)["scale"]
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"scale_loss: loss must be a tensor, got {type(loss).__name__} ({loss!r})")
     dtype = torch.promote_types(loss.dtype, scale.dtype)
     return loss.to(dtype) * scale.to(device=loss.device, dtype=dtype)
 
@@ -346,6 +348,11 @@ def _next_scale_and_tracker(
     tracker: torch.Tensor = state["growth_tracker"]
     if not isinstance(found_inf, torch.Tensor):  # a Python flag from a hand-written loop
         found_inf = torch.tensor(float(found_inf))
+    if found_inf.numel() != 1:
+        raise ValueError(
+            f"found_inf must be a 0-d tensor (from unscale_grads), got shape "
+            f"{tuple(found_inf.shape)}"
+        )
     # nonzero (NaN included) counts as an overflow, as in GradScaler's kernel
     overflow = found_inf.to(device=scale.device).reshape(()) != 0
     finite_in_a_row = tracker + 1

@@ -512,6 +512,14 @@ def prepare(
             f"{rule.name}: optimizer state has unexpected field(s) {foreign} (expected "
             f"{sorted(known)}); is it the state of another optimizer?"
         )
+    optional = rule_optional_fields(rule)
+    present = [name for name in names if name in state]
+    lacking = [name for name in names if name not in state and name not in optional]
+    if present and lacking:
+        raise ValueError(
+            f"{rule.name}: optimizer state lacks field(s) {lacking} (has {sorted(state)}); "
+            "is it the state of another optimizer?"
+        )
     text_paths = [format_path(p) for p in param_paths]
     fields: dict[str, list[Any]] = {}
     for name in names:
@@ -783,6 +791,18 @@ class Optimizer:
     ) -> tuple[PyTree, dict[str, Any]]:
         """One step: ``(params, grads, state) -> (params, state)``."""
         return apply_step(self.rule, self.config, params, grads, state, **kwargs)
+
+    def check(
+        self,
+        params: PyTree,
+        grads: PyTree,
+        state: Mapping[str, Any],
+        *,
+        hyper_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Raise what :meth:`step` would raise for these inputs; change nothing."""
+        config = _overridden(self.config, hyper_overrides) if hyper_overrides else self.config
+        prepare(self.rule, config, params, grads, state)
 
     def replace(self, **changes: Any) -> Optimizer:
         """The same optimizer with config fields changed."""

@@ -130,6 +130,26 @@ def _values(args: Sequence[Any]) -> list[Any]:
     return [a.value if isinstance(a, TensorList) else a for a in args]
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _foreach_mul_exact_(tensors: list[torch.Tensor], other: Any) -> None:
+    """``torch._foreach_mul_``, with a Python scalar kept exact for float16/bfloat16.
+
+    torch's CPU kernel of ``_foreach_mul_(tensors, scalar)`` rounds the scalar to a
+    low-precision list's dtype first (0.9 -> 0.8984375 in bfloat16), unlike ``torch.mul``
+    and the out-of-place ``_foreach_mul``; a 0-d float32 tensor is applied exactly.
+    """
+    if (
+        isinstance(other, (int, float))
+        and not isinstance(other, bool)
+        and tensors
+        and tensors[0].dtype in _LOW_PRECISION
+    ):
+        other = torch.tensor(float(other), dtype=torch.float32, device=tensors[0].device)
+    torch._foreach_mul_(tensors, other)
+
+
 class TensorList:
     """Many tensors under one set of operators, evaluated with ``torch._foreach_*``.
 
@@ -205,7 +225,7 @@ class TensorList:
         return -self + other
 
     def __mul__(self, other: Any) -> TensorList:
-        return self._node(torch._foreach_mul, torch._foreach_mul_, other)
+        return self._node(torch._foreach_mul, _foreach_mul_exact_, other)
 
     __rmul__ = __mul__
 

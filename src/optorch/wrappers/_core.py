@@ -241,6 +241,16 @@ def check_grads(who: str, params: PyTree, grads: PyTree) -> tuple[list[Any], lis
                 f"{who}: grad at {format_path(path)} has shape {tuple(g.shape)} but the "
                 f"param has shape {tuple(p.shape)}"
             )
+        if isinstance(p, torch.Tensor) and g.dtype != p.dtype:
+            raise TypeError(
+                f"{who}: grad at {format_path(path)} has dtype {g.dtype} but the param has "
+                f"dtype {p.dtype}"
+            )
+        if isinstance(p, torch.Tensor) and g.device != p.device:
+            raise ValueError(
+                f"{who}: grad at {format_path(path)} is on {g.device} but the param is on "
+                f"{p.device}"
+            )
     return paths, p_leaves, g_leaves
 
 
@@ -270,7 +280,24 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
                 f"{who}: state {field!r} at {format_path(path)} has shape {tuple(s.shape)} "
                 f"but the param has shape {tuple(p.shape)}"
             )
+        if isinstance(p, torch.Tensor) and isinstance(s, torch.Tensor) and s.device != p.device:
+            raise ValueError(
+                f"{who}: state {field!r} at {format_path(path)} is on {s.device} but the "
+                f"param is on {p.device}"
+            )
     return leaves_
+
+
+def check_counter(who: str, state: Mapping[str, Any], key: str) -> torch.Tensor:
+    """``state[key]`` must be a 0-d integer tensor (a wrapper's step counter)."""
+    value = state[key]
+    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
+        raise TypeError(f"{who}: state[{key!r}] must be a 0-d int64 tensor, got {value!r}")
+    if value.dim() != 0:
+        raise ValueError(
+            f"{who}: state[{key!r}] must be a 0-d int64 tensor, got shape {tuple(value.shape)}"
+        )
+    return value
 
 
 def _is_leaf(node: Any) -> bool:

@@ -17,6 +17,7 @@ from optorch.wrappers._core import (
     aligned_leaves,
     as_gate,
     check_count,
+    check_counter,
     check_probability,
     clone_leaves,
     commit,
@@ -74,6 +75,7 @@ class EMA(Wrapper):
     ) -> tuple[PyTree, dict[str, Any]]:
         who = self.name
         expect_keys(who, state, ("inner", "ema", "count"))
+        check_counter(who, state, "count")
         gate = as_gate(who, skip_if)
         ema_spec = flatten(state["ema"])[2]
         old = aligned_leaves(who, "ema", state["ema"], params)
@@ -184,6 +186,7 @@ class Lookahead(Wrapper):
     ) -> tuple[PyTree, dict[str, Any]]:
         who = self.name
         expect_keys(who, state, ("inner", "slow", "count"))
+        check_counter(who, state, "count")
         gate = as_gate(who, skip_if)
         slow_spec = flatten(state["slow"])[2]
         slow = aligned_leaves(who, "slow", state["slow"], params)

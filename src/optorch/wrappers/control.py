@@ -21,6 +21,7 @@ from optorch.wrappers._core import (
     aligned_leaves,
     as_gate,
     check_count,
+    check_counter,
     check_grads,
     commit,
     counter,
@@ -73,6 +74,7 @@ class Accumulate(Wrapper):
     ) -> tuple[PyTree, dict[str, Any]]:
         who = self.name
         expect_keys(who, state, ("inner", "grad_mean", "count"))
+        check_counter(who, state, "count")
         gate = as_gate(who, skip_if)
         _, _, g_leaves = check_grads(who, params, grads)
         mean_spec = flatten(state["grad_mean"])[2]
@@ -208,6 +210,8 @@ class SkipNonfinite(Wrapper):
     ) -> tuple[PyTree, dict[str, Any]]:
         who = self.name
         expect_keys(who, state, ("inner", "skipped_total", "skipped_consecutive"))
+        check_counter(who, state, "skipped_total")
+        check_counter(who, state, "skipped_consecutive")
         gate = as_gate(who, skip_if)
         _, _, g_leaves = check_grads(who, params, grads)
         total = state["skipped_total"]

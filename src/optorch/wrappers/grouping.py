@@ -289,6 +289,20 @@ class Partition:
         if missing:
             raise ValueError(f"{who}: state has no group(s) {missing}")
         routed = self._split_overrides(hyper_overrides)
+        # every group is checked before any is stepped: an in-place step must not leave
+        # some groups updated when a later group's inputs are rejected
+        for label, opt in self.optimizers.items():
+            check = getattr(opt, "check", None)
+            if check is not None:
+                chosen = [
+                    lab == label and x is not None for lab, x in zip(labels, p_leaves, strict=True)
+                ]
+                check(
+                    restricted(p_leaves, chosen, spec),
+                    restricted(g_leaves, chosen, spec),
+                    groups_state[label],
+                    hyper_overrides=routed[label] or None,
+                )
         out_leaves = list(p_leaves)
         new_groups: dict[Hashable, Any] = {}
         for label, opt in self.optimizers.items():

@@ -348,6 +348,10 @@ class _AddNoise(GradientTransformation):
         self, grads: PyTree, state: Mapping[str, Any], params: PyTree
     ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
         count = state["count"]
+        if not isinstance(count, torch.Tensor) or count.dtype != torch.int64 or count.dim():
+            raise TypeError(
+                f"{self.name}: state['count'] must be a 0-d int64 tensor, got {count!r}"
+            )
         std = torch.sqrt(self.eta / (1.0 + count.to(torch.float64)) ** self.gamma)
         step_key = _mix32((count & _MASK32) ^ _mix32(self.seed & _MASK32))
         _, leaves_, spec = flatten(grads)
