@@ -73,7 +73,7 @@ import torch
 
 from optorch.base import BaseConfig, Rule, apply_step, check_bool, check_range, init_state, is_zero
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import lerp, scalar_sqrt, where
+from optorch.engine import lerp, scalar_sqrt, where, zeros_laid_out_like
 
 __all__ = ["AdafactorConfig", "AdafactorRule", "adafactor_step", "default_adafactor_state"]
 
@@ -127,6 +127,13 @@ def _rms(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.norm() / (tensor.numel() ** 0.5)
 
 
+def _mean(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    """The mean over ``dim``, kept as a dim of size 1, as a sum divided by the size: on a
+    DTensor sharded along ``dim`` the sum stays a partial result that one all-reduce
+    completes, where ``mean`` gathers the whole tensor when the shards are uneven."""
+    return tensor.sum(dim=dim, keepdim=True) / tensor.shape[dim]
+
+
 class AdafactorRule(Rule):
     name = "adafactor"
     config_type = AdafactorConfig
@@ -152,8 +159,8 @@ class AdafactorRule(Rule):
         return param.shape
 
     def init_field(self, name: str, param: torch.Tensor, config: AdafactorConfig) -> torch.Tensor:
-        shape = self.state_shape(name, param, config)
-        return torch.zeros(shape, dtype=param.dtype, device=param.device)
+        # sharded like a DTensor param where the shapes agree (FSDP2)
+        return zeros_laid_out_like(param, self.state_shape(name, param, config))
 
     def leaf_key(self, param: torch.Tensor, config: AdafactorConfig) -> Any:
         return param.dim() >= 2  # factored
@@ -196,9 +203,9 @@ class AdafactorRule(Rule):
             param = param * h.shrink
         grad_sq = grad * grad
         if factored:
-            row_var = lerp(row_var, grad_sq.mean(dim=-1, keepdim=True), h.new_weight)
-            col_var = lerp(col_var, grad_sq.mean(dim=-2, keepdim=True), h.new_weight)
-            row_scale = row_var.mean(dim=-2, keepdim=True).clamp_min(eps1)
+            row_var = lerp(row_var, _mean(grad_sq, -1), h.new_weight)
+            col_var = lerp(col_var, _mean(grad_sq, -2), h.new_weight)
+            row_scale = _mean(row_var, -2).clamp_min(eps1)
             variance_estimate = row_var * col_var / row_scale
         else:
             variance = lerp(variance, grad_sq, h.new_weight)

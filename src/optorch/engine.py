@@ -37,11 +37,13 @@ __all__ = [
     "addcdiv",
     "addcmul",
     "lerp",
+    "on_full_tensor",
     "resolve_impl",
     "run",
     "scalar_sqrt",
     "select",
     "where",
+    "zeros_laid_out_like",
 ]
 
 #: Tensors per compiled call (a chunk is padded with small scratch tensors).
@@ -117,6 +119,58 @@ def addcdiv(x: Any, a: Any, b: Any, value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return x + a / b * value
     return torch.addcdiv(x, a, b, value=value)
+
+
+# --------------------------------------------------------------------------------------
+# sharded tensors (DTensor, as FSDP2 makes them): helpers for rules that are not
+# elementwise
+# --------------------------------------------------------------------------------------
+
+
+def zeros_laid_out_like(param: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zeros of ``shape`` in ``param``'s dtype and device, laid out like ``param``.
+
+    For a ``DTensor`` param, a ``DTensor`` on its mesh that keeps each ``Shard(d)`` of
+    the param where ``shape`` has the param's size along ``d``, and is replicated along
+    the others (e.g. a moment reduced to size 1 along ``d``): each rank allocates only
+    its part, and no step has to gather it. For a plain param, plain zeros.
+    """
+    if not _is_dtensor(param):
+        return torch.zeros(shape, dtype=param.dtype, device=param.device)
+    from torch.distributed.tensor import Replicate, Shard, zeros
+
+    same_rank = len(shape) == param.dim()
+    placements = [
+        p
+        if isinstance(p, Shard) and same_rank and shape[p.dim] == param.shape[p.dim]
+        else Replicate()
+        for p in param.placements  # type: ignore[attr-defined]
+    ]
+    return zeros(
+        tuple(shape),
+        dtype=param.dtype,
+        device_mesh=param.device_mesh,  # type: ignore[attr-defined]
+        placements=placements,
+    )
+
+
+def on_full_tensor(fn: Callable[[torch.Tensor], torch.Tensor], tensor: Any) -> Any:
+    """``fn(tensor)`` for a function of the whole tensor that sharded ops would do badly
+    (a matrix iteration such as Muon's Newton-Schulz, many matmuls on one matrix).
+
+    A plain tensor goes straight to ``fn``. A ``DTensor`` is gathered once
+    (``full_tensor()``), ``fn`` runs on the full tensor on every rank, and each rank
+    keeps its own part of the result in the input's placements, with no further
+    communication. ``fn`` must return a tensor of the input's shape.
+    """
+    if not _is_dtensor(tensor):
+        return fn(tensor)
+    from torch.distributed.tensor import DTensor, Replicate
+
+    mesh = tensor.device_mesh
+    whole = fn(tensor.full_tensor())
+    replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, tensor.placements)
 
 
 # --------------------------------------------------------------------------------------
@@ -326,7 +380,7 @@ class TensorList:
         if isinstance(value, torch.Tensor) or not isinstance(tensor1, TensorList):
             return self + tensor1 / tensor2 * value
         return self._node(
-            lambda s, a, b: torch._foreach_addcdiv(s, a, b, value=value),
+            lambda s, a, b: _foreach_addcdiv(s, a, b, value),
             lambda s, a, b: torch._foreach_addcdiv_(s, a, b, value=value),
             tensor1,
             tensor2,
@@ -341,6 +395,18 @@ class TensorList:
 
     def nan_to_num(self, nan: float = 0.0) -> TensorList:
         return self._map(lambda x: torch.nan_to_num(x, nan=nan))
+
+
+def _foreach_addcdiv(
+    start: list[torch.Tensor], numerators: Any, denominators: Any, value: Any
+) -> list[torch.Tensor]:
+    """``torch._foreach_addcdiv``; on DTensors, the in-place op on a copy (torch 2.13 has
+    a sharding rule for ``_foreach_addcdiv_`` but none for the out-of-place op)."""
+    if start and _is_dtensor(start[0]):
+        out = [tensor.clone() for tensor in start]
+        torch._foreach_addcdiv_(out, numerators, denominators, value=value)
+        return out
+    return list(torch._foreach_addcdiv(start, numerators, denominators, value=value))
 
 
 def _reachable(outputs: Sequence[TensorList]) -> list[TensorList]:
@@ -806,6 +872,55 @@ def _records_graph(tensors: Sequence[torch.Tensor], states: Sequence[Sequence[An
 _EXECUTORS = {"reference": _run_reference, "foreach": _run_foreach, "compiled": _run_compiled}
 
 
+def _same_layout(tensor: Any, like: Any) -> bool:
+    return (
+        _is_dtensor(tensor)
+        and tensor.device_mesh == like.device_mesh
+        and tensor.placements == like.placements
+        and tensor.shape == like.shape
+    )
+
+
+def _local_shards(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    inplace: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]] | None:
+    """Each operand's local shard, when every param is a DTensor and its grad and state
+    share its layout (FSDP2 params, their grads, state from ``init``); else None."""
+    if not all(_is_dtensor(p) for p in params):
+        return None
+    for i, param in enumerate(params):
+        if not all(_same_layout(t, param) for t in (grads[i], *(f[i] for f in states))):
+            return None
+    # in place, the shards are written through: they must be the DTensors' own buffers,
+    # which to_local() returns outside autograd
+    context = torch.no_grad() if inplace else nullcontext()
+    with context:
+        return (
+            [p.to_local() for p in params],  # type: ignore[attr-defined]
+            [g.to_local() for g in grads],  # type: ignore[attr-defined]
+            [[s.to_local() for s in field] for field in states],  # type: ignore[attr-defined]
+        )
+
+
+def _as_dtensors(locals_: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    from torch.distributed.tensor import DTensor
+
+    return [
+        DTensor.from_local(
+            local,
+            p.device_mesh,  # type: ignore[attr-defined]
+            p.placements,  # type: ignore[attr-defined]
+            run_check=False,
+            shape=p.shape,
+            stride=p.stride(),
+        )
+        for local, p in zip(locals_, like, strict=True)
+    ]
+
+
 def run(
     rule: Any,
     config: Any,
@@ -822,6 +937,17 @@ def run(
     """
     if not params:
         return [], [[] for _ in states]
+    if rule.elementwise and _is_dtensor(params[0]):
+        local = _local_shards(params, grads, states, config.inplace)
+        if local is not None:
+            # an elementwise rule on operands sharded alike is the same rule on each
+            # rank's shards: no DTensor dispatch per op (2x slower for foreach, 7x for
+            # the reference loop, measured), and the compiled kernels apply
+            local_p, local_g, local_s = local
+            new_p, new_s = run(rule, config, h, local_p, local_g, local_s, gate)
+            if config.inplace:
+                return list(params), [list(field) for field in states]
+            return _as_dtensors(new_p, params), [_as_dtensors(col, params) for col in new_s]
     impl = resolve_impl(rule, config)
     tensors = _step_tensors(params, grads, h, gate)
     if impl != "reference" and _under_functorch(tensors):

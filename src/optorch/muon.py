@@ -88,7 +88,7 @@ from optorch.base import (
     init_state,
 )
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import lerp
+from optorch.engine import lerp, on_full_tensor
 
 __all__ = [
     "ADJUST_LR_FNS",
@@ -277,13 +277,18 @@ class MuonRule(Rule):
         transpose, scale = h.leaf
         buf = lerp(buf, grad, h.one_minus_momentum)
         direction = lerp(grad, buf, h.momentum) if nesterov else buf
-        orthogonal = newton_schulz(
+        # a sharded (FSDP2) matrix is gathered once and orthogonalised whole on every
+        # rank, which keeps its own rows: DTensor matmuls would gather in each iteration
+        orthogonal = on_full_tensor(
+            lambda matrix: newton_schulz(
+                matrix,
+                coefficients=coefficients,
+                steps=ns_steps,
+                eps=eps,
+                dtype=ns_dtype,
+                transpose=transpose,
+            ),
             direction,
-            coefficients=coefficients,
-            steps=ns_steps,
-            eps=eps,
-            dtype=ns_dtype,
-            transpose=transpose,
         )
         if decay:
             param = param * h.shrink

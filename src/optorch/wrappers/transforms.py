@@ -89,12 +89,28 @@ def _norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     r"""The L2 norm of all ``tensors`` together, :math:`\sqrt{\sum_i \lVert g_i\rVert^2}`
-    (float32, or float64 if a tensor is float64)."""
+    (float32, or float64 if a tensor is float64).
+
+    For ``DTensor`` (FSDP2) tensors it is the norm of the full tensors: the shards'
+    norms are partial results, combined by one all-reduce per device mesh; the result
+    is a plain tensor, the same on every rank.
+    """
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     dtype = _norm_dtype(tensors)
     device = tensors[0].device
-    norms = [torch.linalg.vector_norm(t, dtype=dtype).to(device) for t in tensors]
+    norms: list[torch.Tensor] = []
+    sharded: dict[Any, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        norm = torch.linalg.vector_norm(tensor, dtype=dtype)
+        mesh = getattr(norm, "device_mesh", None)
+        if mesh is None:
+            norms.append(norm.to(device))
+        else:
+            sharded.setdefault(mesh, []).append(norm)
+    for partial_norms in sharded.values():
+        whole = torch.linalg.vector_norm(torch.stack(partial_norms))
+        norms.append(whole.full_tensor().to(device))
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
