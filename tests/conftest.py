@@ -252,3 +252,16 @@ def pytest_make_parametrize_id(config: Any, val: Any, argname: str) -> str | Non
         ]
         return "{" + ",".join(parts) + "}"
     return None
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _compile_small_tensors() -> Any:
+    """Tests use small tensors; route them through the compiled kernels anyway (by default
+    tensors under ``COMPILED_MIN_NUMEL`` elements take the foreach path), so that
+    ``impl="compiled"`` tests exercise compiled code."""
+    from optorch import engine
+
+    saved = engine.COMPILED_MIN_NUMEL
+    engine.COMPILED_MIN_NUMEL = 2
+    yield
+    engine.COMPILED_MIN_NUMEL = saved

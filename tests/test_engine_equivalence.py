@@ -209,3 +209,25 @@ def test_compiled_does_not_recompile_over_50_steps() -> None:
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_after_first
     assert int(state["step"]) == 50
     assert all(torch.isfinite(p).all() for p in params.values())
+
+
+def test_compiled_sends_small_tensors_to_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Below COMPILED_MIN_NUMEL a tensor takes the foreach path; no kernel is compiled."""
+    from optorch import engine
+
+    monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 1 << 16)
+    invoked: list[Any] = []
+    monkeypatch.setattr(
+        engine, "_compiled_fn", lambda *a, **k: lambda *args, **kw: invoked.append(args)
+    )
+    params = {"w": torch.randn(4, 4), "b": torch.randn(4)}
+    grads = {k: torch.randn_like(v) for k, v in params.items()}
+    reference = {k: v.clone() for k, v in params.items()}
+    opt = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.1)
+    ref_opt = optorch.get_optimizer("adamw", impl="reference", weight_decay=0.1)
+    state, ref_state = opt.init(params), ref_opt.init(reference)
+    opt.step(params, grads, state)
+    ref_opt.step(reference, grads, ref_state)
+    for key in params:
+        torch.testing.assert_close(params[key], reference[key], rtol=1e-6, atol=1e-7)
+    assert invoked == []  # no compiled kernel ran: the update above came from foreach

@@ -15,13 +15,18 @@ over lists, or a compiled single pass) is the engine's business
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
+import functools
 import math
+import operator
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import optree
 import torch
 
 from optorch.tree import PyTree, flatten, format_path, unflatten
@@ -412,13 +417,14 @@ def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()
     return f"at {format_path(path)}: containers differ"
 
 
-def _align_field(name: str, tree: PyTree, param_paths: list[Any], params: PyTree) -> list[Any]:
+def _align_field(name: str, tree: PyTree, spec: Any, params: PyTree) -> list[Any]:
     """Leaves of state field ``name`` in params order (None where a param has no state)."""
-    paths, leaves_, _ = flatten(tree)
-    if paths == param_paths:
+    leaves_, field_spec = _flat(tree)
+    if field_spec == spec:
         return leaves_
-    index = {path: i for i, path in enumerate(param_paths)}
-    out: list[Any] = [None] * len(param_paths)
+    paths, leaves_, _ = flatten(tree)
+    index = {path: i for i, path in enumerate(spec.paths())}
+    out: list[Any] = [None] * len(index)
     for path, leaf in zip(paths, leaves_, strict=True):
         position = index.get(path)
         if position is None:
@@ -486,8 +492,132 @@ class Prepared:
     fields: dict[str, list[Any]]
     active: list[int]
     step: torch.Tensor
-    paths: list[str]  # for messages
-    raw_paths: list[Any]  # optree paths, for re-assembling state trees
+
+    @functools.cached_property
+    def raw_paths(self) -> list[Any]:
+        """optree paths of the params' leaves (computed only when needed)."""
+        return list(self.spec.paths())
+
+    @functools.cached_property
+    def paths(self) -> list[str]:
+        """The leaves' paths as text, for messages."""
+        return [format_path(path) for path in self.raw_paths]
+
+
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_GRAD_FN = operator.attrgetter("grad_fn")
+
+
+class _CheckedInputs:
+    """Params and state whose per-leaf checks passed, remembered by tensor identity.
+
+    A training loop passes the same param and (in-place) state tensors every step; their
+    checks (dtypes, shapes, the rule's own) are done once. An entry holds weak references
+    to its tensors and is dropped the moment any of them is freed, so a new tensor that
+    reuses a freed one's id can never match it.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.entries: collections.OrderedDict[Any, tuple[list[Any], list[Any]]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, key: Any) -> list[Any] | None:
+        """The params' shapes for a remembered ``key``, else None."""
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        self.entries.move_to_end(key)
+        return entry[1]
+
+    def add(self, key: Any, tensors: list[torch.Tensor], shapes: list[Any]) -> None:
+        def forget(_: Any) -> None:
+            self.entries.pop(key, None)
+
+        self.entries[key] = ([weakref.ref(t, forget) for t in tensors], shapes)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+
+
+_CHECKED = _CheckedInputs()
+
+
+def _flat(tree: PyTree) -> tuple[list[Any], Any]:
+    # tensors are not pytree nodes, so they are leaves without an is_leaf callback
+    leaves_, spec = optree.tree_flatten(tree, none_is_leaf=True)
+    return leaves_, spec
+
+
+def _all_tensor_types(types: set[type]) -> bool:
+    return all(issubclass(kind, torch.Tensor) for kind in types)
+
+
+def _input_key(
+    rule: Rule,
+    config: Any,
+    names: tuple[str, ...],
+    param_leaves: list[Any],
+    fields: dict[str, list[Any]],
+    active: list[int],
+) -> Any:
+    columns = tuple(
+        tuple(id(fields[name][i]) for i in active) if fields[name] else () for name in names
+    )
+    params_ = [param_leaves[i] for i in active]
+    return (rule.name, names, rule.static(config), tuple(map(id, params_)), columns)
+
+
+def _fast_active(
+    rule: Rule,
+    config: Any,
+    names: tuple[str, ...],
+    param_leaves: list[Any],
+    grad_leaves: list[Any],
+    fields: dict[str, list[Any]],
+) -> list[int] | None:
+    """The active leaves when every per-leaf check is known to pass, else None.
+
+    Grads are new every step and are compared with the params each time (in C-level
+    loops); params and state that passed before are not checked again (see
+    :class:`_CheckedInputs`). Anything unusual goes to the full check, which names the
+    offending leaf.
+    """
+    active = [i for i, grad in enumerate(grad_leaves) if grad is not None]
+    params_ = [param_leaves[i] for i in active]
+    grads_ = [grad_leaves[i] for i in active]
+    # type checks over sets of types: C-level loops, no Python call per leaf
+    if not _all_tensor_types(set(map(type, grads_))) or not _all_tensor_types(
+        set(map(type, param_leaves)) - {type(None)}
+    ):
+        return None
+    shapes = _CHECKED.get(_input_key(rule, config, names, param_leaves, fields, active))
+    if (
+        shapes is None
+        or list(map(_SHAPE, grads_)) != shapes
+        or list(map(_DTYPE, grads_)) != list(map(_DTYPE, params_))
+        or list(map(_DEVICE, grads_)) != list(map(_DEVICE, params_))
+        or any(map(_IS_SPARSE, grads_))
+    ):
+        return None
+    return active
+
+
+def _remember_checked(
+    rule: Rule,
+    config: Any,
+    names: tuple[str, ...],
+    param_leaves: list[Any],
+    fields: dict[str, list[Any]],
+    active: list[int],
+) -> None:
+    params_ = [param_leaves[i] for i in active]
+    state_ = [fields[name][i] for name in names if fields[name] for i in active]
+    key = _input_key(rule, config, names, param_leaves, fields, active)
+    _CHECKED.add(key, [*params_, *state_], list(map(_SHAPE, params_)))
 
 
 def prepare(
@@ -499,9 +629,9 @@ def prepare(
             f"{rule.name}: optimizer state must be a dict (from init), got {type(state).__name__}"
         )
     config.validate()
-    param_paths, param_leaves, spec = flatten(params)
-    grad_paths, grad_leaves, grad_spec = flatten(grads)
-    if grad_paths != param_paths or grad_spec != spec:
+    param_leaves, spec = _flat(params)
+    grad_leaves, grad_spec = _flat(grads)
+    if grad_spec != spec:
         diff = _first_structure_difference(params, grads)
         raise ValueError(f"{rule.name}: grads do not match params ({diff})")
     names = rule.fields(config)
@@ -520,13 +650,41 @@ def prepare(
             f"{rule.name}: optimizer state lacks field(s) {lacking} (has {sorted(state)}); "
             "is it the state of another optimizer?"
         )
-    text_paths = [format_path(p) for p in param_paths]
     fields: dict[str, list[Any]] = {}
     for name in names:
         if name in state:
-            fields[name] = _align_field(name, state[name], param_paths, params)
+            fields[name] = _align_field(name, state[name], spec, params)
         else:
             fields[name] = []  # created below for the active leaves
+    active = _fast_active(rule, config, names, param_leaves, grad_leaves, fields)
+    if active is None:
+        active = _checked_active(rule, config, names, spec, param_leaves, grad_leaves, fields)
+        if config.inplace:  # the same tensors come back next step
+            _remember_checked(rule, config, names, param_leaves, fields, active)
+    step = state.get(STEP)
+    if step is None:
+        first = next((p for p in param_leaves if isinstance(p, torch.Tensor)), None)
+        device = first.device if first is not None else torch.device("cpu")
+        step = torch.zeros((), dtype=torch.int64, device=device)
+    elif not isinstance(step, torch.Tensor) or step.numel() != 1:
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            step = torch.tensor(step, dtype=torch.int64)
+        else:
+            raise ValueError(f"{rule.name}: state['step'] must be a 0-d tensor, got {step!r}")
+    return Prepared(spec, param_leaves, grad_leaves, fields, active, step)
+
+
+def _checked_active(
+    rule: Rule,
+    config: Any,
+    names: tuple[str, ...],
+    spec: Any,
+    param_leaves: list[Any],
+    grad_leaves: list[Any],
+    fields: dict[str, list[Any]],
+) -> list[int]:
+    """Check every leaf, raising on the first problem with its path; the active leaves."""
+    text_paths = [format_path(path) for path in spec.paths()]
     active: list[int] = []
     for i, (path, param, grad) in enumerate(
         zip(text_paths, param_leaves, grad_leaves, strict=True)
@@ -562,17 +720,7 @@ def prepare(
                 )
             _check_state_leaf(rule, config, name, path, param, leaf)
         active.append(i)
-    step = state.get(STEP)
-    if step is None:
-        first = next((p for p in param_leaves if isinstance(p, torch.Tensor)), None)
-        device = first.device if first is not None else torch.device("cpu")
-        step = torch.zeros((), dtype=torch.int64, device=device)
-    elif not isinstance(step, torch.Tensor) or step.numel() != 1:
-        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
-            step = torch.tensor(step, dtype=torch.int64)
-        else:
-            raise ValueError(f"{rule.name}: state['step'] must be a 0-d tensor, got {step!r}")
-    return Prepared(spec, param_leaves, grad_leaves, fields, active, step, text_paths, param_paths)
+    return active
 
 
 def rule_optional_fields(rule: Rule) -> tuple[str, ...]:
@@ -596,30 +744,39 @@ def _host_step(step: torch.Tensor) -> bool:
     return True
 
 
+def _transform_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, ...) is running: O(1), no tensor scan."""
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - older torch
+        return True
+    return peek_interpreter_stack() is not None
+
+
 def _check_transform_mode(rule: Rule, config: Any, prepared: Prepared) -> None:
     if not config.inplace or torch.compiler.is_compiling():
         return
-    try:
+    params_ = [prepared.params[i] for i in prepared.active]
+    if _transform_active():
         from torch._C._functorch import is_functorch_wrapped_tensor
-    except ImportError:  # pragma: no cover
-        return
-    for i in prepared.active:
-        if is_functorch_wrapped_tensor(prepared.params[i]) or is_functorch_wrapped_tensor(
-            prepared.grads[i]
-        ):
-            raise RuntimeError(
-                f"{rule.name}: an in-place step cannot run on tensors traced by a torch.func "
-                f"transform (param {prepared.paths[i]}); build the config with inplace=False "
-                "for grad/vmap/jacrev"
-            )
-    for i in prepared.active:
-        if prepared.params[i].grad_fn is not None:
-            raise RuntimeError(
-                f"{rule.name}: an in-place step would overwrite param {prepared.paths[i]}, "
-                "which is the output of an autograd graph (not a leaf): the update would not "
-                "be differentiated; build the config with inplace=False to differentiate "
-                "through the step, or pass leaf tensors"
-            )
+
+        for i in prepared.active:
+            if is_functorch_wrapped_tensor(prepared.params[i]) or is_functorch_wrapped_tensor(
+                prepared.grads[i]
+            ):
+                raise RuntimeError(
+                    f"{rule.name}: an in-place step cannot run on tensors traced by a "
+                    f"torch.func transform (param {prepared.paths[i]}); build the config with "
+                    "inplace=False for grad/vmap/jacrev"
+                )
+    if any(map(_GRAD_FN, params_)):
+        i = next(i for i in prepared.active if prepared.params[i].grad_fn is not None)
+        raise RuntimeError(
+            f"{rule.name}: an in-place step would overwrite param {prepared.paths[i]}, "
+            "which is the output of an autograd graph (not a leaf): the update would not "
+            "be differentiated; build the config with inplace=False to differentiate "
+            "through the step, or pass leaf tensors"
+        )
 
 
 def apply_step(

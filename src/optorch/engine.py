@@ -23,6 +23,7 @@ In-place mode writes the results into the given tensors; pure mode returns new o
 from __future__ import annotations
 
 import math
+import operator
 import types
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -30,8 +31,12 @@ from typing import Any
 
 import torch
 
+from optorch.base import Hyper, Rule
+
 __all__ = [
     "CHUNK",
+    "COMPILED_MIN_NUMEL",
+    "FOREACH_CHUNK_NUMEL",
     "TensorList",
     "add_scaled",
     "addcdiv",
@@ -48,8 +53,12 @@ __all__ = [
 
 #: Tensors per compiled call (a chunk is padded with small scratch tensors).
 CHUNK = 8
-#: Elements per foreach chunk: bounds the temporaries a foreach step allocates.
-FOREACH_CHUNK_NUMEL = 1 << 22
+#: Elements per foreach chunk: bounds the temporaries a foreach step allocates, and keeps
+#: a chunk's operands in cache from one kernel to the next (measured best at 1M here).
+FOREACH_CHUNK_NUMEL = 1 << 20
+#: Smaller tensors skip the compiled kernel: for them a compiled call's fixed cost
+#: (guards, argument handling) exceeds the work, and one foreach pass is faster.
+COMPILED_MIN_NUMEL = 1 << 16
 
 
 # --------------------------------------------------------------------------------------
@@ -544,10 +553,22 @@ def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
 
 
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
 def _group(
     params: Sequence[torch.Tensor], leaf_keys: Sequence[Any]
 ) -> dict[tuple[Any, ...], list[int]]:
     """Indices grouped by (device, dtype, tensor type, the rule's leaf key)."""
+    devices, dtypes, kinds = (
+        set(map(_DEVICE, params)),
+        set(map(_DTYPE, params)),
+        set(map(type, params)),
+    )
+    keys = set(leaf_keys)
+    if len(devices) == len(dtypes) == len(kinds) == len(keys) == 1:  # the usual case
+        return {(devices.pop(), dtypes.pop(), kinds.pop(), keys.pop()): list(range(len(params)))}
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (p, key) in enumerate(zip(params, leaf_keys, strict=True)):
         groups.setdefault((p.device, p.dtype, type(p), key), []).append(i)
@@ -600,17 +621,19 @@ def _foreach_chunks(
     Each entry is (tensor index, flat slice or None for the whole tensor); slicing is
     used only for elementwise rules on contiguous tensors.
     """
+    numels = list(map(torch.Tensor.numel, [params[i] for i in indices]))
+    if sum(numels) <= FOREACH_CHUNK_NUMEL:  # one chunk, nothing to split
+        return [[(i, None) for i in indices]]
     chunks: list[list[tuple[int, slice | None]]] = []
     current: list[tuple[int, slice | None]] = []
     size = 0
-    for i in indices:
-        p = params[i]
-        n = p.numel()
-        can_slice = rule.elementwise and p.is_contiguous() and not _is_dtensor(p)
-        if can_slice and n > FOREACH_CHUNK_NUMEL:
-            for start in range(0, n, FOREACH_CHUNK_NUMEL):
-                chunks.append([(i, slice(start, min(n, start + FOREACH_CHUNK_NUMEL)))])
-            continue
+    for i, n in zip(indices, numels, strict=True):
+        if n > FOREACH_CHUNK_NUMEL:
+            p = params[i]
+            if rule.elementwise and p.is_contiguous() and not _is_dtensor(p):
+                for start in range(0, n, FOREACH_CHUNK_NUMEL):
+                    chunks.append([(i, slice(start, min(n, start + FOREACH_CHUNK_NUMEL)))])
+                continue
         if current and size + n > FOREACH_CHUNK_NUMEL:
             chunks.append(current)
             current, size = [], 0
@@ -621,8 +644,13 @@ def _foreach_chunks(
     return chunks
 
 
-def _piece(tensor: torch.Tensor, part: slice | None) -> torch.Tensor:
-    return tensor if part is None else tensor.view(-1)[part]
+def _pieces(
+    tensors: list[torch.Tensor], chunk: Sequence[tuple[int, slice | None]], whole: bool
+) -> list[torch.Tensor]:
+    """The chunk's tensors, or flat slices of them."""
+    if whole:
+        return [tensors[i] for i, _ in chunk]
+    return [tensors[i] if part is None else tensors[i].view(-1)[part] for i, part in chunk]
 
 
 def _run_foreach(
@@ -645,17 +673,15 @@ def _run_foreach(
             _foreach_chunks(rule, params, indices) if inplace else [[(i, None) for i in indices]]
         )
         for chunk in chunks:
-            p = TensorList([_piece(params[i], part) for i, part in chunk], writable=inplace)
-            g = TensorList([_piece(grads[i], part) for i, part in chunk])
-            s = [
-                TensorList([_piece(field[i], part) for i, part in chunk], writable=inplace)
-                for field in states
-            ]
+            whole = all(part is None for _, part in chunk)
+            p = TensorList(_pieces(params, chunk, whole), writable=inplace)
+            g = TensorList(_pieces(grads, chunk, whole))
+            s = [TensorList(_pieces(field, chunk, whole), writable=inplace) for field in states]
             buffers: list[list[torch.Tensor]] = [p.value, *(x.value for x in s)]  # type: ignore[list-item]
             out = _apply_rule(rule, h_group, gate, p, g, s)
             evaluate(out, reuse=reuse)
             for node, buffer in zip(out, buffers, strict=True):
-                if any(n.dtype != b.dtype for n, b in zip(node.items, buffer, strict=True)):
+                if list(map(_DTYPE, node.items)) != list(map(_DTYPE, buffer)):
                     node.value = [n.to(b.dtype) for n, b in zip(node.items, buffer, strict=True)]
             if inplace:
                 _write_back([(b, o.items) for b, o in zip(buffers, out, strict=True)])
@@ -697,8 +723,6 @@ def _scalar_tensors(h: Any, device: torch.device, dtype: torch.dtype) -> dict[st
 def _compiled_fn(
     rule: Any, static: Any, leaf: Any, inplace: bool, flat: bool, gated: bool
 ) -> Callable[..., Any]:
-    from optorch.base import Hyper
-
     key = (type(rule), static, leaf, inplace, flat, gated)
     fn = _COMPILED.get(key)
     if fn is not None:
@@ -792,16 +816,18 @@ def _run_compiled(
         if gate is not None:
             values[_GATE] = gate
         flat = rule.flattenable
+        min_numel = COMPILED_MIN_NUMEL if flat else 2
         usable = [
             i
             for i in indices
-            if params[i].numel() >= 2
+            if params[i].numel() >= min_numel
             and (
                 not flat
                 or all(t.is_contiguous() for t in (params[i], grads[i], *(f[i] for f in states)))
             )
         ]
-        small.extend(i for i in indices if i not in set(usable))
+        chosen = set(usable)
+        small.extend(i for i in indices if i not in chosen)
         usable.sort(key=lambda i: params[i].numel())
         fn = _compiled_fn(rule, h.static, leaf, inplace, flat, gate is not None)
         width = CHUNK if flat else 1
@@ -854,9 +880,11 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     if torch.compiler.is_compiling():
         return False  # dynamo traces the transforms itself
     try:
-        from torch._C._functorch import is_functorch_wrapped_tensor
+        from torch._C._functorch import is_functorch_wrapped_tensor, peek_interpreter_stack
     except ImportError:  # pragma: no cover
         return False
+    if peek_interpreter_stack() is None:
+        return False  # no transform is running: nothing can be wrapped
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
 
 
@@ -961,10 +989,11 @@ def run(
         # already inside a compiled graph: inductor fuses the per-tensor code itself, and
         # dynamo cannot trace TensorList's lazy graph (a graph break under fullgraph=True)
         impl = "reference"
-    if impl == "foreach" and any(_is_dtensor(p) for p in params) and not rule.foreach_ok:
-        impl = "reference"
     executor = _EXECUTORS[impl]
-    leaf_keys = [rule.leaf_key(p, config) for p in params]
+    if type(rule).leaf_key is Rule.leaf_key:  # no per-leaf classes
+        leaf_keys: list[Any] = [None] * len(params)
+    else:
+        leaf_keys = [rule.leaf_key(p, config) for p in params]
     context = torch.no_grad() if config.inplace else nullcontext()
     with context:
         return executor(rule, h, params, grads, states, config.inplace, leaf_keys, gate)
