@@ -491,9 +491,11 @@ INVALID = [
 @pytest.mark.parametrize(
     ("config_type", "kwargs", "error", "pattern"),
     INVALID,
-    ids=lambda v: ",".join(f"{k}={v[k]!r}" if not callable(v[k]) else f"{k}=<callable>" for k in v)
-    if isinstance(v, dict)
-    else None,
+    ids=lambda v: (
+        ",".join(f"{k}={v[k]!r}" if not callable(v[k]) else f"{k}=<callable>" for k in v)
+        if isinstance(v, dict)
+        else None
+    ),
 )
 def test_invalid_hyperparameters_are_rejected(
     config_type: type, kwargs: dict[str, Any], error: type[Exception], pattern: str

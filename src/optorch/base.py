@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import functools
 import math
 import operator
 import weakref
@@ -493,12 +492,18 @@ class Prepared:
     active: list[int]
     step: torch.Tensor
 
-    @functools.cached_property
-    def raw_paths(self) -> list[Any]:
-        """optree paths of the params' leaves (computed only when needed)."""
-        return list(self.spec.paths())
+    # computed only when needed (messages, re-assembling a differently shaped state);
+    # not functools.cached_property, whose lock torch.compile cannot trace
+    _raw_paths: list[Any] | None = None
 
-    @functools.cached_property
+    @property
+    def raw_paths(self) -> list[Any]:
+        """optree paths of the params' leaves."""
+        if self._raw_paths is None:
+            self._raw_paths = list(self.spec.paths())
+        return self._raw_paths
+
+    @property
     def paths(self) -> list[str]:
         """The leaves' paths as text, for messages."""
         return [format_path(path) for path in self.raw_paths]
@@ -656,10 +661,14 @@ def prepare(
             fields[name] = _align_field(name, state[name], spec, params)
         else:
             fields[name] = []  # created below for the active leaves
-    active = _fast_active(rule, config, names, param_leaves, grad_leaves, fields)
+    # under torch.compile the checks are traced once into guards: no cache needed there
+    compiling = torch.compiler.is_compiling()
+    active = (
+        None if compiling else _fast_active(rule, config, names, param_leaves, grad_leaves, fields)
+    )
     if active is None:
         active = _checked_active(rule, config, names, spec, param_leaves, grad_leaves, fields)
-        if config.inplace:  # the same tensors come back next step
+        if config.inplace and not compiling:  # the same tensors come back next step
             _remember_checked(rule, config, names, param_leaves, fields, active)
     step = state.get(STEP)
     if step is None:
