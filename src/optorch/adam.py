@@ -37,7 +37,6 @@ tensor([ 0.8990, -0.8990])
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,13 +91,6 @@ class AdamWDMode(enum.Enum):
         )
 
 
-def normalize_betas(betas: Any) -> Any:
-    """Lists (as YAML/Hydra give them) become tuples; anything else is left to validation."""
-    if isinstance(betas, Sequence) and not isinstance(betas, (str, tuple)):
-        return tuple(betas)
-    return betas
-
-
 @dataclass
 class AdamConfig(BaseConfig):
     """Hyperparameters of Adam / AdamW / decoupled Adam (``torch.optim.Adam`` names)."""
@@ -115,7 +107,6 @@ class AdamConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         self.mode = AdamWDMode.parse(self.mode)
-        self.betas = normalize_betas(self.betas)
         super().__post_init__()
 
     def validate(self) -> None:

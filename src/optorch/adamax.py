@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from optorch.adam import normalize_betas
 from optorch.base import (
     BaseConfig,
     Rule,
@@ -61,10 +60,6 @@ class AdamaxConfig(BaseConfig):
     steps: int = 0
     lr_schedule_value: float | None = None
     maximize: bool = False
-
-    def __post_init__(self) -> None:
-        self.betas = normalize_betas(self.betas)
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()

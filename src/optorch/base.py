@@ -21,7 +21,7 @@ import dataclasses
 import math
 import operator
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -166,6 +166,10 @@ class BaseConfig:
         lr_schedule_value: Any = None
 
     def __post_init__(self) -> None:
+        # YAML/Hydra give lists (or ListConfigs) where a config wants a tuple of betas
+        betas = getattr(self, "betas", None)
+        if isinstance(betas, Sequence) and not isinstance(betas, (str, tuple)):
+            object.__setattr__(self, "betas", tuple(betas))
         self.validate()
 
     @property

@@ -37,7 +37,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from optorch.adam import normalize_betas
 from optorch.base import (
     BaseConfig,
     Rule,
@@ -64,10 +63,6 @@ class LionConfig(BaseConfig):
     lr_schedule_value: float | None = None
     decoupled_weight_decay: bool = False
     maximize: bool = False
-
-    def __post_init__(self) -> None:
-        self.betas = normalize_betas(self.betas)
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()

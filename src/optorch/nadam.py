@@ -58,7 +58,6 @@ from typing import Any
 
 import torch
 
-from optorch.adam import normalize_betas
 from optorch.base import (
     BaseConfig,
     Rule,
@@ -101,10 +100,6 @@ class NAdamConfig(BaseConfig):
     lr_schedule_value: float | None = None
     decoupled_weight_decay: bool = False
     maximize: bool = False
-
-    def __post_init__(self) -> None:
-        self.betas = normalize_betas(self.betas)
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()

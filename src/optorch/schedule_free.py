@@ -68,7 +68,6 @@ from typing import Any
 
 import torch
 
-from optorch.adam import normalize_betas
 from optorch.base import (
     BaseConfig,
     Rule,
@@ -105,10 +104,6 @@ class ScheduleFreeAdamWConfig(BaseConfig):
     weight_lr_power: float = 2.0
     steps: int = 0
     lr_schedule_value: float | None = None
-
-    def __post_init__(self) -> None:
-        self.betas = normalize_betas(self.betas)
-        super().__post_init__()
 
     def validate(self) -> None:
         super().validate()
