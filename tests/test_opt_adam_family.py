@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import clone_tree
+from convergence import minimise_rosenbrock, train_mlp
 from torch.optim.lr_scheduler import LambdaLR
 
 import optorch
@@ -241,12 +243,6 @@ def run_torch(case: Case, params0: dict[str, torch.Tensor], grads: list[Any]) ->
         return history
     finally:
         torch.set_default_dtype(previous)
-
-
-def clone_tree(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: clone_tree(v) for k, v in tree.items()}
-    return tree.clone()
 
 
 def assert_trees_equal(actual: Any, expected: Any) -> None:
@@ -547,29 +543,6 @@ def test_seed_style_functions(module: Any, prefix: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def mlp_problem() -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Tensor]], Any]]:
-    """A 4-32-1 tanh MLP and a smooth synthetic regression target (fixed seed).
-
-    The initial loss is 1.43; the best affine fit reaches 1.05 (the target's variance is
-    1.09), so a loss below 0.05 means the network fits the nonlinearity.
-    """
-    generator = torch.Generator().manual_seed(1234)
-    inputs = torch.randn(128, 4, generator=generator)
-    targets = torch.sin(inputs @ torch.tensor([1.0, -2.0, 0.5, 1.5])) + 0.5 * inputs[:, 0] ** 2
-    params = {
-        "w1": torch.randn(4, 32, generator=generator) * 0.5,
-        "b1": torch.zeros(32),
-        "w2": torch.randn(32, 1, generator=generator) * 0.2,
-        "b2": torch.zeros(1),
-    }
-
-    def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = torch.tanh(inputs @ p["w1"] + p["b1"])
-        return ((hidden @ p["w2"] + p["b2"]).squeeze(1) - targets).pow(2).mean()
-
-    return params, loss
-
-
 def _cosine(total: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
@@ -600,53 +573,16 @@ ROSENBROCK_CASES = [
 ]
 
 
-@pytest.fixture
-def one_thread() -> Any:
-    """Tiny matmuls gain nothing from threads, and on a busy machine (the CI's two cores
-    shared) the intra-op thread pool's synchronisation makes them 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
 def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
-    params, loss = mlp_problem()
-    initial = float(loss(params))
+    initial, final = train_mlp(Optimizer(RULES[type(config)], config), steps)
     assert initial > 1.4
-    optimizer = Optimizer(RULES[type(config)], config)
-    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    state = optimizer.init(params)
-    for _ in range(steps):
-        value = loss(params)
-        grads = dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True))
-        params, state = optimizer.step(params, grads, state)
-    with torch.no_grad():
-        final = float(loss(params))
     assert final < bound, f"loss {initial:.4f} -> {final:.4f} after {steps} steps"
-
-
-def rosenbrock_grad(xy: torch.Tensor) -> torch.Tensor:
-    """The gradient of (1 - x)^2 + 100 (y - x^2)^2, by hand (cheaper than autograd)."""
-    x, y = xy[0], xy[1]
-    return torch.stack([-2.0 * (1.0 - x) - 400.0 * x * (y - x * x), 200.0 * (y - x * x)])
-
-
-def test_rosenbrock_gradient() -> None:
-    xy = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
-    (expected,) = torch.autograd.grad((1.0 - xy[0]) ** 2 + 100.0 * (xy[1] - xy[0] ** 2) ** 2, [xy])
-    torch.testing.assert_close(rosenbrock_grad(xy.detach()), expected, rtol=1e-14, atol=0.0)
 
 
 @pytest.mark.parametrize(("config", "steps", "bound"), ROSENBROCK_CASES)
 def test_minimises_rosenbrock(config: Any, steps: int, bound: float) -> None:
     """From the classic start (-1.2, 1) through the curved valley to (1, 1), in float64."""
-    optimizer = Optimizer(RULES[type(config)], config)
-    params = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
-    state = optimizer.init(params)
-    for _ in range(steps):
-        params, state = optimizer.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
-    distance = float(torch.linalg.vector_norm(params["xy"] - 1.0))
-    assert distance < bound, f"ended at {params['xy'].tolist()}, {distance:.2e} from (1, 1)"
+    xy = minimise_rosenbrock(Optimizer(RULES[type(config)], config), steps)
+    distance = float(torch.linalg.vector_norm(xy - 1.0))
+    assert distance < bound, f"ended at {xy.tolist()}, {distance:.2e} from (1, 1)"
