@@ -22,8 +22,14 @@ In-place mode writes the results into the given tensors; pure mode returns new o
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
+import os
+import platform
+import shlex
+import subprocess
+import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -52,7 +58,7 @@ __all__ = [
 ]
 
 #: Tensors per compiled call (a chunk is padded with small scratch tensors).
-CHUNK = 8
+CHUNK = 4
 #: Elements per foreach chunk: bounds the temporaries a foreach step allocates, and keeps
 #: a chunk's operands in cache from one kernel to the next (measured best at 1M here).
 FOREACH_CHUNK_NUMEL = 1 << 20
@@ -700,42 +706,126 @@ _GATE = "__skip_if__"
 _SCRATCH: dict[tuple[Any, ...], list[torch.Tensor]] = {}
 
 
-def _scalar_tensors(h: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    """Every per-step value as a 0-d tensor, so a change never recompiles."""
-    # float64, so that scalar arithmetic inside the rule (``1 - beta2``) is as exact as the
-    # Python floats of the eager paths; a 0-d tensor does not promote the params' dtype
-    scalar_dtype = torch.float64
-    values: dict[str, Any] = {}
+@functools.cache
+def _inductor_options(device_type: str) -> dict[str, Any]:
+    """Inductor options for optorch's kernels on ``device_type`` (cold-start costs).
+
+    On CPU, before its first kernel in a process with a fresh cache, inductor
+
+    * builds a precompiled header of its C++ prelude (about 6 s here, measured), to
+      speed up *later* kernel builds; an optimizer has one or two small kernels, each of
+      which builds in about 1 s without it, so optorch turns it off;
+    * checks each vector ISA the CPU reports by building the ATen vector headers with
+      that ISA's flags (about 1.5 s per ISA, 7 s in all here), to find out whether the
+      C++ compiler supports it. optorch asks the compiler the same question directly
+      (does it accept the ISA's flags and intrinsics header: milliseconds each) and,
+      when every ISA passes, tells inductor to trust them (``cpp.vec_isa_ok``). Any
+      doubt, or ``TORCHINDUCTOR_VEC_ISA_OK`` set by the user, leaves inductor's own
+      check in place.
+    """
+    if device_type != "cpu":
+        return {}
+    options: dict[str, Any] = {"cpp_cache_precompile_headers": False}
+    if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is None and _compiler_takes_cpu_isas():
+        options["cpp.vec_isa_ok"] = True
+    return options
+
+
+def _compiler_takes_cpu_isas() -> bool:
+    """Whether inductor's C++ compiler accepts the flags of every x86 vector ISA this
+    CPU supports (False when unsure: another architecture, torch internals moved)."""
+    if platform.machine() not in ("x86_64", "AMD64") or sys.platform != "linux":
+        return False
+    try:
+        from torch._inductor import cpp_builder, cpu_vec_isa
+
+        cpu_flags = set(cpu_vec_isa.x86_isa_checker())
+        isas = [
+            isa
+            for isa in cpu_vec_isa.supported_vec_isa_list
+            if str(isa) and all(flag in cpu_flags for flag in str(isa).split())
+        ]
+        compiler = cpp_builder.get_cpp_compiler()
+        for isa in isas:
+            subprocess.run(
+                [compiler, *shlex.split(isa.build_arch_flags()), "-fsyntax-only", "-x", "c++", "-"],
+                input="#include <immintrin.h>\nint main() { return 0; }\n",
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=60,
+            )
+    except Exception:  # any doubt: inductor checks for itself
+        return False
+    return bool(isas)
+
+
+def _scalar_pack(
+    h: Any, gate: Any, device: torch.device
+) -> tuple[tuple[str, ...], torch.Tensor, dict[str, Any]]:
+    """Every per-step value (and the gate) packed into one 1-D float64 tensor.
+
+    Returns ``(names, pack, others)``: ``pack[i]`` holds the value named ``names[i]``;
+    ``others`` are the non-numeric values (constants of the kernel). One tensor input
+    instead of one per value: a change of any value never recompiles, there is a
+    single argument to guard on, and no 0-d tensor input, which dynamo would trace as
+    a symbolic float through ``.item()`` and then restart its analysis to specialize
+    (seconds of compile time).
+    """
+    # float64, so that scalar arithmetic inside the rule (``1 - beta2``) is as exact as
+    # the Python floats of the eager paths; a 0-d tensor does not promote the params'
+    # dtype
+    names: list[str] = []
+    numbers: list[Any] = []
+    others: dict[str, Any] = {}
     for key, value in vars(h).items():
         if key == "static":
             continue
-        if isinstance(value, torch.Tensor):
-            values[key] = value
-        elif isinstance(value, bool):
-            values[key] = torch.tensor(float(value), dtype=scalar_dtype, device=device)
-        elif isinstance(value, (int, float)):
-            values[key] = torch.tensor(value, dtype=scalar_dtype, device=device)
+        if isinstance(value, (torch.Tensor, int, float)):
+            names.append(key)
+            numbers.append(float(value) if isinstance(value, bool) else value)
         else:
-            values[key] = value
-    return values
+            others[key] = value
+    if gate is not None:
+        names.append(_GATE)
+        numbers.append(gate)
+    if any(isinstance(v, torch.Tensor) for v in numbers):
+        pack = torch.stack(
+            [
+                torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(())
+                for v in numbers
+            ]
+        )
+    else:
+        pack = torch.tensor(numbers, dtype=torch.float64, device=device)
+    return tuple(names), pack, others
 
 
 def _compiled_fn(
-    rule: Any, static: Any, leaf: Any, inplace: bool, flat: bool, gated: bool
+    rule: Any,
+    static: Any,
+    leaf: Any,
+    inplace: bool,
+    flat: bool,
+    names: tuple[str, ...],
+    device_type: str,
 ) -> Callable[..., Any]:
-    key = (type(rule), static, leaf, inplace, flat, gated)
+    key = (type(rule), static, leaf, inplace, flat, names, device_type)
     fn = _COMPILED.get(key)
     if fn is not None:
         return fn
+    gated = _GATE in names
 
     def chunk_step(
         params: list[torch.Tensor],
         grads: list[torch.Tensor],
         states: list[list[torch.Tensor]],
-        values: dict[str, Any],
+        pack: torch.Tensor,
+        others: dict[str, Any],
     ) -> Any:
-        values = dict(values)
-        gate = values.pop(_GATE, None)
+        values = {name: pack[i] for i, name in enumerate(names)}
+        gate = values.pop(_GATE) != 0 if gated else None
+        values.update(others)
         h = Hyper(values, static).with_leaf(leaf)
         outs = []
         for i in range(len(params)):
@@ -754,7 +844,7 @@ def _compiled_fn(
     unique = types.FunctionType(
         code, chunk_step.__globals__, code.co_name, None, chunk_step.__closure__
     )
-    fn = torch.compile(unique, dynamic=True, fullgraph=True)
+    fn = torch.compile(unique, dynamic=True, fullgraph=True, options=_inductor_options(device_type))
     _COMPILED[key] = fn
     return fn
 
@@ -812,9 +902,7 @@ def _run_compiled(
         if kind is not torch.Tensor and kind is not torch.nn.Parameter:
             small.extend(indices)  # tensor subclasses (DTensor): run eagerly
             continue
-        values = _scalar_tensors(h, device, dtype)
-        if gate is not None:
-            values[_GATE] = gate
+        names, pack, others = _scalar_pack(h, gate, device)
         flat = rule.flattenable
         min_numel = COMPILED_MIN_NUMEL if flat else 2
         usable = [
@@ -829,7 +917,7 @@ def _run_compiled(
         chosen = set(usable)
         small.extend(i for i in indices if i not in chosen)
         usable.sort(key=lambda i: params[i].numel())
-        fn = _compiled_fn(rule, h.static, leaf, inplace, flat, gate is not None)
+        fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type)
         width = CHUNK if flat else 1
         for start in range(0, len(usable), width):
             chunk = usable[start : start + width]
@@ -849,7 +937,7 @@ def _run_compiled(
                 g = g + scratch[pad : 2 * pad]
                 s = [col + scratch[(2 + k) * pad : (3 + k) * pad] for k, col in enumerate(s)]
             with _no_duck_shapes():
-                out = fn(p, g, s, values)
+                out = fn(p, g, s, pack, others)
             if not inplace:
                 for k, i in enumerate(chunk):
                     new_params[i] = out[k][0].view(params[i].shape)
