@@ -1,0 +1,239 @@
+"""The engine's execution strategies compute what the plain paths compute.
+
+* foreach chunks after the first replay the first chunk's recorded calls
+  (:class:`optorch.engine.Program`): equal to evaluating each chunk afresh;
+* chunks of CPU tensors below ATen's parallel grain run on worker threads when the
+  rule's program is thread-safe (arithmetic only), and on the calling thread when it
+  is not (``sqrt`` & co. run through a vector library with threads of its own);
+* write-back copies nothing when the results already are the buffers;
+* the compiled path's inductor options: no precompiled header on CPU, and inductor's
+  ISA check replaced only when the C++ compiler accepts every ISA's flags.
+
+The suite runs with one intra-op thread (conftest); the threaded tests raise it to two
+for their duration.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_trees_close, assert_trees_equal, clone_tree, generator
+
+import optorch
+from optorch import engine
+
+STEPS = 12
+
+
+def small_params(seed: int, count: int = 40, size: int = 100) -> dict[str, torch.Tensor]:
+    gen = generator(seed)
+    return {f"p{i}": torch.randn(size, generator=gen) for i in range(count)}
+
+
+def grads_for(seed: int, params: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    gen = generator(seed + 1)
+    return [
+        {k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(STEPS)
+    ]
+
+
+def run(
+    name: str, hyper: dict[str, Any], impl: str, params: dict[str, torch.Tensor], grads: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    opt = optorch.get_optimizer(name, impl=impl, **hyper)
+    params = clone_tree(params)
+    state = opt.init(params)
+    for g in grads:
+        params, state = opt.step(params, g, state)
+    return params, state
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def threaded_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Small chunks (many per group) and a record of the chunk counts sent to threads."""
+    monkeypatch.setattr(engine, "FOREACH_CHUNK_NUMEL", 256)
+    calls: list[int] = []
+    original = engine._run_threaded
+
+    def spy(fn: Any, chunks: list[Any]) -> None:
+        calls.append(len(chunks))
+        original(fn, chunks)
+
+    monkeypatch.setattr(engine, "_run_threaded", spy)
+    return calls
+
+
+ARITHMETIC_CASES = [
+    ("sgd", {"momentum": 0.9, "weight_decay": 0.01, "max_lr": 0.05}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "max_lr": 0.05}),
+    ("sgd", {"momentum": 0.0, "max_lr": 0.05}),
+    ("lion", {"weight_decay": 0.1, "max_lr": 1e-3}),
+]
+
+
+@pytest.mark.parametrize(("name", "hyper"), ARITHMETIC_CASES, ids=lambda v: str(v))
+def test_threaded_chunks_equal_the_reference_bit_for_bit(
+    name: str, hyper: dict[str, Any], two_threads: None, threaded_calls: list[int]
+) -> None:
+    params = small_params(5)
+    grads = grads_for(5, params)
+    ours = run(name, hyper, "foreach", params, grads)
+    assert threaded_calls and all(n > 1 for n in threaded_calls)  # the threaded path ran
+    reference = run(name, hyper, "reference", params, grads)
+    assert_trees_equal(ours[0], reference[0])
+    assert_trees_equal(ours[1], reference[1])
+
+
+@pytest.mark.parametrize(
+    ("name", "hyper"),
+    [("adamw", {"weight_decay": 0.1, "max_lr": 0.01}), ("rmsprop", {"centered": True})],
+)
+def test_rules_with_transcendental_ops_stay_on_the_calling_thread(
+    name: str, hyper: dict[str, Any], two_threads: None, threaded_calls: list[int]
+) -> None:
+    params = small_params(6)
+    grads = grads_for(6, params)
+    ours = run(name, hyper, "foreach", params, grads)
+    assert threaded_calls == []
+    reference = run(name, hyper, "reference", params, grads)
+    assert_trees_close(ours[0], reference[0], rtol=1e-6, atol=1e-7)
+    assert_trees_close(ours[1], reference[1], rtol=1e-6, atol=1e-7)
+
+
+def test_one_thread_never_uses_workers(threaded_calls: list[int]) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params = small_params(7)
+        run("sgd", {"momentum": 0.9}, "foreach", params, grads_for(7, params))
+    finally:
+        torch.set_num_threads(before)
+    assert threaded_calls == []
+
+
+FOREACH_NAMES = sorted(
+    name for name, entry in optorch.REGISTRY.items() if getattr(entry.rule, "foreach_ok", False)
+)
+
+
+@pytest.mark.parametrize("name", FOREACH_NAMES)
+def test_replayed_chunks_equal_one_chunk(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many chunks (all but the first replayed) equal a single chunk per group."""
+    gen = generator(11)
+    params = {
+        "matrix": torch.randn(24, 20, generator=gen),  # sliced into several chunks
+        **{f"v{i}": torch.randn(30 + i, generator=gen) for i in range(12)},
+    }
+    grads = grads_for(11, params)
+    monkeypatch.setattr(engine, "FOREACH_CHUNK_NUMEL", 1 << 30)
+    single = run(name, {}, "foreach", params, grads)
+    replays: list[int] = []
+    original = engine.Program.replay
+
+    def spy(self: engine.Program, inputs: Any) -> Any:
+        replays.append(1)
+        return original(self, inputs)
+
+    monkeypatch.setattr(engine.Program, "replay", spy)
+    monkeypatch.setattr(engine, "FOREACH_CHUNK_NUMEL", 64)
+    chunked = run(name, {}, "foreach", params, grads)
+    assert replays, "no chunk was replayed"
+    assert_trees_close(chunked[0], single[0], rtol=1e-6, atol=1e-7)
+    assert_trees_close(chunked[1], single[1], rtol=1e-6, atol=1e-7)
+
+
+def test_write_back_skips_lists_that_are_already_the_buffers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    copied: list[Any] = []
+    monkeypatch.setattr(engine, "_copy", lambda dst, src: copied.append((dst, src)))
+    tensors = [torch.zeros(3), torch.ones(2)]
+    engine._write_back([(tensors, list(tensors))])  # same tensors, another list
+    assert copied == []
+    other = [torch.full((3,), 2.0), torch.full((2,), 3.0)]
+    engine._write_back([(tensors, other)])
+    assert len(copied) == 1
+
+
+def test_evaluate_reports_a_graph_it_cannot_replay() -> None:
+    a = engine.TensorList([torch.ones(2)])
+    foreign = engine.TensorList([torch.full((2,), 3.0)])  # not among the declared inputs
+    program = engine.evaluate([a * 2 + foreign], inputs=[a])
+    assert program is None
+    b = engine.TensorList([torch.ones(2)])
+    out = b * 2 + 1
+    program = engine.evaluate([out], inputs=[b])
+    assert program is not None and not program.serial
+    (result,) = program.replay([[torch.full((2,), 5.0)]])
+    torch.testing.assert_close(result[0], torch.full((2,), 11.0), rtol=0, atol=0)
+    c = engine.TensorList([torch.ones(2)])
+    assert engine.evaluate([c.sqrt()], inputs=[c]).serial  # type: ignore[union-attr]
+
+
+# compiled path: inductor options ------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_options() -> Iterator[None]:
+    engine._inductor_options.cache_clear()
+    yield
+    engine._inductor_options.cache_clear()
+
+
+def test_inductor_options_are_for_cpu_only(fresh_options: None) -> None:
+    assert engine._inductor_options("cuda") == {}
+    assert engine._inductor_options("cpu")["cpp_cache_precompile_headers"] is False
+
+
+def test_isa_check_is_kept_when_the_compiler_says_no(
+    fresh_options: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise subprocess.CalledProcessError(1, args[0])
+
+    monkeypatch.setattr(engine.subprocess, "run", refuse)
+    assert engine._compiler_takes_cpu_isas() is False
+    assert "cpp.vec_isa_ok" not in engine._inductor_options("cpu")
+
+
+def test_isa_check_is_skipped_only_when_the_compiler_takes_every_isa(
+    fresh_options: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_VEC_ISA_OK", raising=False)
+    monkeypatch.setattr(engine, "_compiler_takes_cpu_isas", lambda: True)
+    assert engine._inductor_options("cpu")["cpp.vec_isa_ok"] is True
+
+
+def test_users_isa_setting_wins(fresh_options: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_VEC_ISA_OK", "0")
+    monkeypatch.setattr(engine, "_compiler_takes_cpu_isas", lambda: True)
+    assert "cpp.vec_isa_ok" not in engine._inductor_options("cpu")
+
+
+def test_scalar_pack_holds_every_value_and_the_gate() -> None:
+    from optorch.base import Hyper
+
+    h = Hyper({"lr": 0.1, "flag": True, "beta": torch.tensor(0.5), "mode": "x"}, static=())
+    names, pack, others = engine._scalar_pack(h, torch.tensor(True), torch.device("cpu"))
+    assert names == ("lr", "flag", "beta", engine._GATE)
+    assert pack.dtype == torch.float64 and pack.shape == (4,)
+    torch.testing.assert_close(
+        pack, torch.tensor([0.1, 1.0, 0.5, 1.0], dtype=torch.float64), rtol=0, atol=0
+    )
+    assert others == {"mode": "x"}
