@@ -815,7 +815,7 @@ def _run_foreach(
         if small:
             program = run_chunk(h_group, small[0], program)
             if program is not None and not program.serial and len(small) > 2:
-                _run_threaded(lambda chunk, h=h_group, p=program: run_chunk(h, chunk, p), small[1:])
+                _run_threaded(functools.partial(run_chunk, h_group, program=program), small[1:])
             else:
                 for chunk in small[1:]:
                     program = run_chunk(h_group, chunk, program)
@@ -840,7 +840,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _run_threaded(fn: Callable[[Any], None], chunks: list[Any]) -> None:
+def _run_threaded(fn: Callable[[Any], Any], chunks: list[Any]) -> None:
     """``fn(chunk)`` for every chunk, spread over ``torch.get_num_threads()`` threads.
 
     For chunks of CPU tensors too small for ATen's own intra-op threads (a foreach
