@@ -1,10 +1,13 @@
 """``optorch bench``: optimizer step time against torch.optim, measured side by side.
 
-For each optimizer and implementation it reports the median step time, the first call
-(compile included), and the peak extra memory of a step, with ratios to
-``torch.optim``'s foreach (or for-loop) implementation measured in the same run, and a
-floor: the bytes a step must stream (reads and writes of params, grads and state)
-divided by the streaming bandwidth measured on the same machine.
+For each optimizer it builds every variant (torch.optim's for-loop, foreach and fused
+steps where they exist; optorch's impls) on copies of the same params, times each one's
+first call (compile included) and the peak extra memory of a step, then times the
+variants in turns, one step each per round, so that all of them see the same
+background load on a shared machine. Ratios are to ``torch.optim``'s foreach step (its
+for-loop where it has no foreach) and to a floor: the least memory traffic of the step
+(:data:`TRAFFIC`) at the streaming bandwidth measured in the same run, or for Muon the
+Newton-Schulz matmuls at the measured bfloat16 matmul throughput when that is larger.
 """
 
 from __future__ import annotations
@@ -27,30 +30,26 @@ __all__ = ["DESCRIPTION", "HELP", "add_arguments", "param_set", "run"]
 HELP = "time optimizer steps against torch.optim (ratios, floor, memory)"
 DESCRIPTION = (
     "Time one optimizer step of optorch's implementations (reference, foreach, compiled) "
-    "against torch.optim (for-loop, foreach, fused) on the same params in the same run. "
+    "against torch.optim (for-loop, foreach, fused) on the same params in the same run, "
+    "in turns (one step of each variant per round). "
     "Sets: 'gpt' (a GPT-like model, about 51.5M params in 100 tensors) and 'small' "
     "(2,000 tensors of 4,096). Prints a table with ratios to torch.optim foreach and to "
     "the memory-bandwidth floor, and writes bench.json, bench.csv and bench.png to --out."
     "\n\nExample: optorch bench --optimizers adamw,sgd --sets gpt --steps 10"
 )
 
-# torch.optim twins: name -> (class, kwargs, bytes streamed per param element / itemsize)
-# bytes: reads of p, g and each state field, writes of p and each state field
-_TWINS: dict[str, tuple[str, dict[str, Any], int]] = {
-    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}, 7),
-    "adam": ("Adam", {"lr": 1e-3}, 7),
-    "sgd": ("SGD", {"lr": 1e-2, "momentum": 0.9}, 5),
-    "lars": ("", {}, 5),
-    "lion": ("", {}, 5),
-    "lamb": ("", {}, 7),
-    "adafactor": ("Adafactor", {"lr": 1e-2}, 3),
-    "rmsprop": ("RMSprop", {"lr": 1e-3}, 5),
-    "adagrad": ("Adagrad", {"lr": 1e-2}, 5),
-    "adamax": ("Adamax", {"lr": 1e-3}, 7),
-    "nadam": ("NAdam", {"lr": 1e-3}, 7),
-    "radam": ("RAdam", {"lr": 1e-3}, 7),
-    "muon": ("Muon", {"lr": 1e-3}, 5),
-    "schedule_free_adamw": ("", {}, 7),
+# torch.optim twins: name -> (class, kwargs); "" where torch.optim has none
+_TWINS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("AdamW", {"lr": 1e-3, "weight_decay": 0.01}),
+    "adam": ("Adam", {"lr": 1e-3}),
+    "sgd": ("SGD", {"lr": 1e-2, "momentum": 0.9}),
+    "adafactor": ("Adafactor", {"lr": 1e-2}),
+    "rmsprop": ("RMSprop", {"lr": 1e-3}),
+    "adagrad": ("Adagrad", {"lr": 1e-2}),
+    "adamax": ("Adamax", {"lr": 1e-3}),
+    "nadam": ("NAdam", {"lr": 1e-3}),
+    "radam": ("RAdam", {"lr": 1e-3}),
+    "muon": ("Muon", {"lr": 1e-3}),
 }
 _OPTORCH_KW: dict[str, dict[str, Any]] = {
     "adamw": {"max_lr": 1e-3, "weight_decay": 0.01},
@@ -58,6 +57,37 @@ _OPTORCH_KW: dict[str, dict[str, Any]] = {
     "sgd": {"max_lr": 1e-2, "momentum": 0.9},
     "adafactor": {"max_lr": 1e-2},
 }
+
+#: The least memory traffic of one step, in param-sized units (one read or one write of
+#: a tensor the size of the params), for the configuration benchmarked. Rules that need a
+#: whole-tensor statistic before they can update a tensor (a norm, an RMS, row and column
+#: means) must read some operands once more: those passes are counted.
+TRAFFIC: dict[str, tuple[int, str]] = {
+    "sgd": (5, "read p, g, momentum; write p, momentum"),
+    "lion": (5, "read p, g, exp_avg; write p, exp_avg"),
+    "rmsprop": (5, "read p, g, square_avg; write p, square_avg"),
+    "adagrad": (5, "read p, g, sum; write p, sum"),
+    "muon": (5, "read p, g, momentum; write p, momentum (plus the Newton-Schulz matmuls)"),
+    "adam": (7, "read p, g, exp_avg, exp_avg_sq; write p, exp_avg, exp_avg_sq"),
+    "adamw": (7, "as adam"),
+    "decoupled_adam": (7, "as adam"),
+    "adamax": (7, "read p, g, exp_avg, exp_inf; write p, exp_avg, exp_inf"),
+    "nadam": (7, "as adam"),
+    "radam": (7, "as adam"),
+    "schedule_free_adamw": (7, "read p, g, z, exp_avg_sq; write p, z, exp_avg_sq"),
+    "lars": (7, "pass 1 reads p, g for their norms; pass 2 as sgd"),
+    "lamb": (
+        10,
+        "pass 1 reads p, g, exp_avg, exp_avg_sq, writes the moments and takes the norms "
+        "of p and of the update; pass 2 reads p and the moments again and writes p",
+    ),
+    "adafactor": (
+        6,
+        "pass 1 reads p (its RMS) and g (row and column means of g^2); pass 2 reads g "
+        "(the RMS of the update, for clipping); pass 3 reads p, g and writes p",
+    ),
+}
+_DEFAULT_TRAFFIC = (7, "assumed: read p, g and two state tensors; write p and the state")
 
 
 def param_set(
@@ -114,8 +144,10 @@ class Row:
     median_ms: float
     first_ms: float
     peak_extra_mb: float
+    #: ratio to torch.optim's foreach step, or to its for-loop where it has no foreach
     vs_torch_foreach: float | None = None
     vs_floor: float | None = None
+    floor_ms: float | None = None
 
 
 def _sync(device: str) -> None:
@@ -145,10 +177,8 @@ def _peak_rss() -> int:
     return 0
 
 
-def _measure(
-    step: Callable[[], None], steps: int, warmup: int, device: str
-) -> tuple[float, float, float]:
-    """(median ms, first ms, peak extra MB) of ``step``."""
+def _prepare(step: Callable[[], None], warmup: int, device: str) -> tuple[float, float]:
+    """(first call ms, peak extra MB of one step) of ``step``, after ``warmup`` steps."""
     _sync(device)
     start = time.perf_counter()
     step()
@@ -162,40 +192,84 @@ def _measure(
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        base = _rss_now()
-        peak = float("nan")
-        if _reset_peak():
-            step()
-            peak = max(0, _peak_rss() - base) / 2**20
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
+        return first, (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_now()
+    peak = float("nan")
+    if _reset_peak():
         step()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), first, peak
+        peak = max(0, _peak_rss() - base) / 2**20
+    return first, peak
+
+
+def _round_robin(steps: list[Callable[[], None]], count: int, device: str) -> list[float]:
+    """Median ms per step of each of ``steps``, timed in turns (one step of each, then
+    again, ``count`` times): on a shared machine every variant sees the same load."""
+    times: list[list[float]] = [[] for _ in steps]
+    for round_ in range(count):
+        order = range(len(steps)) if round_ % 2 == 0 else reversed(range(len(steps)))
+        for k in order:
+            _sync(device)
+            start = time.perf_counter()
+            steps[k]()
+            _sync(device)
+            times[k].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def bandwidth_gbs(device: str, numel: int = 1 << 25) -> float:
-    """Streaming bandwidth (GB/s): best of a few ``z = x + s*y`` passes (12 bytes/elem)."""
+    """Streaming bandwidth (GB/s): the best of a few passes of two kinds, 12 bytes/elem each.
+
+    ``z = x + s*y`` into a separate buffer, and ``x += s*y`` in place. The in-place pass
+    is the shape of an optimizer step; on CPUs it is also the faster one, because a store
+    to a line that was just read needs no extra read for ownership, so it is the fairer
+    basis of a floor (a lower bandwidth would flatter every ratio to the floor).
+    """
     x = torch.randn(numel, device=device)
     y = torch.randn(numel, device=device)
     z = torch.empty_like(x)
     best = float("inf")
     for _ in range(7):
-        _sync(device)
-        start = time.perf_counter()
-        torch.add(x, y, alpha=0.5, out=z)
-        _sync(device)
-        best = min(best, time.perf_counter() - start)
+        for kind in ("out", "inplace"):
+            _sync(device)
+            start = time.perf_counter()
+            if kind == "out":
+                torch.add(x, y, alpha=0.5, out=z)
+            else:
+                x.add_(y, alpha=1e-9)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
     return 3 * 4 * numel / best / 1e9
 
 
+def matmul_tflops(device: str, dtype: torch.dtype, size: int = 1024) -> float:
+    """Matmul throughput (TFLOP/s) in ``dtype``: the best of a few ``size``-square products."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
+def newton_schulz_flops(shapes: list[torch.Size], steps: int = 5) -> float:
+    """FLOPs of Muon's quintic Newton-Schulz iteration over matrices of ``shapes``.
+
+    Per step on an ``m x n`` matrix (``m <= n`` after the transpose): ``X X^T``
+    (``2 m^2 n``), ``A A`` (``2 m^3``) and ``B X`` (``2 m^2 n``).
+    """
+    total = 0.0
+    for shape in shapes:
+        m, n = sorted((int(shape[0]), int(shape[1])))
+        total += steps * (4.0 * m * m * n + 2.0 * m**3)
+    return total
+
+
 def _torch_step(name: str, params: list[torch.Tensor], variant: str) -> Callable[[], None] | None:
-    cls_name, kwargs, _ = _TWINS.get(name, ("", {}, 0))
+    cls_name, kwargs = _TWINS.get(name, ("", {}))
     if not cls_name:
         return None
     cls = getattr(torch.optim, cls_name)
@@ -206,10 +280,11 @@ def _torch_step(name: str, params: list[torch.Tensor], variant: str) -> Callable
         extra["foreach"] = True
     elif variant == "fused":
         extra["fused"] = True
-    tensors = [p.clone().requires_grad_() for p in params]
+    if name == "muon" and variant != "forloop":
+        return None  # torch.optim.Muon has one implementation, a loop over params
     if name == "muon":
-        tensors = [t for t in tensors if t.dim() == 2]
         extra.pop("foreach", None)
+    tensors = [p.clone().requires_grad_() for p in params]
     try:
         optimizer = cls(tensors, **kwargs, **extra)
     except (TypeError, RuntimeError, ValueError):
@@ -229,8 +304,6 @@ def _optorch_step(name: str, params: list[torch.Tensor], impl: str) -> Callable[
     kwargs = dict(_OPTORCH_KW.get(name, {}))
     opt = optorch.get_optimizer(name, impl=impl, **kwargs)
     tensors = [p.clone() for p in params]
-    if name == "muon":
-        tensors = [t for t in tensors if t.dim() == 2]
     grads = [torch.randn_like(t) * 1e-3 for t in tensors]
     box = {"state": opt.init(tensors)}
 
@@ -260,6 +333,25 @@ def _compile_scaling(device: str) -> dict[str, float]:
     return result
 
 
+def _floor_ms(
+    name: str, params: list[torch.Tensor], bandwidth: float, device: str, cache: dict[str, float]
+) -> tuple[float, str]:
+    """The least time a step of ``name`` can take here, and what bounds it."""
+    units, _ = TRAFFIC.get(name, _DEFAULT_TRAFFIC)
+    itemsize = params[0].element_size() if params else 4
+    numel = sum(p.numel() for p in params)
+    memory_ms = numel * itemsize * units / (bandwidth * 1e9) * 1e3
+    if name != "muon":
+        return memory_ms, f"{units} units of memory traffic"
+    if "bf16_tflops" not in cache:
+        cache["bf16_tflops"] = matmul_tflops(device, torch.bfloat16)
+    flops = newton_schulz_flops([p.shape for p in params])
+    compute_ms = flops / (cache["bf16_tflops"] * 1e12) * 1e3
+    if compute_ms > memory_ms:
+        return compute_ms, f"bf16 matmuls at {cache['bf16_tflops']:.2f} TFLOP/s"
+    return memory_ms, f"{units} units of memory traffic"
+
+
 def run(args: argparse.Namespace) -> int:
     import optorch
 
@@ -274,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
     impls = [i for i in args.impls.split(",") if i]
     sets = [s for s in args.sets.split(",") if s]
     bandwidth = bandwidth_gbs(device)
+    cache: dict[str, float] = {}
     rows: list[Row] = []
     device_name = (
         torch.cuda.get_device_name()
@@ -289,21 +382,23 @@ def run(args: argparse.Namespace) -> int:
         numel = sum(p.numel() for p in params)
         print(f"\nset {set_name}: {len(params)} tensors, {numel / 1e6:.1f}M params")
         for name in names:
-            per_elem = _TWINS.get(name, ("", {}, 7))[2]
-            floor_ms = numel * 4 * per_elem / (bandwidth * 1e9) * 1e3
-            measured: list[Row] = []
+            own = [p for p in params if p.dim() == 2] if name == "muon" else params
+            floor_ms, bound = _floor_ms(name, own, bandwidth, device, cache)
+            variants: list[tuple[str, Callable[[], None]]] = []
             for variant in ("forloop", "foreach", "fused"):
-                step = _torch_step(name, params, variant)
-                if step is None:
-                    continue
-                median, first, peak = _measure(step, args.steps, args.warmup, device)
-                measured.append(Row(set_name, name, f"torch-{variant}", median, first, peak))
-                del step
-            for impl in impls:
-                median, first, peak = _measure(
-                    _optorch_step(name, params, impl), args.steps, args.warmup, device
+                step = _torch_step(name, own, variant)
+                if step is not None:
+                    variants.append((f"torch-{variant}", step))
+            variants += [(impl, _optorch_step(name, own, impl)) for impl in impls]
+            prepared = [_prepare(step, args.warmup, device) for _, step in variants]
+            medians = _round_robin([step for _, step in variants], args.steps, device)
+            measured = [
+                Row(set_name, name, label, median, first, peak, floor_ms=floor_ms)
+                for (label, _), (first, peak), median in zip(
+                    variants, prepared, medians, strict=True
                 )
-                measured.append(Row(set_name, name, impl, median, first, peak))
+            ]
+            del variants
             baseline = next((r for r in measured if r.impl == "torch-foreach"), None) or next(
                 (r for r in measured if r.impl == "torch-forloop"), None
             )
@@ -311,7 +406,8 @@ def run(args: argparse.Namespace) -> int:
                 row.vs_torch_foreach = row.median_ms / baseline.median_ms if baseline else None
                 row.vs_floor = row.median_ms / floor_ms
             rows.extend(measured)
-            _print_table(name, measured, floor_ms, numel * 4 / 2**20)
+            own_mb = sum(p.numel() * p.element_size() for p in own) / 2**20
+            _print_table(name, measured, floor_ms, bound, own_mb)
     extra = _compile_scaling(device) if args.compile_scaling else {}
     if extra:
         print("\ncompile scaling:", {k: round(v, 2) for k, v in extra.items()})
@@ -319,10 +415,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_table(name: str, rows: list[Row], floor_ms: float, param_mb: float) -> None:
-    print(f"  {name}: floor {floor_ms:.1f} ms; params {param_mb:.0f} MB")
+def _print_table(name: str, rows: list[Row], floor_ms: float, bound: str, param_mb: float) -> None:
+    base = "torch-foreach" if any(r.impl == "torch-foreach" for r in rows) else "torch-forloop"
+    has_base = any(r.impl == base for r in rows)
+    print(f"  {name}: floor {floor_ms:.1f} ms ({bound}); params {param_mb:.0f} MB")
+    header = f"x {base}" if has_base else "x torch"
     print(
-        f"  {'impl':<16}{'median ms':>11}{'first ms':>11}{'x torch foreach':>17}{'x floor':>9}"
+        f"  {'impl':<16}{'median ms':>11}{'first ms':>11}{header:>17}{'x floor':>9}"
         f"{'peak extra MB':>15}"
     )
     for r in rows:
