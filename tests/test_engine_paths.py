@@ -237,3 +237,17 @@ def test_scalar_pack_holds_every_value_and_the_gate() -> None:
         pack, torch.tensor([0.1, 1.0, 0.5, 1.0], dtype=torch.float64), rtol=0, atol=0
     )
     assert others == {"mode": "x"}
+
+
+def test_threaded_chunks_work_under_inference_mode(
+    two_threads: None, threaded_calls: list[int]
+) -> None:
+    """Worker threads enter inference mode too: in-place updates of inference tensors are
+    refused outside it."""
+    with torch.inference_mode():
+        params = small_params(8)
+        grads = grads_for(8, params)
+        ours = run("sgd", {"momentum": 0.9}, "foreach", params, grads)
+    assert threaded_calls
+    reference = run("sgd", {"momentum": 0.9}, "reference", params, grads)
+    assert_trees_equal(ours[0], reference[0])

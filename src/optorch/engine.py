@@ -846,10 +846,14 @@ def _run_threaded(fn: Callable[[Any], Any], chunks: list[Any]) -> None:
     For chunks of CPU tensors too small for ATen's own intra-op threads (a foreach
     kernel then runs one tensor after another on one core): the chunks touch disjoint
     tensors, and torch releases the GIL inside kernels, so the threads run the kernels
-    side by side. Gradient mode is thread-local: workers run under ``no_grad``, as the
-    in-place step that calls this does.
+    side by side. Gradient and inference modes are thread-local: workers run under
+    ``no_grad`` (as the in-place step that calls this does), and under
+    ``inference_mode`` when the caller is (in-place updates of inference tensors are
+    allowed only there).
     """
     from concurrent.futures import ThreadPoolExecutor
+
+    inference = torch.is_inference_mode_enabled()
 
     workers = min(torch.get_num_threads(), len(chunks))
     if not _POOL or _POOL[1] < workers:
@@ -858,7 +862,7 @@ def _run_threaded(fn: Callable[[Any], Any], chunks: list[Any]) -> None:
         _POOL[:] = [ThreadPoolExecutor(workers, thread_name_prefix="optorch"), workers]
 
     def run_share(share: list[Any]) -> None:
-        with torch.no_grad():
+        with torch.inference_mode() if inference else torch.no_grad():
             for chunk in share:
                 fn(chunk)
 
@@ -890,7 +894,7 @@ def _inductor_options(device_type: str) -> dict[str, Any]:
     * checks each vector ISA the CPU reports by building the ATen vector headers with
       that ISA's flags (about 1.5 s per ISA, 7 s in all here), to find out whether the
       C++ compiler supports it. optorch asks the compiler the same question directly
-      (does it accept the ISA's flags and intrinsics header: milliseconds each) and,
+      (does it accept the ISA's flags and intrinsics header: about 0.2 s each) and,
       when every ISA passes, tells inductor to trust them (``cpp.vec_isa_ok``). Any
       doubt, or ``TORCHINDUCTOR_VEC_ISA_OK`` set by the user, leaves inductor's own
       check in place.
