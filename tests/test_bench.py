@@ -62,6 +62,8 @@ def test_bench_runs_every_variant_and_writes_its_outputs(tmp_path: Path) -> None
     )
     assert adamw["vs_floor"] == pytest.approx(adamw["median_ms"] / adamw["floor_ms"])
     assert (out / "bench.csv").read_text().startswith("set,optimizer,impl")
+    table = (out / "bench.md").read_text()
+    assert "| adamw | torch-foreach |" in table and "| lamb | foreach |" in table
 
 
 def test_every_registry_optimizer_has_a_traffic_count() -> None:

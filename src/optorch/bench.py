@@ -25,7 +25,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["DESCRIPTION", "HELP", "add_arguments", "param_set", "run"]
+__all__ = [
+    "DESCRIPTION",
+    "HELP",
+    "TRAFFIC",
+    "add_arguments",
+    "bandwidth_gbs",
+    "markdown",
+    "matmul_tflops",
+    "newton_schulz_flops",
+    "param_set",
+    "run",
+]
 
 HELP = "time optimizer steps against torch.optim (ratios, floor, memory)"
 DESCRIPTION = (
@@ -34,7 +45,7 @@ DESCRIPTION = (
     "in turns (one step of each variant per round). "
     "Sets: 'gpt' (a GPT-like model, about 51.5M params in 100 tensors) and 'small' "
     "(2,000 tensors of 4,096). Prints a table with ratios to torch.optim foreach and to "
-    "the memory-bandwidth floor, and writes bench.json, bench.csv and bench.png to --out."
+    "the floor, and writes bench.json, bench.csv, bench.md and bench.png to --out."
     "\n\nExample: optorch bench --optimizers adamw,sgd --sets gpt --steps 10"
 )
 
@@ -432,6 +443,36 @@ def _print_table(name: str, rows: list[Row], floor_ms: float, bound: str, param_
         )
 
 
+def markdown(rows: list[Row], bandwidth: float, device: str) -> str:
+    """The rows as markdown tables, one per param set (what docs and README quote)."""
+    lines = [f"{device}; torch {torch.__version__}; streaming bandwidth {bandwidth:.1f} GB/s"]
+    for set_name in dict.fromkeys(r.set for r in rows):
+        lines += [
+            "",
+            f"Set `{set_name}`; median ms per step (variants timed in turns):",
+            "",
+            "| optimizer | impl | ms | x torch | x floor | floor ms | first step s "
+            "| peak extra MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if r.set != set_name:
+                continue
+            ratio = "-" if r.vs_torch_foreach is None else f"{r.vs_torch_foreach:.2f}"
+            floor = "-" if r.floor_ms is None else f"{r.floor_ms:.1f}"
+            lines.append(
+                f"| {r.optimizer} | {r.impl} | {r.median_ms:.1f} | {ratio} | "
+                f"{r.vs_floor or 0:.2f} | {floor} | {r.first_ms / 1e3:.1f} | "
+                f"{r.peak_extra_mb:.0f} |"
+            )
+    lines += [
+        "",
+        "x torch: to torch.optim's foreach step (its for-loop where it has no foreach).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def _write(
     out: Path, rows: list[Row], bandwidth: float, device: str, extra: dict[str, float]
 ) -> None:
@@ -451,6 +492,7 @@ def _write(
         writer.writeheader()
         for r in rows:
             writer.writerow(asdict(r))
+    (out / "bench.md").write_text(markdown(rows, bandwidth, device))
     try:
         import matplotlib
 
