@@ -2,14 +2,16 @@
 
 Every row of the option table runs in float32 and float64, in place and pure, through
 the reference loop and the foreach engine (which runs the reference loop: Adafactor
-needs each tensor's shape); two rows also run compiled. The params are a dict pytree
-with a 0-d scalar, a 1-D bias, a matrix and a 3-D tensor (a batch of matrices), so both
-the factored (``row_var``, ``col_var``) and the full (``variance``) second moments are
-compared with torch's, under torch's names and shapes; the unused fields of each leaf
-must be empty placeholders. The ``beta1`` momentum variant (not in torch) is compared
-with a float64 formula written here from the paper, which is itself checked against
-torch with ``beta1=None``. Then: bad hyperparameters, state shapes, the registry, the
-seed-style functions and convergence.
+needs each tensor's shape); three rows also run compiled, one of them on matrices whose
+rows make whole blocks (the compiled column mean sums by blocks), and compiled kernels
+must not recompile from step to step. The params are a dict pytree with a 0-d scalar, a
+1-D bias, a matrix and a 3-D tensor (a batch of matrices), so both the factored
+(``row_var``, ``col_var``) and the full (``variance``) second moments are compared with
+torch's, under torch's names and shapes; the unused fields of each leaf must be empty
+placeholders. The ``beta1`` momentum variant (not in torch) is compared with a float64
+formula written here from the paper, which is itself checked against torch with
+``beta1=None``. Then: bad hyperparameters, state shapes, the registry, the seed-style
+functions and convergence.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 import pytest
 import torch
+import torch._dynamo
+import torch._dynamo.utils
 from conftest import (
     DEFAULT_SHAPES,
     TOLERANCES,
@@ -36,7 +40,7 @@ from conftest import (
 from test_opt_rmsprop_adagrad import rosenbrock_distance, train_mlp
 
 import optorch
-from optorch.adafactor import AdafactorConfig, adafactor_step, default_adafactor_state
+from optorch.adafactor import RULE, AdafactorConfig, adafactor_step, default_adafactor_state
 
 STEPS = 20
 MOMENTS = ("row_var", "col_var", "variance")
@@ -163,10 +167,15 @@ def test_matches_torch_optim(case: Case, dtype: torch.dtype, impl: str, inplace:
     run_against_torch(case, dtype, impl, inplace=inplace)
 
 
-# compiling costs seconds per kernel (one per leaf kind and rank): two rows, one mode each
+# compiling costs seconds per kernel (one per leaf kind and rank): three rows, one mode
+# each; the last one's matrices have rows in whole blocks of ROW_BLOCK, whose compiled
+# column means sum block by block
 COMPILED_CASES = [
     pytest.param(CASES[6], True, {"w": (4, 3), "b": (5,), "s": ()}, id="weight-decay-inplace"),
     pytest.param(CASES[9], False, {"t": (2, 3, 2), "s": ()}, id="all-pure"),
+    pytest.param(
+        CASES[8], True, {"w": (64, 48), "t": (2, 96, 5), "b": (48,)}, id="row-blocks-inplace"
+    ),
 ]
 
 
@@ -175,6 +184,36 @@ def test_compiled_matches_torch_optim(
     case: Case, inplace: bool, shapes: dict[str, tuple[int, ...]]
 ) -> None:
     run_against_torch(case, torch.float32, "compiled", inplace=inplace, shapes=shapes)
+
+
+def test_compiled_kernels_split_by_row_blocks_and_never_recompile() -> None:
+    """A factored param whose rows make two or more whole blocks of ``ROW_BLOCK`` gets a
+    kernel of its own (its leaf key), so that no kernel branches on the row count: after
+    the first step, 20 steps whose learning rate moves compile nothing, and every param
+    and moment equals the reference loop's."""
+    shapes = {"blocks": (64, 8), "column": (96, 1), "odd": (33, 7), "one_block": (32, 4)}
+    shapes |= {"bias": (8,)}
+    keys = [RULE.leaf_key(torch.empty(shape), AdafactorConfig()) for shape in shapes.values()]
+    assert keys == [(True, True), (True, True), (True, False), (True, False), (False, False)]
+    params = make_params(71, torch.float32, shapes)
+    grads = grad_sequence(71, params, STEPS)
+    hyper = {"max_lr": 0.1, "weight_decay": 0.2, "schedule": halving_every_five}
+    compiled = optorch.get_optimizer("adafactor", impl="compiled", **hyper)
+    reference = optorch.get_optimizer("adafactor", impl="reference", **hyper)
+    state, ref_params = compiled.init(params), {k: v.clone() for k, v in params.items()}
+    ref_state = reference.init(ref_params)
+    params, state = compiled.step(params, grads[0], state)
+    ref_params, ref_state = reference.step(ref_params, grads[0], ref_state)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for grad in grads[1:]:
+            params, state = compiled.step(params, grad, state)
+            ref_params, ref_state = reference.step(ref_params, grad, ref_state)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    tolerance = TOLERANCES[torch.float32]
+    assert_trees_close(params, ref_params, **tolerance, what="params")
+    for field in MOMENTS:
+        assert_trees_close(state[field], ref_state[field], **tolerance, what=field)
 
 
 # --------------------------------------------------------------------------------------

@@ -123,8 +123,14 @@ class AdafactorConfig(BaseConfig):
         check_bool(owner, ("maximize", self.maximize))
 
 
-def _rms(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.norm() / (tensor.numel() ** 0.5)
+#: Rows per block of a compiled column mean (see :func:`_column_mean`).
+ROW_BLOCK = 32
+
+
+def _compiled_plain(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a plain tensor being traced by ``torch.compile``: not eager,
+    not a DTensor (whose sharding the helpers below leave alone)."""
+    return torch.compiler.is_compiling() and type(tensor) is torch.Tensor
 
 
 def _mean(tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -132,6 +138,51 @@ def _mean(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     DTensor sharded along ``dim`` the sum stays a partial result that one all-reduce
     completes, where ``mean`` gathers the whole tensor when the shards are uneven."""
     return tensor.sum(dim=dim, keepdim=True) / tensor.shape[dim]
+
+
+def _column_mean(tensor: torch.Tensor, blocked: bool) -> torch.Tensor:
+    """:func:`_mean` over dim -2 (the rows); compiled and ``blocked`` (the rows make
+    whole blocks of ``ROW_BLOCK``, two or more), as sums over blocks and then over the
+    blocks.
+
+    Inductor's C++ sums over dim -2 column by column, striding over every row of the
+    matrix (measured at about half the speed of a row sum); within a block of rows the
+    strided reads stay in cache (53 ms per step on the GPT-like benchmark set, 66 ms
+    with the plain sum). Eager tensors and DTensors (whose row shards need not hold
+    whole blocks) take the plain sum.
+    """
+    if not blocked or not _compiled_plain(tensor):
+        return _mean(tensor, -2)
+    rows = tensor.shape[-2]
+    blocks = tensor.reshape(*tensor.shape[:-2], rows // ROW_BLOCK, ROW_BLOCK, tensor.shape[-1])
+    return blocks.sum(-2).sum(-2, keepdim=True) / rows
+
+
+def _rms(tensor: torch.Tensor) -> torch.Tensor:
+    """The root mean square of every element, computed in float32 at least (squares of
+    float16 overflow) and summed along the last dim first: inductor's C++ sums a whole
+    tensor with a cascade of partial sums that is slower than row sums (57 ms per step
+    on the GPT-like benchmark set instead of 53)."""
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    squares = tensor * tensor
+    total = squares.sum(-1).sum() if squares.dim() >= 2 else squares.sum()
+    return (total / tensor.numel()).sqrt()
+
+
+def _stored(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``; compiled, viewed through ``as_strided`` onto itself, which inductor
+    lowers onto a buffer of its own, so that the value is computed once.
+
+    Inductor otherwise inlines a small result (a row or column factor, the step size)
+    into every loop that reads it, and a loop over the whole matrix then recomputes it
+    for each vector of 16 elements: square roots, divisions and a chain of scalar ops
+    that cost more than the loop's memory traffic (94 ms per step on the GPT-like
+    benchmark set instead of 53). A no-op for eager tensors and DTensors.
+    """
+    if _compiled_plain(tensor):
+        return tensor.as_strided(tensor.shape, tensor.stride())
+    return tensor
 
 
 class AdafactorRule(Rule):
@@ -163,7 +214,12 @@ class AdafactorRule(Rule):
         return zeros_laid_out_like(param, self.state_shape(name, param, config))
 
     def leaf_key(self, param: torch.Tensor, config: AdafactorConfig) -> Any:
-        return param.dim() >= 2  # factored
+        # (factored, column mean by row blocks): each pair is a compiled kernel of its
+        # own, so that no kernel branches on (and dynamo never guards) the row count
+        if param.dim() < 2:
+            return (False, False)
+        rows = param.shape[-2]
+        return (True, rows % ROW_BLOCK == 0 and rows >= 2 * ROW_BLOCK)
 
     def static(self, config: AdafactorConfig) -> Any:
         return (
@@ -193,7 +249,7 @@ class AdafactorRule(Rule):
             return (param, *rest[:-1])
         row_var, col_var, variance = rest[:3]
         maximize, decay, machine_eps1, momentum = h.static
-        factored = h.leaf
+        factored, blocked = h.leaf
         eps1 = torch.finfo(param.dtype).eps if machine_eps1 else h.eps1
         if maximize:
             grad = -grad
@@ -203,16 +259,18 @@ class AdafactorRule(Rule):
             param = param * h.shrink
         grad_sq = grad * grad
         if factored:
-            row_var = lerp(row_var, _mean(grad_sq, -1), h.new_weight)
-            col_var = lerp(col_var, _mean(grad_sq, -2), h.new_weight)
+            row_var = _stored(lerp(row_var, _mean(grad_sq, -1), h.new_weight))
+            col_var = _stored(lerp(col_var, _column_mean(grad_sq, blocked), h.new_weight))
             row_scale = _mean(row_var, -2).clamp_min(eps1)
-            variance_estimate = row_var * col_var / row_scale
+            # sqrt(V) = sqrt(R / row_scale) sqrt(C): one root per row and one per column
+            # (compiled, each stored once), not one per element
+            root = _stored((row_var / row_scale).sqrt()) * _stored(col_var.sqrt())
         else:
             variance = lerp(variance, grad_sq, h.new_weight)
-            variance_estimate = variance
-        direction = grad / variance_estimate.sqrt().clamp_min(eps1)
+            root = variance.sqrt()
+        direction = grad / root.clamp_min(eps1)
         clip = (_rms(direction) / h.d).clamp_min(1.0)
-        step = direction * (alpha / clip)
+        step = direction * _stored((alpha / clip).to(direction.dtype))
         if momentum:
             exp_avg = lerp(rest[3], step, 1.0 - h.beta1)
             return param - exp_avg, row_var, col_var, variance, exp_avg
