@@ -251,3 +251,21 @@ def test_threaded_chunks_work_under_inference_mode(
     assert threaded_calls
     reference = run("sgd", {"momentum": 0.9}, "reference", params, grads)
     assert_trees_equal(ours[0], reference[0])
+
+
+def test_gradient_reaches_a_hyperparameter_through_the_packed_scalars() -> None:
+    """A pure compiled step is differentiable in an injected learning rate: the packed
+    float64 scalars keep the autograd graph of the tensors they are made from."""
+    gen = generator(12)
+    params = {"w": torch.randn(1 << 16, generator=gen)}  # large enough to be compiled
+    grads = {"w": torch.randn(1 << 16, generator=gen)}
+    found = {}
+    for impl in ("reference", "compiled"):
+        lr = torch.tensor(0.1, requires_grad=True)
+        opt = optorch.get_optimizer("sgd", impl=impl, momentum=0.0, inplace=False)
+        new, _ = opt.step(params, grads, opt.init(params), hyper_overrides={"max_lr": lr})
+        (found[impl],) = torch.autograd.grad(new["w"].sum(), lr)
+    # d/dlr sum(p - lr g) = -sum(g)
+    expected = -grads["w"].double().sum()
+    torch.testing.assert_close(found["reference"].double(), expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(found["compiled"], found["reference"], rtol=1e-5, atol=1e-3)

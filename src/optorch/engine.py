@@ -968,7 +968,7 @@ def _scalar_pack(
     if any(isinstance(v, torch.Tensor) for v in numbers):
         pack = torch.stack(
             [
-                torch.as_tensor(v, dtype=torch.float64, device=device).detach().reshape(())
+                torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
                 for v in numbers
             ]
         )
