@@ -967,10 +967,7 @@ def _scalar_pack(
         numbers.append(gate)
     if any(isinstance(v, torch.Tensor) for v in numbers):
         pack = torch.stack(
-            [
-                torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                for v in numbers
-            ]
+            [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in numbers]
         )
     else:
         pack = torch.tensor(numbers, dtype=torch.float64, device=device)
