@@ -147,7 +147,7 @@ def _column_mean(tensor: torch.Tensor, blocked: bool) -> torch.Tensor:
 
     Inductor's C++ sums over dim -2 column by column, striding over every row of the
     matrix (measured at about half the speed of a row sum); within a block of rows the
-    strided reads stay in cache (53 ms per step on the GPT-like benchmark set, 66 ms
+    strided reads stay in cache (58 ms per step on the GPT-like benchmark set, 71 ms
     with the plain sum). Eager tensors and DTensors (whose row shards need not hold
     whole blocks) take the plain sum.
     """
@@ -161,8 +161,8 @@ def _column_mean(tensor: torch.Tensor, blocked: bool) -> torch.Tensor:
 def _rms(tensor: torch.Tensor) -> torch.Tensor:
     """The root mean square of every element, computed in float32 at least (squares of
     float16 overflow) and summed along the last dim first: inductor's C++ sums a whole
-    tensor with a cascade of partial sums that is slower than row sums (57 ms per step
-    on the GPT-like benchmark set instead of 53)."""
+    tensor with a cascade of partial sums that is slower than row sums (1-4 ms of a
+    58 ms step on the GPT-like benchmark set)."""
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
     squares = tensor * tensor
@@ -177,8 +177,8 @@ def _stored(tensor: torch.Tensor) -> torch.Tensor:
     Inductor otherwise inlines a small result (a row or column factor, the step size)
     into every loop that reads it, and a loop over the whole matrix then recomputes it
     for each vector of 16 elements: square roots, divisions and a chain of scalar ops
-    that cost more than the loop's memory traffic (94 ms per step on the GPT-like
-    benchmark set instead of 53). A no-op for eager tensors and DTensors.
+    that cost more than the loop's memory traffic (89 ms per step on the GPT-like
+    benchmark set instead of 58). A no-op for eager tensors and DTensors.
     """
     if _compiled_plain(tensor):
         return tensor.as_strided(tensor.shape, tensor.stride())
