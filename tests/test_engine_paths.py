@@ -269,3 +269,34 @@ def test_gradient_reaches_a_hyperparameter_through_the_packed_scalars() -> None:
     expected = -grads["w"].double().sum()
     torch.testing.assert_close(found["reference"].double(), expected, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(found["compiled"], found["reference"], rtol=1e-5, atol=1e-3)
+
+
+def test_each_dtype_gets_its_own_compiled_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 and float64 params of one optimizer use two compiled functions, not two
+    graphs of one (which count towards dynamo's recompile limit, an error under
+    fullgraph)."""
+    made: list[tuple[Any, ...]] = []
+    original = engine._compiled_fn
+
+    def spy(*args: Any) -> Any:
+        made.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_compiled_fn", spy)
+    gen = generator(13)
+    params = {
+        "single": torch.randn(1 << 16, generator=gen),
+        "double": torch.randn(1 << 16, generator=gen, dtype=torch.float64),
+    }
+    grads = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()}
+    opt = optorch.get_optimizer("sgd", impl="compiled", momentum=0.9)
+    reference = optorch.get_optimizer("sgd", impl="reference", momentum=0.9)
+    ours, theirs = clone_tree(params), clone_tree(params)
+    state, ref_state = opt.init(ours), reference.init(theirs)
+    for _ in range(3):
+        ours, state = opt.step(ours, grads, state)
+        theirs, ref_state = reference.step(theirs, grads, ref_state)
+    assert {args[-1] for args in made} == {torch.float32, torch.float64}
+    functions = {id(original(*args)) for args in made}
+    assert len(functions) == 2
+    assert_trees_close(ours, theirs, rtol=1e-6, atol=1e-6)  # compiled fuses differently

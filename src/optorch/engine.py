@@ -982,8 +982,11 @@ def _compiled_fn(
     flat: bool,
     names: tuple[str, ...],
     device_type: str,
+    dtype: torch.dtype,
 ) -> Callable[..., Any]:
-    key = (type(rule), static, leaf, inplace, flat, names, device_type)
+    # one compiled function per dtype too: otherwise every dtype adds a graph to the same
+    # function, and enough of them hit dynamo's recompile limit (an error under fullgraph)
+    key = (type(rule), static, leaf, inplace, flat, names, device_type, dtype)
     fn = _COMPILED.get(key)
     if fn is not None:
         return fn
@@ -1090,7 +1093,7 @@ def _run_compiled(
         chosen = set(usable)
         small.extend(i for i in indices if i not in chosen)
         usable.sort(key=lambda i: params[i].numel())
-        fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type)
+        fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type, dtype)
         width = CHUNK if flat else 1
         for start in range(0, len(usable), width):
             chunk = usable[start : start + width]
