@@ -246,7 +246,6 @@ class TensorList:
         args: tuple[Any, ...] = (),
         scalar_like: bool = False,
         writable: bool = False,
-        serial: bool = False,
     ) -> None:
         self.value: list[torch.Tensor] | None = None if items is None else list(items)
         self.fn = fn
@@ -257,7 +256,7 @@ class TensorList:
         # an op that must run on the calling thread only: ATen runs transcendental ops
         # (sqrt, exp, log, pow) through a vector library with its own threads even on
         # small tensors, and arbitrary per-tensor functions may too (see _run_threaded)
-        self.serial = serial
+        self.serial = False
 
     @property
     def items(self) -> list[torch.Tensor]:
@@ -800,18 +799,19 @@ def _run_foreach(
             run_chunk(h_group, [(i, None) for i in indices])
             continue
         chunks = _foreach_chunks(rule, params, indices)
-        small: list[list[tuple[int, slice | None]]] = []
-        if (
+        may_thread = (
             len(chunks) > 2
             and device.type == "cpu"
             and kind in (torch.Tensor, torch.nn.Parameter)
             and torch.get_num_threads() > 1
-        ):
-            small = [c for c in chunks if _below_grain(params, c)]
-        program: Program | None = None
+        )
+        large: list[list[tuple[int, slice | None]]] = []
+        small: list[list[tuple[int, slice | None]]] = []
         for chunk in chunks:
-            if not small or not _below_grain(params, chunk):
-                program = run_chunk(h_group, chunk, program)
+            (small if may_thread and _below_grain(params, chunk) else large).append(chunk)
+        program: Program | None = None
+        for chunk in large:
+            program = run_chunk(h_group, chunk, program)
         if small:
             program = run_chunk(h_group, small[0], program)
             if program is not None and not program.serial and len(small) > 2:
