@@ -45,6 +45,7 @@ __all__ = [
     "FOREACH_CHUNK_NUMEL",
     "TensorList",
     "add_scaled",
+    "add_scaled_exact",
     "addcdiv",
     "addcmul",
     "lerp",
@@ -61,7 +62,7 @@ __all__ = [
 CHUNK = 4
 #: Elements per foreach chunk: bounds the temporaries a foreach step allocates, and keeps
 #: a chunk's operands in cache from one kernel to the next (measured best at 1M here).
-FOREACH_CHUNK_NUMEL = 1 << 20
+FOREACH_CHUNK_NUMEL = 1 << 21
 #: Smaller tensors skip the compiled kernel: for them a compiled call's fixed cost
 #: (guards, argument handling) exceeds the work, and one foreach pass is faster.
 COMPILED_MIN_NUMEL = 1 << 16
@@ -110,12 +111,78 @@ def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
     if isinstance(alpha, torch.Tensor):
         return x + y * alpha
     if isinstance(x, TensorList):
-        return x._node(
+        node = x._node(
             lambda a, b: torch._foreach_add(a, b, alpha=alpha),
             lambda a, b: torch._foreach_add_(a, b, alpha=alpha),
             y,
         )
+        if isinstance(y, TensorList):
+            node.into_second_fn = lambda a, b: _add_scaled_into(a, b, alpha)
+        return node
     return torch.add(x, y, alpha=alpha)
+
+
+def add_scaled_exact(x: Any, y: Any, alpha: Any) -> Any:
+    """``x + alpha * y`` with ``alpha`` applied exactly, in one pass where ATen allows.
+
+    For float32/float64 this is :func:`add_scaled` (one kernel, rounded once; the
+    foreach engine can write it into ``y``'s dead buffer: ``buf <- grad + momentum *
+    buf``). ATen's ``add(..., alpha=)`` rounds ``alpha`` to a float16/bfloat16 tensor's
+    dtype first (0.9 -> 0.8984375 in bfloat16), so for those it is ``x + y * alpha``.
+    """
+    if isinstance(alpha, torch.Tensor):
+        return x + y * alpha
+    if isinstance(x, TensorList):
+        node = x._node(
+            lambda a, b: (
+                list(torch._foreach_add(a, b, alpha=alpha))
+                if not _low_precision(a, b)
+                else list(torch._foreach_add(a, torch._foreach_mul(b, alpha)))
+            ),
+            lambda a, b: (
+                torch._foreach_add_(a, b, alpha=alpha)
+                if not _low_precision(a, b)
+                else torch._foreach_add_(a, torch._foreach_mul(b, alpha))
+            ),
+            y,
+        )
+        if isinstance(y, TensorList):
+            node.into_second_fn = lambda a, b: _add_scaled_into(a, b, alpha, exact=True)
+        return node
+    if x.dtype in _LOW_PRECISION or y.dtype in _LOW_PRECISION:
+        return x + y * alpha
+    return torch.add(x, y, alpha=alpha)
+
+
+def _low_precision(x: list[torch.Tensor], y: list[torch.Tensor]) -> bool:
+    return bool(x) and (x[0].dtype in _LOW_PRECISION or y[0].dtype in _LOW_PRECISION)
+
+
+def _add_scaled_into(
+    x: list[torch.Tensor], y: list[torch.Tensor], alpha: Any, *, exact: bool = False
+) -> None:
+    """``y <- x + alpha * y`` in place (``exact``: see :func:`add_scaled_exact`).
+
+    foreach has no such op; ATen's ``add(x, y, alpha=..., out=y)`` is the same kernel as
+    the out-of-place add (so the result is bit-equal to ``torch.add``), run per tensor:
+    microseconds a tensor, against a whole pass over the buffer saved. Tensors below
+    ATen's parallel grain, where that Python loop would cost more than the pass, and
+    DTensors, whose ``out=`` support varies, take a foreach add and a copy instead.
+    """
+    if exact and _low_precision(x, y):
+        _foreach_mul_exact_(y, alpha)
+        torch._foreach_add_(y, x)
+        return
+    if _is_dtensor(y[0]):
+        _copy(y, list(torch._foreach_add(x, y, alpha=alpha)))
+        return
+    small = [k for k, y_i in enumerate(y) if y_i.numel() < _GRAIN]
+    if small:  # a foreach call beats a Python loop: out of place, then copied back
+        new = torch._foreach_add([x[k] for k in small], [y[k] for k in small], alpha=alpha)
+        torch._foreach_copy_([y[k] for k in small], new)
+    for x_i, y_i in zip(x, y, strict=True):
+        if y_i.numel() >= _GRAIN:
+            torch.add(x_i, y_i, alpha=alpha, out=y_i)
 
 
 def addcmul(x: Any, a: Any, b: Any, value: Any) -> Any:
@@ -235,7 +302,16 @@ class TensorList:
     tensors for per-tensor scalars), a Python number or a 0-d tensor.
     """
 
-    __slots__ = ("args", "fn", "inplace_fn", "scalar_like", "serial", "value", "writable")
+    __slots__ = (
+        "args",
+        "fn",
+        "inplace_fn",
+        "into_second_fn",
+        "scalar_like",
+        "serial",
+        "value",
+        "writable",
+    )
 
     def __init__(
         self,
@@ -257,6 +333,9 @@ class TensorList:
         # (sqrt, exp, log, pow) through a vector library with its own threads even on
         # small tensors, and arbitrary per-tensor functions may too (see _run_threaded)
         self.serial = False
+        # an op that can also write its result into its second argument's buffers, for
+        # when only that one is dead (``x + alpha * y`` into ``y``)
+        self.into_second_fn: _Fn | None = None
 
     @property
     def items(self) -> list[torch.Tensor]:
@@ -469,14 +548,14 @@ class Program:
         self,
         size: int,
         inputs: list[tuple[int, int]],
-        calls: list[tuple[_Fn, bool, int, tuple[tuple[bool, Any], ...], tuple[int, ...]]],
+        calls: list[tuple[_Fn, int | None, int, tuple[tuple[bool, Any], ...], tuple[int, ...]]],
         outputs: list[int],
         serial: bool,
     ) -> None:
         self.size = size  # number of value slots
         self.inputs = inputs  # (slot, position in the inputs given to replay)
-        # (function, in place, output slot, (is slot, slot or constant) per argument,
-        #  slots freed after the call)
+        # (function, the argument it writes into (None: returns a new list), output
+        #  slot, (is slot, slot or constant) per argument, slots freed after the call)
         self.calls = calls
         self.outputs = outputs  # the slot of each output
         self.serial = serial  # whether any call must stay on the calling thread
@@ -485,11 +564,11 @@ class Program:
         slots: list[Any] = [None] * self.size
         for slot, position in self.inputs:
             slots[slot] = inputs[position]
-        for fn, inplace, out, args, frees in self.calls:
+        for fn, into, out, args, frees in self.calls:
             values = [slots[a] if is_slot else a for is_slot, a in args]
-            if inplace:
+            if into is not None:
                 fn(*values)
-                slots[out] = values[0]
+                slots[out] = values[into]
             else:
                 slots[out] = list(fn(*values))
             for slot in frees:
@@ -513,7 +592,7 @@ def evaluate(
     input_position = {id(x): k for k, x in enumerate(inputs)}
     replayable = True
     program_inputs: list[tuple[int, int]] = []
-    calls: list[tuple[_Fn, bool, int, tuple[tuple[bool, Any], ...], tuple[int, ...]]] = []
+    calls: list[tuple[_Fn, int | None, int, tuple[tuple[bool, Any], ...], tuple[int, ...]]] = []
     remaining: dict[int, int] = {}
     for node in order:
         if node.value is not None:
@@ -526,27 +605,32 @@ def evaluate(
             if isinstance(arg, TensorList):
                 remaining[id(arg)] = remaining.get(id(arg), 0) + 1
     pinned = {id(o) for o in outputs}
+
+    def dead(arg: Any, node: TensorList) -> bool:
+        """Whether ``node`` may write its result into ``arg``'s buffers."""
+        return (
+            isinstance(arg, TensorList)
+            and arg.writable
+            and remaining.get(id(arg), 0) == 1
+            and id(arg) not in pinned
+            and (node.scalar_like or not arg.scalar_like)
+        )
+
     for node in order:
         if node.value is not None:
             continue
         assert node.fn is not None
-        first = node.args[0]
-        can_reuse = (
-            reuse
-            and node.inplace_fn is not None
-            and isinstance(first, TensorList)
-            and first.writable
-            and remaining.get(id(first), 0) == 1
-            and id(first) not in pinned
-            and (node.scalar_like or not first.scalar_like)
-        )
         values = _values(node.args)
-        fn = node.inplace_fn if can_reuse and node.inplace_fn is not None else node.fn
-        if fn is node.inplace_fn:
-            fn(*values)
-            node.value = values[0]
-        else:
+        fn, into = node.fn, None
+        if reuse and node.inplace_fn is not None and dead(node.args[0], node):
+            fn, into = node.inplace_fn, 0
+        elif reuse and node.into_second_fn is not None and dead(node.args[1], node):
+            fn, into = node.into_second_fn, 1
+        if into is None:
             node.value = list(fn(*values))
+        else:
+            fn(*values)
+            node.value = values[into]
         node.writable = True
         frees: list[int] = []
         for arg in node.args:
@@ -555,14 +639,15 @@ def evaluate(
                 if remaining[id(arg)] == 0 and id(arg) not in pinned and arg.fn is not None:
                     arg.value = None  # free the temporary
                     frees.append(slot_of[id(arg)])
-        if can_reuse:
-            first.value = None
-            first.writable = False
-            frees.append(slot_of[id(first)])
+        if into is not None:
+            reused = node.args[into]
+            reused.value = None
+            reused.writable = False
+            frees.append(slot_of[id(reused)])
         args = tuple(
             (True, slot_of[id(a)]) if isinstance(a, TensorList) else (False, a) for a in node.args
         )
-        calls.append((fn, fn is node.inplace_fn, slot_of[id(node)], args, tuple(frees)))
+        calls.append((fn, into, slot_of[id(node)], args, tuple(frees)))
     if not replayable:
         return None
     serial = any(node.serial for node in order)

@@ -507,7 +507,7 @@ def _run(
             theirs = train_torch_twin(spec.name, factory, **common)
             if not isinstance(theirs, str):
                 results.append(theirs)
-            comparisons.append(compare(ours, theirs, twin_description))
+            comparisons.append(compare(ours, theirs, twin_description, s["precision"]))
 
     if device.type == "cuda":
         memory_label, memory_note = "peak MiB", "`peak MiB` is torch.cuda.max_memory_allocated."
