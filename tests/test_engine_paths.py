@@ -230,7 +230,8 @@ def test_scalar_pack_holds_every_value_and_the_gate() -> None:
     from optorch.base import Hyper
 
     h = Hyper({"lr": 0.1, "flag": True, "beta": torch.tensor(0.5), "mode": "x"}, static=())
-    names, pack, others = engine._scalar_pack(h, torch.tensor(True), torch.device("cpu"))
+    names, pack, others, constants = engine._scalar_pack(h, torch.tensor(True), torch.device("cpu"))
+    assert constants == ()
     assert names == ("lr", "flag", "beta", engine._GATE)
     assert pack.dtype == torch.float64 and pack.shape == (4,)
     torch.testing.assert_close(
@@ -296,7 +297,7 @@ def test_each_dtype_gets_its_own_compiled_function(monkeypatch: pytest.MonkeyPat
     for _ in range(3):
         ours, state = opt.step(ours, grads, state)
         theirs, ref_state = reference.step(theirs, grads, ref_state)
-    assert {args[-1] for args in made} == {torch.float32, torch.float64}
+    assert {args[7] for args in made} == {torch.float32, torch.float64}  # the dtype
     functions = {id(original(*args)) for args in made}
     assert len(functions) == 2
     assert_trees_close(ours, theirs, rtol=1e-6, atol=1e-6)  # compiled fuses differently
@@ -353,3 +354,42 @@ def test_momentum_buffer_is_updated_in_one_pass_in_place(
     assert all(state["momentum"][k] is buffers[k] for k in params)
     reference = run("sgd", hyper, "reference", params, grads)
     assert_trees_equal((mine, state), reference)
+
+
+@pytest.mark.parametrize("name", sorted(optorch.REGISTRY))
+def test_config_scalars_do_not_move_with_the_step_or_the_schedule(name: str) -> None:
+    """A rule's ``config_scalars`` are built into its compiled kernel as constants, so
+    they must not depend on the step count, the learning rate or the multiplier."""
+    entry = optorch.REGISTRY[name]
+    rule, config = entry.rule, entry.make_config()
+    names = rule.config_scalars
+    seen = [
+        {key: rule.scalars(config, t, lr, multiplier)[key] for key in names}
+        for t, lr, multiplier in [(1, 0.1, 1.0), (2, 0.05, 0.5), (1000, 1e-4, 0.01)]
+    ]
+    assert all(values == seen[0] for values in seen), seen
+
+
+def test_config_scalars_are_kernel_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AdamW's betas, eps and weight decay reach the compiled function as constants (one
+    function per value), the per-step values through the pack; two configs that differ
+    only in ``beta2`` get two functions and each its own result."""
+    made: list[tuple[Any, ...]] = []
+    original = engine._compiled_fn
+
+    def spy(*args: Any) -> Any:
+        made.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_compiled_fn", spy)
+    params = small_params(8, count=2, size=300)
+    grads = grads_for(8, params)
+    for beta2 in (0.999, 0.95):
+        hyper = {"max_lr": 0.01, "weight_decay": 0.1, "betas": (0.9, beta2)}
+        mine = run("adamw", hyper, "compiled", params, grads)
+        assert_trees_close(
+            mine, run("adamw", hyper, "reference", params, grads), rtol=1e-6, atol=1e-6
+        )
+    constants = {dict(args[8])["beta2"] for args in made}
+    assert constants == {0.999, 0.95}
+    assert all("beta2" not in args[5] and "step_size" in args[5] for args in made)

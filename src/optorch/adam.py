@@ -133,6 +133,8 @@ class AdamRule(Rule):
         decay = isinstance(config.weight_decay, torch.Tensor) or config.weight_decay != 0
         return (config.mode, config.amsgrad, config.maximize, decay)
 
+    config_scalars = ("beta1", "beta2", "eps", "weight_decay")
+
     def scalars(self, config: AdamConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
         if config.mode is AdamWDMode.ADAMW:

@@ -265,6 +265,11 @@ class Rule:
     elementwise: ClassVar[bool] = True
     flattenable: ClassVar[bool] = True
     foreach_ok: ClassVar[bool] = True
+    #: Names among :meth:`scalars` whose value depends on the config alone (never on
+    #: ``t``, ``lr`` or the multiplier). The compiled engine builds them into its kernel
+    #: as constants when they are Python numbers (one kernel per config): a value read
+    #: from memory is reloaded for every vector of the loop, a constant is not.
+    config_scalars: ClassVar[tuple[str, ...]] = ()
 
     def fields(self, config: Any) -> tuple[str, ...]:
         raise NotImplementedError
