@@ -212,7 +212,7 @@ def test_compiled_does_not_recompile_over_50_steps() -> None:
 
 
 def test_compiled_sends_small_tensors_to_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Below COMPILED_MIN_NUMEL a few tensors take the foreach path; no kernel runs."""
+    """Below COMPILED_MIN_NUMEL a tensor takes the foreach path; no kernel is compiled."""
     from optorch import engine
 
     monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 1 << 16)
@@ -231,48 +231,3 @@ def test_compiled_sends_small_tensors_to_foreach(monkeypatch: pytest.MonkeyPatch
     for key in params:
         torch.testing.assert_close(params[key], reference[key], rtol=1e-6, atol=1e-7)
     assert invoked == []  # no compiled kernel ran: the update above came from foreach
-
-
-@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
-def test_compiled_packs_many_small_tensors_into_one_call(
-    monkeypatch: pytest.MonkeyPatch, inplace: bool
-) -> None:
-    """CHUNK or more small tensors of an in-place step are concatenated and stepped by
-    ONE call of the compiled kernel (whose results are copied back into each tensor);
-    a pure step leaves them to foreach (its results must be tensors of their own)."""
-    from optorch import engine
-
-    calls: list[int] = []
-    real = engine._compiled_fn
-
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        fn = real(*args, **kwargs)
-
-        def call(*a: Any, **k: Any) -> Any:
-            calls.append(a[0][0].numel())
-            return fn(*a, **k)
-
-        return call
-
-    monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 1 << 16)
-    monkeypatch.setattr(engine, "_compiled_fn", counting)
-    gen = torch.Generator().manual_seed(4)
-    shapes = [(3, 5), (7,), (2, 2, 2), (40,), (1,), (6, 6), (9,), (5, 3), (11,), (2, 8)]
-    params = {f"p{i}": torch.randn(s, generator=gen) for i, s in enumerate(shapes)}
-    hyper = {"weight_decay": 0.1, "max_lr": 0.01, "inplace": inplace}
-    opt = optorch.get_optimizer("adamw", impl="compiled", **hyper)
-    ref_opt = optorch.get_optimizer("adamw", impl="reference", **hyper)
-    mine, ref = dict(params), {k: v.clone() for k, v in params.items()}
-    state, ref_state = opt.init(mine), ref_opt.init(ref)
-    for _ in range(12):
-        grads = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
-        mine, state = opt.step(mine, grads, state)
-        ref, ref_state = ref_opt.step(ref, grads, ref_state)
-    torch.testing.assert_close(mine, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(state, ref_state, rtol=1e-6, atol=1e-6)
-    total = sum(v.numel() for v in params.values())
-    if inplace:
-        assert calls == [total] * 12  # one call a step, on all of them at once
-        assert all(mine[k] is params[k] for k in params)  # written into the same tensors
-    else:
-        assert calls == []

@@ -197,6 +197,8 @@ def fresh_options() -> Iterator[None]:
 def test_inductor_options_are_for_cpu_only(fresh_options: None) -> None:
     assert engine._inductor_options("cuda") == {}
     assert engine._inductor_options("cpu")["cpp_cache_precompile_headers"] is False
+    # loops parallel whatever sizes the kernel was first compiled for (padded calls)
+    assert engine._inductor_options("cpu")["cpp.dynamic_threads"] is True
 
 
 def test_isa_check_is_kept_when_the_compiler_says_no(

@@ -67,10 +67,11 @@ CHUNK = 8
 #: Elements per foreach chunk: bounds the temporaries a foreach step allocates, and keeps
 #: a chunk's operands in cache from one kernel to the next (measured best at 1M here).
 FOREACH_CHUNK_NUMEL = 1 << 21
-#: Smaller tensors skip the compiled kernel of their own: for them a compiled call's
-#: fixed cost (guards, argument handling) exceeds the work. In an in-place step, CHUNK
-#: or more of them are concatenated into one flat tensor for one call (_run_packed);
-#: fewer take the foreach path.
+#: Smaller tensors skip the compiled kernel: for them a compiled call's fixed cost
+#: (guards, argument handling) exceeds the work, and one foreach pass is faster.
+#: (Concatenating them into one flat tensor for one call was measured too: no faster on
+#: the GPT-like set, 1.6x slower on 2,000 small tensors, where the per-tensor cost of
+#: ``cat`` and of the copies back equals that of the foreach kernels it saves.)
 COMPILED_MIN_NUMEL = 1 << 16
 
 
@@ -992,10 +993,10 @@ def _inductor_options(device_type: str) -> dict[str, Any]:
 
     And one for speed: inductor decides whether a loop is split across threads from the
     sizes of the call it compiles for, and a kernel serves calls of every size (padded
-    with two-element scratch tensors, or many small tensors packed into one):
-    ``cpp.dynamic_threads`` makes every loop a parallel one, sized at run time
-    (measured: compiled for a padded call, the kernel ran the other tensors' loops on
-    one thread and an AdamW step took 70 ms instead of 43).
+    with two-element scratch tensors): ``cpp.dynamic_threads`` makes every loop a
+    parallel one, sized at run time (measured: compiled first for a call padded with
+    scratch tensors, the kernel ran those slots' loops on one thread for every later
+    call, and an AdamW step took 70 ms instead of 43).
     """
     if device_type != "cpu":
         return {}
@@ -1216,18 +1217,10 @@ def _run_compiled(
             )
         ]
         chosen = set(usable)
-        rest = [i for i in indices if i not in chosen]
-        packed = [i for i in rest if params[i].numel() < min_numel]
-        if not (
-            flat and inplace and len(packed) >= CHUNK and _uniform_dtypes(grads, states, packed)
-        ):
-            packed = []  # a few small tensors: foreach is cheaper than a compiled call
-        small.extend(sorted(set(rest) - set(packed)))
+        small.extend(i for i in indices if i not in chosen)
         usable.sort(key=lambda i: params[i].numel())
         fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type, dtype, constants)
         width = CHUNK if flat else 1
-        for batch in _pack_batches(packed, params):
-            _run_packed(fn, batch, params, grads, states, pack, others)
         for start in range(0, len(usable), width):
             chunk = usable[start : start + width]
             pad = width - len(chunk)
@@ -1264,73 +1257,6 @@ def _run_compiled(
             for column, new in zip(new_states, out_s, strict=True):
                 column[i] = new[k]
     return new_params, new_states
-
-
-#: Elements per packed batch of small tensors (see _run_packed): its four or so
-#: concatenated buffers stay a small, bounded fraction of memory.
-PACK_NUMEL = 1 << 20
-
-
-def _uniform_dtypes(
-    grads: list[torch.Tensor], states: list[list[torch.Tensor]], indices: list[int]
-) -> bool:
-    """Whether the grads, and each state field, of ``indices`` share one dtype each
-    (so that they can be concatenated without a cast)."""
-    return all(len({column[i].dtype for i in indices}) <= 1 for column in (grads, *states))
-
-
-def _pack_batches(indices: list[int], params: list[torch.Tensor]) -> list[list[int]]:
-    """``indices`` in runs of at most ``PACK_NUMEL`` elements (a larger tensor alone)."""
-    batches: list[list[int]] = []
-    size = 0
-    for i in indices:
-        n = params[i].numel()
-        if not batches or size + n > PACK_NUMEL:
-            batches.append([])
-            size = 0
-        batches[-1].append(i)
-        size += n
-    return batches
-
-
-def _run_packed(
-    fn: Callable[..., Any],
-    batch: list[int],
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    states: list[list[torch.Tensor]],
-    pack: torch.Tensor,
-    others: dict[str, Any],
-) -> None:
-    """An in-place compiled step of many small tensors as ONE flat tensor.
-
-    Below ``COMPILED_MIN_NUMEL`` elements a compiled call per four tensors costs more
-    than the work, and the foreach path runs a dozen kernels per tensor (biases and
-    norm weights: ~3 ms of a 45 ms AdamW step on the GPT-like set). Concatenating the
-    batch's params, grads and state fields, one call of the same compiled kernel (flat
-    1-D, dynamic size: no new graph) and a foreach copy back cost a few passes over
-    bytes that are small by construction (``PACK_NUMEL``).
-    """
-    sizes = [params[i].numel() for i in batch]
-    columns = [params, *states]
-    flats = [torch.cat([column[i].reshape(-1) for i in batch]) for column in columns]
-    flat_grad = torch.cat([grads[i].reshape(-1) for i in batch])
-    scratch = _scratch(
-        (flats[0].device, flats[0].dtype),
-        (CHUNK - 1) * (2 + len(states)),
-        flats[0].dtype,
-        flats[0].device,
-    )
-    pad = CHUNK - 1
-    p = [flats[0], *scratch[:pad]]
-    g = [flat_grad, *scratch[pad : 2 * pad]]
-    s = [[flat, *scratch[(2 + k) * pad : (3 + k) * pad]] for k, flat in enumerate(flats[1:])]
-    with _no_duck_shapes():
-        fn(p, g, s, pack, others)
-    for column, flat in zip(columns, flats, strict=True):
-        targets = [column[i] for i in batch]
-        pieces = [piece.view(t.shape) for piece, t in zip(flat.split(sizes), targets, strict=True)]
-        _copy(targets, pieces)
 
 
 def _step_tensors(params: Sequence[Any], grads: Sequence[Any], h: Any, gate: Any) -> list[Any]:
