@@ -173,8 +173,10 @@ def _add_scaled_into(
     foreach has no such op; ATen's ``add(x, y, alpha=..., out=y)`` is the same kernel as
     the out-of-place add (so the result is bit-equal to ``torch.add``), run per tensor:
     microseconds a tensor, against a whole pass over the buffer saved. Tensors below
-    ATen's parallel grain, where that Python loop would cost more than the pass, and
-    DTensors, whose ``out=`` support varies, take a foreach add and a copy instead.
+    ATen's parallel grain are the chunks the foreach engine spreads over worker threads,
+    where Python loops would take turns on the GIL (measured: SGD on 2,000 x 4,096 went
+    from 0.84x torch's time to 1.1x); they take one out-of-place foreach add and a copy.
+    DTensors, whose ``out=`` support varies, too.
     """
     if exact and _low_precision(x, y):
         _foreach_mul_exact_(y, alpha)
@@ -184,7 +186,8 @@ def _add_scaled_into(
         _copy(y, list(torch._foreach_add(x, y, alpha=alpha)))
         return
     small = [k for k, y_i in enumerate(y) if y_i.numel() < _GRAIN]
-    if small:  # a foreach call beats a Python loop: out of place, then copied back
+    if small:  # one foreach call and a copy: no Python loop, which chunks on worker
+        # threads would run one at a time (the GIL)
         new = torch._foreach_add([x[k] for k in small], [y[k] for k in small], alpha=alpha)
         torch._foreach_copy_([y[k] for k in small], new)
     for x_i, y_i in zip(x, y, strict=True):
@@ -900,7 +903,10 @@ def _run_foreach(
         large: list[list[tuple[int, slice | None]]] = []
         small: list[list[tuple[int, slice | None]]] = []
         for chunk in chunks:
-            (small if may_thread and _below_grain(params, chunk) else large).append(chunk)
+            if may_thread and _below_grain(params, chunk):
+                small.extend(_split_chunk(chunk, params, THREADED_CHUNK_NUMEL))
+            else:
+                large.append(chunk)
         program: Program | None = None
         for chunk in large:
             program = run_chunk(h_group, chunk, program)
@@ -918,6 +924,29 @@ def _run_foreach(
 #: (``at::internal::GRAIN_SIZE``).
 _GRAIN = 32768
 _POOL: list[Any] = []  # [ThreadPoolExecutor, workers] once made
+
+
+#: Elements per chunk of small tensors spread over worker threads: finer than
+#: FOREACH_CHUNK_NUMEL, so that the chunks share out evenly (the first one runs alone,
+#: to record the program the others replay). Measured on 2,000 x 4,096: SGD 20.7 ms
+#: a step in 2M-element chunks, 18.4 in 512K.
+THREADED_CHUNK_NUMEL = 1 << 19
+
+
+def _split_chunk(
+    chunk: list[tuple[int, slice | None]], params: list[torch.Tensor], limit: int
+) -> list[list[tuple[int, slice | None]]]:
+    """A chunk of whole tensors in runs of at most ``limit`` elements."""
+    pieces: list[list[tuple[int, slice | None]]] = [[]]
+    size = 0
+    for entry in chunk:
+        n = params[entry[0]].numel()
+        if pieces[-1] and size + n > limit:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(entry)
+        size += n
+    return pieces
 
 
 def _below_grain(tensors: list[torch.Tensor], chunk: list[tuple[int, slice | None]]) -> bool:
