@@ -395,3 +395,36 @@ def test_config_scalars_are_kernel_constants(monkeypatch: pytest.MonkeyPatch) ->
     constants = {dict(args[8])["beta2"] for args in made}
     assert constants == {0.999, 0.95}
     assert all("beta2" not in args[5] and "step_size" in args[5] for args in made)
+
+
+def test_flat_aliases_follow_the_tensors_memory() -> None:
+    """The compiled engine's flat aliases are kept from step to step, remade when a
+    tensor's memory changes (``.data =``, ``set_``) and dropped with the tensor."""
+    import gc
+
+    big = 1 << 16
+    gen = generator(21)
+    params = {"w": torch.randn(big, generator=gen), "v": torch.randn(4, big // 4, generator=gen)}
+    hyper = {"max_lr": 0.1, "momentum": 0.9}
+    opt = optorch.get_optimizer("sgd", impl="compiled", **hyper)
+    ref = optorch.get_optimizer("sgd", impl="reference", **hyper)
+    mine, theirs = clone_tree(params), clone_tree(params)
+    state, ref_state = opt.init(mine), ref.init(theirs)
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params.items()} for _ in range(4)]
+    mine, state = opt.step(mine, grads[0], state)
+    theirs, ref_state = ref.step(theirs, grads[0], ref_state)
+    first = engine._flat_alias(mine["w"])
+    assert engine._flat_alias(mine["w"]) is first  # kept
+    # new memory behind the same tensor objects: the step must write into it
+    mine["w"].data = mine["w"].clone()
+    mine["v"].set_(mine["v"].clone())
+    assert engine._flat_alias(mine["w"]) is not first
+    for g in grads[1:]:
+        mine, state = opt.step(mine, g, state)
+        theirs, ref_state = ref.step(theirs, g, ref_state)
+    assert_trees_close(mine, theirs, rtol=1e-6, atol=1e-6)
+    keys = {id(t) for t in mine.values()}
+    assert keys <= set(engine._ALIASES)
+    del mine, state, first
+    gc.collect()
+    assert not keys & set(engine._ALIASES)

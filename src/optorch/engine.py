@@ -32,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import types
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -1181,9 +1182,25 @@ def _flat_alias(tensor: torch.Tensor) -> torch.Tensor:
     different shapes would compile different kernels; plain tensors that share the
     storage do not. Only for in-place steps (autograd does not see through ``set_``).
     """
+    key = id(tensor)
+    where = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
+    known = _ALIASES.get(key)
+    if known is not None and known[0]() is tensor and known[1] == where:
+        return known[2]  # the same memory as last step: ~0.5 us instead of ~4
     alias = torch.empty((0,), dtype=tensor.dtype, device=tensor.device)
     alias.set_(tensor.untyped_storage(), tensor.storage_offset(), (tensor.numel(),), (1,))
+    _ALIASES[key] = (weakref.ref(tensor, functools.partial(_forget_alias, key)), where, alias)
     return alias
+
+
+#: id(tensor) -> (weak reference to it, (data_ptr, numel, dtype) when made, its alias).
+#: An alias holds the tensor's storage, which the tensor holds anyway; it is dropped
+#: with the tensor, and remade when the tensor's memory changed (``set_``, ``.data``).
+_ALIASES: dict[int, tuple[Any, tuple[int, int, torch.dtype], torch.Tensor]] = {}
+
+
+def _forget_alias(key: int, _ref: Any) -> None:
+    _ALIASES.pop(key, None)
 
 
 def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
