@@ -136,7 +136,11 @@ def add_scaled_exact(x: Any, y: Any, alpha: Any) -> Any:
     For float32/float64 this is :func:`add_scaled` (one kernel, rounded once; the
     foreach engine can write it into ``y``'s dead buffer: ``buf <- grad + momentum *
     buf``). ATen's ``add(..., alpha=)`` rounds ``alpha`` to a float16/bfloat16 tensor's
-    dtype first (0.9 -> 0.8984375 in bfloat16), so for those it is ``x + y * alpha``.
+    dtype first (0.9 -> 0.8984375 in bfloat16), so for those it is ``x + y * alpha``. On
+    tensor lists the choice is made for the whole list: if any of its tensors is
+    float16/bfloat16 (float32 params with some bfloat16 grads, say), all of it takes the
+    two-pass form, which for its float32 tensors differs from the reference impl by at
+    most one rounding.
     """
     if isinstance(alpha, torch.Tensor):
         return x + y * alpha
@@ -163,7 +167,9 @@ def add_scaled_exact(x: Any, y: Any, alpha: Any) -> Any:
 
 
 def _low_precision(x: list[torch.Tensor], y: list[torch.Tensor]) -> bool:
-    return bool(x) and (x[0].dtype in _LOW_PRECISION or y[0].dtype in _LOW_PRECISION)
+    """Whether any tensor of the two lists is float16/bfloat16 (a group shares the
+    params' dtype, but its grads may mix dtypes)."""
+    return any(t.dtype in _LOW_PRECISION for t in (*x, *y))
 
 
 def _add_scaled_into(
