@@ -53,6 +53,20 @@ def run(
 
 
 @pytest.fixture
+def made(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """The arguments of every ``engine._compiled_fn`` call made while the test runs."""
+    calls: list[tuple[Any, ...]] = []
+    original = engine._compiled_fn
+
+    def spy(*args: Any) -> Any:
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(engine, "_compiled_fn", spy)
+    return calls
+
+
+@pytest.fixture
 def two_threads() -> Iterator[None]:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -274,18 +288,10 @@ def test_gradient_reaches_a_hyperparameter_through_the_packed_scalars() -> None:
     torch.testing.assert_close(found["compiled"], found["reference"], rtol=1e-5, atol=1e-3)
 
 
-def test_each_dtype_gets_its_own_compiled_function(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_dtype_gets_its_own_compiled_function(made: list[tuple[Any, ...]]) -> None:
     """float32 and float64 params of one optimizer use two compiled functions, not two
     graphs of one (which count towards dynamo's recompile limit, an error under
     fullgraph)."""
-    made: list[tuple[Any, ...]] = []
-    original = engine._compiled_fn
-
-    def spy(*args: Any) -> Any:
-        made.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(engine, "_compiled_fn", spy)
     gen = generator(13)
     params = {
         "single": torch.randn(1 << 16, generator=gen),
@@ -300,7 +306,7 @@ def test_each_dtype_gets_its_own_compiled_function(monkeypatch: pytest.MonkeyPat
         ours, state = opt.step(ours, grads, state)
         theirs, ref_state = reference.step(theirs, grads, ref_state)
     assert {args[7] for args in made} == {torch.float32, torch.float64}  # the dtype
-    functions = {id(original(*args)) for args in made}
+    functions = {id(engine._compiled_fn(*args)) for args in list(made)}
     assert len(functions) == 2
     assert_trees_close(ours, theirs, rtol=1e-6, atol=1e-6)  # compiled fuses differently
 
@@ -372,18 +378,10 @@ def test_config_scalars_do_not_move_with_the_step_or_the_schedule(name: str) -> 
     assert all(values == seen[0] for values in seen), seen
 
 
-def test_config_scalars_are_kernel_constants(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_config_scalars_are_kernel_constants(made: list[tuple[Any, ...]]) -> None:
     """AdamW's betas, eps and weight decay reach the compiled function as constants (one
     function per value), the per-step values through the pack; two configs that differ
     only in ``beta2`` get two functions and each its own result."""
-    made: list[tuple[Any, ...]] = []
-    original = engine._compiled_fn
-
-    def spy(*args: Any) -> Any:
-        made.append(args)
-        return original(*args)
-
-    monkeypatch.setattr(engine, "_compiled_fn", spy)
     params = small_params(8, count=2, size=300)
     grads = grads_for(8, params)
     for beta2 in (0.999, 0.95):
