@@ -268,7 +268,9 @@ class Rule:
     #: Names among :meth:`scalars` whose value depends on the config alone (never on
     #: ``t``, ``lr`` or the multiplier). The compiled engine builds them into its kernel
     #: as constants when they are Python numbers (one kernel per config): a value read
-    #: from memory is reloaded for every vector of the loop, a constant is not.
+    #: from memory is reloaded for every vector of the loop, a constant is not. So a
+    #: sweep over, say, ``betas`` as Python floats compiles a kernel per value; given as
+    #: tensors, they travel with the per-step values and share one kernel.
     config_scalars: ClassVar[tuple[str, ...]] = ()
 
     def fields(self, config: Any) -> tuple[str, ...]:
