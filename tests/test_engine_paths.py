@@ -426,3 +426,18 @@ def test_flat_aliases_follow_the_tensors_memory() -> None:
     del mine, state, first
     gc.collect()
     assert not keys & set(engine._ALIASES)
+
+
+def test_config_scalars_given_as_tensors_share_one_kernel(made: list[tuple[Any, ...]]) -> None:
+    """Given as tensors, betas travel in the pack: two values, one compiled function,
+    and each run equals the reference impl."""
+    params = small_params(9, count=2, size=300)
+    grads = grads_for(9, params)
+    for beta2 in (0.999, 0.95):
+        betas = (torch.tensor(0.9, dtype=torch.float64), torch.tensor(beta2, dtype=torch.float64))
+        hyper = {"max_lr": 0.01, "weight_decay": 0.1, "betas": betas}
+        mine = run("adamw", hyper, "compiled", params, grads)
+        reference = run("adamw", hyper, "reference", params, grads)
+        assert_trees_close(mine, reference, rtol=1e-6, atol=1e-6)
+    assert {args[8] for args in made} == {(("eps", 1e-8), ("weight_decay", 0.1))}
+    assert len({id(engine._compiled_fn(*args)) for args in list(made)}) == 1
