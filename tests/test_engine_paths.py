@@ -441,3 +441,27 @@ def test_config_scalars_given_as_tensors_share_one_kernel(made: list[tuple[Any, 
         assert_trees_close(mine, reference, rtol=1e-6, atol=1e-6)
     assert {args[8] for args in made} == {(("eps", 1e-8), ("weight_decay", 0.1))}
     assert len({id(engine._compiled_fn(*args)) for args in list(made)}) == 1
+
+
+@pytest.mark.parametrize(("name", "recompute"), [("lamb", True), ("lars", True), ("adamw", False)])
+def test_rules_with_norms_recompute_instead_of_storing(
+    name: str, recompute: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU, kernels of rules with per-tensor norms are compiled with inductor told to
+    recompute the update in its second loop rather than store it in a full-size buffer
+    allocated at every call; elementwise rules keep the defaults."""
+    seen: list[dict[str, Any]] = []
+    real = torch.compile
+
+    def spy(fn: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("options") or {})
+        return real(fn, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(engine, "_COMPILED", {})
+    params = small_params(10, count=2, size=300)
+    run(name, {"max_lr": 0.01}, "compiled", params, grads_for(10, params)[:2])
+    assert seen
+    for options in seen:
+        assert ("realize_reads_threshold" in options) is recompute
+        assert options["cpp.dynamic_threads"] is True

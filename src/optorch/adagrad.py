@@ -83,6 +83,8 @@ class AdagradRule(Rule):
         decay = isinstance(config.weight_decay, torch.Tensor) or config.weight_decay != 0
         return (config.maximize, decay)
 
+    config_scalars = ("eps", "weight_decay")
+
     def scalars(self, config: AdagradConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         return {
             "clr": lr / (1.0 + (t - 1) * config.lr_decay),

@@ -80,6 +80,8 @@ class AdamaxRule(Rule):
     def static(self, config: AdamaxConfig) -> Any:
         return (config.maximize, not is_zero(config.weight_decay))
 
+    config_scalars = ("beta1", "beta2", "eps", "weight_decay")
+
     def scalars(self, config: AdamaxConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
         return {

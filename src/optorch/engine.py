@@ -1173,9 +1173,21 @@ def _compiled_fn(
     unique = types.FunctionType(
         code, chunk_step.__globals__, code.co_name, None, chunk_step.__closure__
     )
-    fn = torch.compile(unique, dynamic=True, fullgraph=True, options=_inductor_options(device_type))
+    options = _inductor_options(device_type)
+    if flat and not rule.elementwise and device_type == "cpu":
+        options = {**options, **_RECOMPUTE}
+    fn = torch.compile(unique, dynamic=True, fullgraph=True, options=options)
     _COMPILED[key] = fn
     return fn
+
+
+#: For rules with per-tensor norms (LAMB, LARS) on CPU: the update direction feeds both
+#: its norm (a reduction) and the param update, and inductor's default stores it to a
+#: full-size buffer between the two loops, allocated afresh at every call (page faults
+#: each step). Recomputing it in the second loop from the state it reads anyway costs
+#: arithmetic and no memory: LAMB on the GPT-like set 83-90 -> 76-78 ms a step, 0 MB
+#: extra instead of up to 45.
+_RECOMPUTE = {"realize_cpu_opcount_threshold": 10_000, "realize_reads_threshold": 10_000}
 
 
 def _scratch(

@@ -20,7 +20,10 @@ multiplier:
     p_t &= p_{t-1} - \eta_t\, r_t\, u_t
 
 This is Algorithm 2 of the paper (v3 and later) with Adam's bias correction; norms are
-taken over each whole tensor. :math:`\phi` is the identity, or
+taken over each whole tensor. The first term of :math:`u_t` is computed as
+:math:`\frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t} \cdot
+\frac{m_t}{\sqrt{v_t} + \epsilon \sqrt{1 - \beta_2^t}}`, the same value (Kingma &
+Ba's ordering) with one division per element instead of three. :math:`\phi` is the identity, or
 :math:`\phi(z) = \min(z, c)` with :math:`c` = ``clamp_value`` when that is set (the
 bound on the weight norm that the paper allows and ``torch-optimizer``'s Lamb applies).
 Away from the guard each tensor moves by :math:`\eta_t \phi(\lVert p \rVert)` in L2
@@ -93,8 +96,11 @@ class LambRule(Rule):
     def static(self, config: LambConfig) -> Any:
         return (config.maximize, not is_zero(config.weight_decay), config.clamp_value is not None)
 
+    config_scalars = ("beta1", "beta2", "eps", "weight_decay", "clamp_value")
+
     def scalars(self, config: LambConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
+        correction2 = scalar_sqrt(1.0 - beta2**t)
         return {
             "lr": lr,
             "beta1": beta1,
@@ -102,8 +108,10 @@ class LambRule(Rule):
             "eps": config.eps,
             "weight_decay": config.weight_decay,
             "clamp_value": config.clamp_value if config.clamp_value is not None else 0.0,
-            "bias_correction1": 1.0 - beta1**t,
-            "bias_correction2_sqrt": scalar_sqrt(1.0 - beta2**t),
+            # the bias corrections as two scalars (see the module docs): one division
+            # per element instead of three
+            "direction_scale": correction2 / (1.0 - beta1**t),
+            "eps_hat": config.eps * correction2,
         }
 
     def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
@@ -113,8 +121,7 @@ class LambRule(Rule):
             grad = -grad
         exp_avg = lerp(exp_avg, grad, 1.0 - h.beta1)
         exp_avg_sq = addcmul(exp_avg_sq * h.beta2, grad, grad, 1.0 - h.beta2)
-        denom = exp_avg_sq.sqrt() / h.bias_correction2_sqrt + h.eps
-        direction = exp_avg / denom / h.bias_correction1
+        direction = exp_avg / (exp_avg_sq.sqrt() + h.eps_hat) * h.direction_scale
         if decay:
             direction = direction + param * h.weight_decay
         param_norm = param.norm()

@@ -78,6 +78,8 @@ class LARSRule(Rule):
     def leaf_key(self, param: torch.Tensor, config: LARSConfig) -> Any:
         return config.exclude_1d and param.dim() <= 1
 
+    config_scalars = ("momentum", "weight_decay", "trust_coefficient", "eps")
+
     def scalars(self, config: LARSConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         return {
             "lr": lr,

@@ -84,6 +84,8 @@ class LionRule(Rule):
     def static(self, config: LionConfig) -> Any:
         return (config.maximize, not is_zero(config.weight_decay))
 
+    config_scalars = ("beta1", "beta2")
+
     def scalars(self, config: LionConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
         decay_rate = multiplier if config.decoupled_weight_decay else lr

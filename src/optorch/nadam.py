@@ -183,6 +183,8 @@ class NAdamRule(Rule):
     def static(self, config: NAdamConfig) -> Any:
         return (config.maximize, not is_zero(config.weight_decay), config.decoupled_weight_decay)
 
+    config_scalars = ("beta1", "beta2", "eps", "weight_decay")
+
     def scalars(self, config: NAdamConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
         psi = config.momentum_decay

@@ -96,6 +96,8 @@ class RAdamRule(Rule):
     def static(self, config: RAdamConfig) -> Any:
         return (config.maximize, not is_zero(config.weight_decay), config.decoupled_weight_decay)
 
+    config_scalars = ("beta1", "beta2", "eps", "weight_decay")
+
     def scalars(self, config: RAdamConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
         bias_correction1 = 1.0 - beta1**t

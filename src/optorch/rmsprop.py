@@ -90,6 +90,8 @@ class RMSpropRule(Rule):
             not is_zero(config.weight_decay),
         )
 
+    config_scalars = ("alpha", "eps", "weight_decay", "momentum")
+
     def scalars(self, config: RMSpropConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         return {
             "lr": lr,

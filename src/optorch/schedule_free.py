@@ -147,6 +147,8 @@ class ScheduleFreeAdamWRule(Rule):
         decay = isinstance(config.weight_decay, torch.Tensor) or config.weight_decay != 0
         return (decay,)
 
+    config_scalars = ("beta2", "one_minus_beta2", "eps", "weight_decay")
+
     def scalars(
         self, config: ScheduleFreeAdamWConfig, t: Any, lr: Any, multiplier: Any
     ) -> dict[str, Any]:

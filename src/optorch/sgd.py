@@ -97,6 +97,8 @@ class SGDRule(Rule):
             is_zero(config.dampening),
         )
 
+    config_scalars = ("momentum", "weight_decay")
+
     def scalars(self, config: SGDConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         first = t == 1
         return {
