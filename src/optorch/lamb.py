@@ -23,9 +23,10 @@ This is Algorithm 2 of the paper (v3 and later) with Adam's bias correction; nor
 taken over each whole tensor. The first term of :math:`u_t` is computed as
 :math:`\frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t} \cdot
 \frac{m_t}{\sqrt{v_t} + \epsilon \sqrt{1 - \beta_2^t}}`, the same value (Kingma &
-Ba's ordering) with one division per element instead of three. :math:`\phi` is the identity, or
-:math:`\phi(z) = \min(z, c)` with :math:`c` = ``clamp_value`` when that is set (the
-bound on the weight norm that the paper allows and ``torch-optimizer``'s Lamb applies).
+Ba's ordering) with one division per element instead of three. :math:`\phi` is the
+identity, or :math:`\phi(z) = \min(z, c)` with :math:`c` = ``clamp_value`` when that
+is set (the bound on the weight norm that the paper allows and ``torch-optimizer``'s
+Lamb applies).
 Away from the guard each tensor moves by :math:`\eta_t \phi(\lVert p \rVert)` in L2
 norm, whatever the scale of its gradient. The moments are the state fields ``exp_avg``
 and ``exp_avg_sq``.
