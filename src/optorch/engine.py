@@ -814,27 +814,28 @@ def _run_reference(
 
 
 def _foreach_chunks(
-    rule: Any, params: list[torch.Tensor], indices: list[int]
+    rule: Any, params: list[torch.Tensor], indices: list[int], limit: int | None = None
 ) -> list[list[tuple[int, slice | None]]]:
-    """Split a group into chunks of about FOREACH_CHUNK_NUMEL elements.
+    """Split a group into chunks of about ``limit`` (FOREACH_CHUNK_NUMEL) elements.
 
     Each entry is (tensor index, flat slice or None for the whole tensor); slicing is
     used only for elementwise rules on contiguous tensors.
     """
+    limit = FOREACH_CHUNK_NUMEL if limit is None else limit
     numels = list(map(torch.Tensor.numel, [params[i] for i in indices]))
-    if sum(numels) <= FOREACH_CHUNK_NUMEL:  # one chunk, nothing to split
+    if sum(numels) <= limit:  # one chunk, nothing to split
         return [[(i, None) for i in indices]]
     chunks: list[list[tuple[int, slice | None]]] = []
     current: list[tuple[int, slice | None]] = []
     size = 0
     for i, n in zip(indices, numels, strict=True):
-        if n > FOREACH_CHUNK_NUMEL:
+        if n > limit:
             p = params[i]
             if rule.elementwise and p.is_contiguous() and not _is_dtensor(p):
-                for start in range(0, n, FOREACH_CHUNK_NUMEL):
-                    chunks.append([(i, slice(start, min(n, start + FOREACH_CHUNK_NUMEL)))])
+                for start in range(0, n, limit):
+                    chunks.append([(i, slice(start, min(n, start + limit)))])
                 continue
-        if current and size + n > FOREACH_CHUNK_NUMEL:
+        if current and size + n > limit:
             chunks.append(current)
             current, size = [], 0
         current.append((i, None))
@@ -918,7 +919,8 @@ def _run_foreach(
         small: list[list[tuple[int, slice | None]]] = []
         for chunk in chunks:
             if may_thread and _below_grain(params, chunk):
-                small.extend(_split_chunk(chunk, params, THREADED_CHUNK_NUMEL))
+                whole = [i for i, _ in chunk]
+                small.extend(_foreach_chunks(rule, params, whole, THREADED_CHUNK_NUMEL))
             else:
                 large.append(chunk)
         program: Program | None = None
@@ -945,22 +947,6 @@ _POOL: list[Any] = []  # [ThreadPoolExecutor, workers] once made
 #: to record the program the others replay). Measured on 2,000 x 4,096: SGD 20.7 ms
 #: a step in 2M-element chunks, 18.4 in 512K.
 THREADED_CHUNK_NUMEL = 1 << 19
-
-
-def _split_chunk(
-    chunk: list[tuple[int, slice | None]], params: list[torch.Tensor], limit: int
-) -> list[list[tuple[int, slice | None]]]:
-    """A chunk of whole tensors in runs of at most ``limit`` elements."""
-    pieces: list[list[tuple[int, slice | None]]] = [[]]
-    size = 0
-    for entry in chunk:
-        n = params[entry[0]].numel()
-        if pieces[-1] and size + n > limit:
-            pieces.append([])
-            size = 0
-        pieces[-1].append(entry)
-        size += n
-    return pieces
 
 
 def _below_grain(tensors: list[torch.Tensor], chunk: list[tuple[int, slice | None]]) -> bool:
