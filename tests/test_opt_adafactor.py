@@ -1,17 +1,17 @@
 """Adafactor against ``torch.optim.Adafactor``: params AND state after each of 20 steps.
 
 Every row of the option table runs in float32 and float64, in place and pure, through
-the reference loop and the foreach engine (which runs the reference loop: Adafactor
-needs each tensor's shape); three rows also run compiled, one of them on matrices whose
-rows make whole blocks (the compiled column mean sums by blocks), and compiled kernels
-must not recompile from step to step. The params are a dict pytree with a 0-d scalar, a
-1-D bias, a matrix and a 3-D tensor (a batch of matrices), so both the factored
-(``row_var``, ``col_var``) and the full (``variance``) second moments are compared with
-torch's, under torch's names and shapes; the unused fields of each leaf must be empty
-placeholders. The ``beta1`` momentum variant (not in torch) is compared with a float64
-formula written here from the paper, which is itself checked against torch with
-``beta1=None``. Then: bad hyperparameters, state shapes, the registry, the seed-style
-functions and convergence.
+the reference loop and the foreach engine (vectors as one foreach program; matrices,
+whose row and column means need their shape, one by one); three rows also run compiled,
+one of them on matrices whose rows make whole blocks (the compiled column mean sums by
+blocks), and compiled kernels must not recompile from step to step. The params are a
+dict pytree with a 0-d scalar, a 1-D bias, a matrix and a 3-D tensor (a batch of
+matrices), so both the factored (``row_var``, ``col_var``) and the full (``variance``)
+second moments are compared with torch's, under torch's names and shapes; the unused
+fields of each leaf must be empty placeholders. The ``beta1`` momentum variant (not in
+torch) is compared with a float64 formula written here from the paper, which is itself
+checked against torch with ``beta1=None``. Then: bad hyperparameters, state shapes, the
+registry, the seed-style functions and convergence.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from conftest import (
     assert_trees_close,
     assert_unchanged,
     grad_sequence,
+    make_grads,
     make_params,
     snapshot,
 )
@@ -214,6 +215,87 @@ def test_compiled_kernels_split_by_row_blocks_and_never_recompile() -> None:
     assert_trees_close(params, ref_params, **tolerance, what="params")
     for field in MOMENTS:
         assert_trees_close(state[field], ref_state[field], **tolerance, what=field)
+
+
+def _clamp_active(reference: TorchReference, name: str, eps1: float) -> bool:
+    """Whether torch's variance estimate of matrix ``name`` has an element below eps1^2
+    (so that its update's denominator is clamped)."""
+    row = reference.state_field("row_var")[name]
+    col = reference.state_field("col_var")[name]
+    assert row is not None and col is not None
+    estimate = row @ col / row.mean(dim=-2, keepdim=True).clamp(min=eps1)
+    return bool((estimate < eps1 * eps1).any())
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+def test_compiled_direction_norm_with_and_without_clamped_elements(inplace: bool) -> None:
+    """Compiled, a matrix's update RMS comes from sums taken in the row pass when no
+    element of its denominator is clamped to eps1, and from the elements themselves when
+    some are (torch.cond). Gradients with whole rows and columns of zeros in some steps
+    (an embedding's unused rows) make the clamp active at those steps only; params and
+    moments must follow torch.optim.Adafactor at every step, on both branches."""
+    shapes = {"blocks": (64, 48), "odd": (33, 7), "b": (48,)}
+    params = make_params(81, torch.float32, shapes)
+    grads = grad_sequence(81, params, STEPS)
+    for k, grad in enumerate(grads):
+        if k % 3 == 0:  # zero rows and a zero column in the first and every third step
+            for name in ("blocks", "odd"):
+                grad[name][1::4] = 0.0
+                grad[name][:, 2] = 0.0
+    hyper = {"max_lr": 0.05, "weight_decay": 0.1}
+    reference = TorchReference(torch.optim.Adafactor, params, lr=0.05, weight_decay=0.1)
+    optimizer = optorch.get_optimizer("adafactor", impl="compiled", inplace=inplace, **hyper)
+    state = optimizer.init(params)
+    eps1 = torch.finfo(torch.float32).eps
+    clamped_steps = []
+    tolerance = TOLERANCES[torch.float32]
+    for step, grad in enumerate(grads, start=1):
+        params, state = optimizer.step(params, grad, state)
+        reference.step(grad)
+        clamped_steps.append(_clamp_active(reference, "blocks", eps1))
+        what = f"step {step}"
+        assert_trees_close(params, reference.params(), **tolerance, what=f"{what} params")
+        expected = expected_moments(reference, params)
+        for field in MOMENTS:
+            assert_trees_close(state[field], expected[field], **tolerance, what=f"{what} {field}")
+    # both branches ran: the zeroed rows' second moment decays towards eps1^2 and below
+    assert any(clamped_steps) and not all(clamped_steps), clamped_steps
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("impl", ["reference", "compiled"])
+def test_a_non_finite_gradient_element_makes_every_element_nan(impl: str, bad: float) -> None:
+    """One inf or NaN in a matrix's gradient reaches every row's scale (the mean of the
+    row moments), so the whole new param is NaN, in every impl (the compiled param RMS
+    adds 0 * grad^2, NaN there, which therefore changes nothing); other params are
+    untouched by it."""
+    params = make_params(82, torch.float32, {"w": (64, 8), "v": (64, 8)})
+    grads = make_grads(82, params)
+    grads["w"][3, 5] = bad
+    optimizer = optorch.get_optimizer("adafactor", impl=impl)
+    new, _ = optimizer.step(params, grads, optimizer.init(params))
+    assert bool(new["w"].isnan().all())
+    assert bool(new["v"].isfinite().all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_compiled_half_precision_matches_the_reference_loop(dtype: torch.dtype) -> None:
+    """Compiled in bfloat16 and float16 (sums of squares in float32), 10 steps against
+    the reference loop: agreement to a few roundings of the dtype."""
+    shapes = {"blocks": (64, 48), "odd": (33, 7), "b": (48,)}
+    params = make_params(83, dtype, shapes)
+    grads = grad_sequence(83, params, 10)
+    compiled = optorch.get_optimizer("adafactor", impl="compiled", max_lr=0.05)
+    reference = optorch.get_optimizer("adafactor", impl="reference", max_lr=0.05)
+    state, ref_params = compiled.init(params), {k: v.clone() for k, v in params.items()}
+    ref_state = reference.init(ref_params)
+    for grad in grads:
+        params, state = compiled.step(params, grad, state)
+        ref_params, ref_state = reference.step(ref_params, grad, ref_state)
+    eps = torch.finfo(dtype).eps
+    assert_trees_close(params, ref_params, rtol=8 * eps, atol=8 * eps, what="params")
+    for field in MOMENTS:
+        assert_trees_close(state[field], ref_state[field], rtol=8 * eps, atol=0, what=field)
 
 
 # --------------------------------------------------------------------------------------

@@ -276,6 +276,14 @@ class Rule:
     def fields(self, config: Any) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def foreach_leaf(self, leaf: Hashable) -> bool:
+        """Whether the params of leaf key ``leaf`` (see :meth:`leaf_key`) can run as one
+        foreach program: their update uses only elementwise ops and per-tensor norms.
+        Lets a rule that is not ``foreach_ok`` as a whole (Adafactor: row and column
+        means of matrices) run its other leaves (vectors) as one program of a few
+        kernels instead of a loop over tensors. Default: ``foreach_ok``."""
+        return self.foreach_ok
+
     def init_field(self, name: str, param: torch.Tensor, config: Any) -> torch.Tensor:
         """Initial value of state field ``name`` for ``param`` (zeros by default)."""
         return torch.zeros_like(param, memory_format=torch.preserve_format)

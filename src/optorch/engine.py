@@ -466,6 +466,29 @@ class TensorList:
         node.scalar_like = True
         return self._serial(node)
 
+    def rms(self) -> TensorList:
+        """Per-tensor root mean squares, as a list of 0-d tensors (float32 at least:
+        squares of float16 overflow; an empty tensor gives NaN)."""
+
+        def fn(values: list[torch.Tensor]) -> list[torch.Tensor]:
+            if not values:
+                return []
+            low = values[0].dtype in _LOW_PRECISION
+            norms = torch._foreach_norm(values, 2, dtype=torch.float32 if low else None)
+            return list(
+                torch._foreach_div(norms, [math.sqrt(v.numel()) or math.nan for v in values])
+            )
+
+        node = self._node(fn, None)
+        node.scalar_like = True
+        return self._serial(node)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the tensors (one per list: the engine groups tensors by dtype).
+        Evaluates the list if it is not yet computed."""
+        return self.items[0].dtype
+
     def lerp(self, end: Any, weight: Any) -> TensorList:
         if isinstance(weight, (TensorList, torch.Tensor)):
             return self + (end - self) * weight
@@ -740,11 +763,17 @@ def _apply_rule(rule: Any, h: Any, gate: Any, param: Any, grad: Any, own: Sequen
 # --------------------------------------------------------------------------------------
 
 
+def _any_foreach_leaf(rule: Any) -> bool:
+    """Whether some params of ``rule`` can run as foreach programs (all of them, or the
+    leaf keys its :meth:`~optorch.base.Rule.foreach_leaf` names)."""
+    return bool(rule.foreach_ok) or type(rule).foreach_leaf is not Rule.foreach_leaf
+
+
 def resolve_impl(rule: Any, config: Any) -> str:
     impl = config.impl
     if impl == "auto":
-        return "foreach" if rule.foreach_ok else "reference"
-    if impl == "foreach" and not rule.foreach_ok:
+        return "foreach" if _any_foreach_leaf(rule) else "reference"
+    if impl == "foreach" and not _any_foreach_leaf(rule):
         return "reference"
     return impl
 
@@ -905,6 +934,21 @@ def _run_foreach(
 
     for (device, _, kind, leaf), indices in _group(params, leaf_keys).items():
         h_group = h.with_leaf(leaf)
+        if not rule.foreach_leaf(leaf):  # this leaf key needs the tensors' own shapes
+            _scatter(
+                indices,
+                _run_reference(
+                    rule,
+                    h,
+                    *_subset(indices, params, grads, states),
+                    inplace,
+                    [leaf] * len(indices),
+                    gate,
+                ),
+                new_params,
+                new_states,
+            )
+            continue
         if not inplace:
             run_chunk(h_group, [(i, None) for i in indices])
             continue
@@ -1262,7 +1306,9 @@ def _run_compiled(
             continue
         names, pack, others, constants = _scalar_pack(h, gate, device, rule.config_scalars)
         flat = rule.flattenable
-        min_numel = COMPILED_MIN_NUMEL if flat else 2
+        # small tensors run as one foreach program where the rule allows; a rule that
+        # needs each tensor's shape runs them one by one, compiled (2+ elements)
+        min_numel = COMPILED_MIN_NUMEL if flat or rule.foreach_leaf(leaf) else 2
         usable = [
             i
             for i in indices
@@ -1288,17 +1334,36 @@ def _run_compiled(
                         for column, field, new in zip(new_states, states, out[k][1:], strict=True):
                             column[i] = new.view(field[i].shape)
     if small:
-        sub_p = [params[i] for i in small]
-        sub_g = [grads[i] for i in small]
-        sub_s = [[f[i] for i in small] for f in states]
-        run_small = _run_foreach if rule.foreach_ok else _run_reference
+        # _run_foreach runs the leaf keys the rule cannot run as foreach one by one
         sub_keys = [leaf_keys[i] for i in small]
-        out_p, out_s = run_small(rule, h, sub_p, sub_g, sub_s, inplace, sub_keys, gate)
-        for k, i in enumerate(small):
-            new_params[i] = out_p[k]
-            for column, new in zip(new_states, out_s, strict=True):
-                column[i] = new[k]
+        out = _run_foreach(rule, h, *_subset(small, params, grads, states), inplace, sub_keys, gate)
+        _scatter(small, out, new_params, new_states)
     return new_params, new_states
+
+
+def _subset(
+    indices: list[int],
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
+    """The params, grads and state fields at ``indices``."""
+    return (
+        [params[i] for i in indices],
+        [grads[i] for i in indices],
+        [[f[i] for i in indices] for f in states],
+    )
+
+
+def _scatter(
+    indices: list[int], out: Lists, new_params: list[Any], new_states: list[list[Any]]
+) -> None:
+    """Put the results ``out`` for ``indices`` into the step's result lists."""
+    out_p, out_s = out
+    for k, i in enumerate(indices):
+        new_params[i] = out_p[k]
+        for column, new in zip(new_states, out_s, strict=True):
+            column[i] = new[k]
 
 
 def _chunk_inputs(
