@@ -41,7 +41,14 @@ from conftest import (
 from test_opt_rmsprop_adagrad import rosenbrock_distance, train_mlp
 
 import optorch
-from optorch.adafactor import RULE, AdafactorConfig, adafactor_step, default_adafactor_state
+from optorch import engine
+from optorch.adafactor import (
+    RULE,
+    UNFACTORED,
+    AdafactorConfig,
+    adafactor_step,
+    default_adafactor_state,
+)
 
 STEPS = 20
 MOMENTS = ("row_var", "col_var", "variance")
@@ -215,6 +222,32 @@ def test_compiled_kernels_split_by_row_blocks_and_never_recompile() -> None:
     assert_trees_close(params, ref_params, **tolerance, what="params")
     for field in MOMENTS:
         assert_trees_close(state[field], ref_state[field], **tolerance, what=field)
+
+
+def test_compiled_vectors_run_as_one_foreach_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the library's default size threshold (the tests lower it to compile small
+    tensors), compiled Adafactor runs its small vectors as one foreach program: no
+    kernel is compiled for them, only for the matrices; params and moments follow
+    torch.optim.Adafactor for 20 steps."""
+    monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 1 << 16)
+    shapes = {"w": (40, 24), "b": (24,), "c": (7,), "s": ()}
+    params = make_params(84, torch.float32, shapes)
+    grads = grad_sequence(84, params, STEPS)
+    reference = TorchReference(torch.optim.Adafactor, params, lr=0.05)
+    optimizer = optorch.get_optimizer("adafactor", impl="compiled", max_lr=0.05)
+    state = optimizer.init(params)
+    before = set(engine._COMPILED)
+    tolerance = TOLERANCES[torch.float32]
+    for step, grad in enumerate(grads, start=1):
+        params, state = optimizer.step(params, grad, state)
+        reference.step(grad)
+        assert_trees_close(params, reference.params(), **tolerance, what=f"step {step} params")
+        expected = expected_moments(reference, params)
+        for field in MOMENTS:
+            assert_trees_close(state[field], expected[field], **tolerance, what=field)
+    leaves = {key[2] for key in set(engine._COMPILED) - before if key[0] is type(RULE)}
+    assert UNFACTORED not in leaves
+    assert leaves <= {(True, False), (True, True)}
 
 
 def _clamp_active(reference: TorchReference, name: str, eps1: float) -> bool:

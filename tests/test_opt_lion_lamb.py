@@ -388,6 +388,35 @@ def test_lamb_zero_norm_guards_and_pure_gradients_stay_finite(impl: str) -> None
         assert torch.isfinite(value).all()
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=str)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01], ids=["no-wd", "wd"])
+def test_lamb_compiled_matches_the_reference_with_a_non_finite_gradient(
+    bad: float, weight_decay: float
+) -> None:
+    """Compiled, the param's norm is summed in the loop that reads the gradient, counting
+    0 where the gradient is NaN (engine.norm_sharing_pass). A NaN makes the update's
+    norm NaN and the trust ratio 1 whatever the param's norm, and an inf leaves the sum
+    as it is: params and moments equal the reference loop's, NaN for NaN, over 3 steps,
+    next to a finite tensor (compiled too: the tests compile tensors of any size)."""
+    size = 300
+    gen = torch.Generator().manual_seed(5)
+    params = {k: torch.randn(size, generator=gen) for k in ("bad", "fine")}
+    grads = [{k: torch.randn(size, generator=gen) for k in params} for _ in range(3)]
+    grads[1]["bad"][11] = bad
+    results = []
+    for impl in ("reference", "compiled"):
+        config = lamb.LambConfig(max_lr=0.1, weight_decay=weight_decay, impl=impl)
+        current = {k: v.clone() for k, v in params.items()}
+        state = lamb.default_lamb_state(current)
+        for grad in grads:
+            current, state = lamb.lamb_step(current, grad, state, config)
+        results.append((current, state["exp_avg"], state["exp_avg_sq"]))
+    for ours, expected in zip(results[1], results[0], strict=True):
+        for name in params:
+            torch.testing.assert_close(ours[name], expected[name], equal_nan=True)
+    assert bool(results[0][0]["fine"].isfinite().all())
+
+
 # --------------------------------------------------------------------------------------
 # validation and the registry
 # --------------------------------------------------------------------------------------

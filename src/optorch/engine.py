@@ -52,6 +52,7 @@ __all__ = [
     "addcdiv",
     "addcmul",
     "lerp",
+    "norm_sharing_pass",
     "on_full_tensor",
     "resolve_impl",
     "run",
@@ -231,6 +232,22 @@ def addcdiv(x: Any, a: Any, b: Any, value: Any) -> Any:
 # sharded tensors (DTensor, as FSDP2 makes them): helpers for rules that are not
 # elementwise
 # --------------------------------------------------------------------------------------
+
+
+def norm_sharing_pass(x: Any, other: Any) -> Any:
+    """The L2 norm of ``x`` (per tensor for a :class:`TensorList`).
+
+    Compiled, the squares of ``x`` are summed in the loop that reads ``other``, not in a
+    pass of their own: a pass that reads one tensor streams at about half the speed of
+    a loop that reads several on CPUs (LAMB on the GPT-like benchmark set: the param
+    norm's pass was 1 of its 11 units of traffic and ~10% of its time). Inductor fuses
+    loops that read a common tensor, so the sum reads ``other``: where ``other`` is NaN
+    the square counts 0. For callers to whom the norm does not matter when ``other``
+    holds a NaN.
+    """
+    if isinstance(x, torch.Tensor) and torch.compiler.is_compiling():
+        return torch.where(other != other, 0.0, x * x).sum().sqrt()
+    return x.norm()
 
 
 def zeros_laid_out_like(param: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -1320,6 +1337,8 @@ def _run_compiled(
         ]
         chosen = set(usable)
         small.extend(i for i in indices if i not in chosen)
+        if not usable:
+            continue
         usable.sort(key=lambda i: params[i].numel())
         fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type, dtype, constants)
         width = (CHUNK if rule.elementwise else CHUNK_WITH_NORMS) if flat else 1

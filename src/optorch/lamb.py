@@ -57,7 +57,7 @@ from optorch.base import (
     is_zero,
 )
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import addcmul, lerp, scalar_sqrt, select
+from optorch.engine import addcmul, lerp, norm_sharing_pass, scalar_sqrt, select
 
 __all__ = ["LambConfig", "LambRule", "default_lamb_state", "lamb_step"]
 
@@ -125,7 +125,9 @@ class LambRule(Rule):
         direction = exp_avg / (exp_avg_sq.sqrt() + h.eps_hat) * h.direction_scale
         if decay:
             direction = direction + param * h.weight_decay
-        param_norm = param.norm()
+        # a NaN in the gradient makes the direction's norm NaN, and the trust ratio 1
+        # whatever the param's norm (see norm_sharing_pass)
+        param_norm = norm_sharing_pass(param, grad)
         direction_norm = direction.norm()
         weight_norm = param_norm.clamp(max=h.clamp_value) if clamp else param_norm
         # a safe denominator keeps the unused branch finite, so pure-mode gradients too
