@@ -242,26 +242,16 @@ def _direction_sum_sq(
     return torch.cond(clamped, _clamped_sum_sq, _unclamped_sum_sq, operands)
 
 
-def _clamped_sum_sq(
-    grad: torch.Tensor,
-    row_root: torch.Tensor,
-    col_root: torch.Tensor,
-    weighted: torch.Tensor,
-    ratio: torch.Tensor,
-    eps1: torch.Tensor,
-) -> torch.Tensor:
+def _clamped_sum_sq(*operands: torch.Tensor) -> torch.Tensor:
+    """:func:`_direction_sum_sq` element by element (its operands, in order)."""
+    grad, row_root, col_root, _, _, eps1 = operands
     direction = grad.to(_wide(grad.dtype)) / (row_root * col_root).clamp(min=eps1)
     return direction.square().sum(-1).sum()
 
 
-def _unclamped_sum_sq(
-    grad: torch.Tensor,
-    row_root: torch.Tensor,
-    col_root: torch.Tensor,
-    weighted: torch.Tensor,
-    ratio: torch.Tensor,
-    eps1: torch.Tensor,
-) -> torch.Tensor:
+def _unclamped_sum_sq(*operands: torch.Tensor) -> torch.Tensor:
+    """:func:`_direction_sum_sq` from the row sums (its operands, in order)."""
+    weighted, ratio = operands[3:5]
     return (weighted / ratio).sum()
 
 
