@@ -336,10 +336,16 @@ class AdafactorRule(Rule):
         eps1 = torch.finfo(dtype).eps if machine_eps1 else h.eps1
         if maximize:
             grad = -grad
-        # compiled, a matrix takes its sums of squares in two passes over the gradient
-        # instead of three, one of them shared with the param's (see _param_squares and
-        # _direction_sum_sq); eagerly, the plain formulas
-        fused = factored and _compiled_plain(param) and not _records_grad(param, grad, *rest[:2])
+        # in the compiled engine's kernels, a matrix takes its sums of squares in two
+        # passes over the gradient instead of three, one of them shared with the param's
+        # (see _param_squares and _direction_sum_sq); elsewhere (eager, or inside a
+        # user's own torch.compile, where dynamo fails on the cond) the plain formulas
+        fused = (
+            factored
+            and h.kernel
+            and _compiled_plain(param)
+            and not _records_grad(param, grad, *rest[:2])
+        )
         grad_sq = grad * grad
         # the relative step size reads the param before weight decay
         if fused:

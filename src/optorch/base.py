@@ -224,6 +224,10 @@ class Hyper:
 
     static: Any
     leaf: Any = None
+    #: True inside the compiled engine's own kernels (``impl="compiled"``), where a rule
+    #: may take forms that pay off, or trace, only there (Adafactor's ``torch.cond``);
+    #: False on every other path, a user's own ``torch.compile`` of a step included.
+    kernel: bool = False
 
     def __init__(self, values: Mapping[str, Any], static: Any) -> None:
         self.__dict__.update(values)

@@ -1203,6 +1203,7 @@ def _compiled_fn(
         values.update(others)
         values.update(constants)
         h = Hyper(values, static).with_leaf(leaf)
+        h.kernel = True
         outs = []
         for i in range(len(params)):
             outs.append(_apply_rule(rule, h, gate, params[i], grads[i], [f[i] for f in states]))
