@@ -336,13 +336,15 @@ class AdafactorRule(Rule):
         eps1 = torch.finfo(dtype).eps if machine_eps1 else h.eps1
         if maximize:
             grad = -grad
-        # in the compiled engine's kernels, a matrix takes its sums of squares in two
+        # in the compiled engine's CPU kernels, a matrix takes its sums of squares in two
         # passes over the gradient instead of three, one of them shared with the param's
-        # (see _param_squares and _direction_sum_sq); elsewhere (eager, or inside a
-        # user's own torch.compile, where dynamo fails on the cond) the plain formulas
+        # (see _param_squares and _direction_sum_sq); elsewhere the plain formulas: a
+        # user's own torch.compile fails in dynamo on the cond, and on CUDA reading the
+        # cond's predicate on the host would synchronise the device for every matrix
         fused = (
             factored
             and h.kernel
+            and param.device.type == "cpu"  # a cond's predicate is read on the host
             and _compiled_plain(param)
             and not _records_grad(param, grad, *rest[:2])
         )
