@@ -187,11 +187,12 @@ COMPILED_CASES = [
 ]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("case", "inplace", "shapes"), COMPILED_CASES)
 def test_compiled_matches_torch_optim(
-    case: Case, inplace: bool, shapes: dict[str, tuple[int, ...]]
+    case: Case, inplace: bool, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype
 ) -> None:
-    run_against_torch(case, torch.float32, "compiled", inplace=inplace, shapes=shapes)
+    run_against_torch(case, dtype, "compiled", inplace=inplace, shapes=shapes)
 
 
 def test_compiled_kernels_split_by_row_blocks_and_never_recompile() -> None:

@@ -1,11 +1,12 @@
 """Adamax, NAdam and RAdam against ``torch.optim`` (every option), on params and state.
 
-Every engine (reference, foreach; compiled for a few option sets) and both modes
-(in place, pure) are compared step by step for 20 steps against the torch class with the
-same hyperparameters (our configs use torch's names, ``max_lr`` for ``lr``), in float32
-and float64. Then: per-step scalars with a traced step (the no-host-sync path), a
-vmapped pure step, the closed-form NAdam momentum product, validation, the registry,
-and convergence on an MLP regression and the Rosenbrock function.
+Every engine (reference, foreach; compiled for a few option sets, each in float32 in
+place and float64 pure) and both modes (in place, pure) are compared step by step for 20
+steps against the torch class with the same hyperparameters (our configs use torch's
+names, ``max_lr`` for ``lr``), in float32 and float64. Then: per-step scalars with a
+traced step (the no-host-sync path), a vmapped pure step, the closed-form NAdam momentum
+product, validation, the registry, and convergence on an MLP regression and the
+Rosenbrock function.
 """
 
 from __future__ import annotations
@@ -321,13 +322,13 @@ def test_matches_torch_optim(case: Case, dtype: torch.dtype, impl: str, inplace:
 
 
 COMPILED = [
-    pytest.param(
-        case,
-        torch.float32 if i % 2 == 0 else torch.float64,
-        i % 2 == 0,
-        id=f"{case.id}-{'f32-inplace' if i % 2 == 0 else 'f64-pure'}",
+    pytest.param(case, dtype, inplace, id=f"{case.id}-{tag}")
+    for case in CASES
+    if case.compiled
+    for dtype, inplace, tag in (
+        (torch.float32, True, "f32-inplace"),
+        (torch.float64, False, "f64-pure"),
     )
-    for i, case in enumerate(c for c in CASES if c.compiled)
 ]
 
 

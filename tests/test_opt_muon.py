@@ -8,7 +8,8 @@
   for bit);
 * ``ns_dtype=None`` (Newton-Schulz in the param's dtype) against the paper's recursion
   written below in float64;
-* the compiled engine on one option set against the reference engine;
+* the compiled engine on one option set against the reference engine (float64 pure,
+  float32 in place);
 * Muon + AdamW through :func:`optorch.wrappers.partition` against ``torch.optim.Muon``
   plus ``torch.optim.AdamW`` on the same two groups;
 * bad hyperparameters, and non-2-D params (ValueError naming the leaf);
@@ -306,27 +307,33 @@ def test_newton_schulz_orthogonalises() -> None:
             assert off_diagonal < bound, (shape, dtype, float(off_diagonal))
 
 
-def test_compiled_matches_reference() -> None:
-    """One option set, pure mode, float64 with Newton-Schulz in float64: one compiled
-    kernel serves all three matrices (same leaf key: not transposed, scale 1)."""
+@pytest.mark.parametrize(
+    ("dtype", "inplace"),
+    [(torch.float64, False), (torch.float32, True)],
+    ids=["f64-pure", "f32-inplace"],
+)
+def test_compiled_matches_reference(dtype: torch.dtype, inplace: bool) -> None:
+    """One option set with Newton-Schulz in the param dtype, float64 pure and float32 in
+    place: one compiled kernel serves all three matrices (same leaf key: not
+    transposed, scale 1)."""
     shapes = {"a": (3, 6), "b": (4, 4), "c": (2, 5)}
-    params = make_params(50, torch.float64, shapes)
+    params = make_params(50, dtype, shapes)
     grads_per_step = grad_sequence(50, params, STEPS)
     hyper = {"max_lr": 0.05, "weight_decay": 0.1, "ns_dtype": None, "ns_steps": 3}
     results = []
     for impl in ["reference", "compiled"]:
-        opt = optorch.get_optimizer("muon", impl=impl, inplace=False, **hyper)
-        p, state = params, opt.init(params)
+        opt = optorch.get_optimizer("muon", impl=impl, inplace=inplace, **hyper)
+        p = {k: v.clone() for k, v in params.items()}
+        state = opt.init(p)
         before = snapshot(params)
         for grads in grads_per_step:
             p, state = opt.step(p, grads, state)
         assert_unchanged([params], before, what=impl)
         results.append((p, state))
     (p_ref, s_ref), (p_cmp, s_cmp) = results
-    assert_trees_close(p_cmp, p_ref, rtol=1e-10, atol=1e-12, what="compiled params")
-    assert_trees_close(
-        s_cmp["momentum"], s_ref["momentum"], rtol=1e-10, atol=1e-12, what="compiled momentum"
-    )
+    tolerance = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else TOLERANCES[dtype]
+    assert_trees_close(p_cmp, p_ref, **tolerance, what="compiled params")
+    assert_trees_close(s_cmp["momentum"], s_ref["momentum"], **tolerance, what="compiled momentum")
 
 
 # --------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """RMSprop and Adagrad against ``torch.optim``: params AND state after each of 20 steps.
 
 Every row of the option tables runs in float32 and float64, in place and pure, through
-the reference loop and the foreach engine; two rows also run compiled. The params are
-a dict pytree with a matrix, a 1-D bias, a 0-d scalar and a 3-D tensor, and the grads a
-seeded random sequence, fed identically to ``torch.optim`` (single-tensor path). State
-is compared field by field under torch's own names (``square_avg``,
-``momentum_buffer``, ``grad_avg``, ``sum``) and the step count. Then: bad
-hyperparameters (``ValueError`` naming the field), the registry, the seed-style
+the reference loop and the foreach engine; two rows also run compiled (float32 in place,
+float64 pure). The params are a dict pytree with a matrix, a 1-D bias, a 0-d scalar and
+a 3-D tensor, and the grads a seeded random sequence, fed identically to ``torch.optim``
+(single-tensor path). State is compared field by field under torch's own names
+(``square_avg``, ``momentum_buffer``, ``grad_avg``, ``sum``) and the step count. Then:
+bad hyperparameters (``ValueError`` naming the field), the registry, the seed-style
 functions, and convergence on a small MLP regression task and on the Rosenbrock
 function.
 """
@@ -207,16 +207,24 @@ def test_matches_torch_optim(case: Case, dtype: torch.dtype, impl: str, inplace:
     run_against_torch(case, dtype, impl, inplace=inplace)
 
 
-# compiling costs seconds per kernel: one row per optimizer, one mode each
+# compiling costs seconds per kernel: one row per optimizer, in float32 in place and in
+# float64 pure
 COMPILED_CASES = [
-    pytest.param(RMSPROP_CASES[5], True, id="rmsprop-centered-momentum-wd-inplace"),
-    pytest.param(ADAGRAD_CASES[6], False, id="adagrad-all-pure"),
+    pytest.param(case, dtype, inplace, id=f"{name}-{tag}")
+    for case, name in (
+        (RMSPROP_CASES[5], "rmsprop-centered-momentum-wd"),
+        (ADAGRAD_CASES[6], "adagrad-all"),
+    )
+    for dtype, inplace, tag in (
+        (torch.float32, True, "f32-inplace"),
+        (torch.float64, False, "f64-pure"),
+    )
 ]
 
 
-@pytest.mark.parametrize(("case", "inplace"), COMPILED_CASES)
-def test_compiled_matches_torch_optim(case: Case, inplace: bool) -> None:
-    run_against_torch(case, torch.float32, "compiled", inplace=inplace)
+@pytest.mark.parametrize(("case", "dtype", "inplace"), COMPILED_CASES)
+def test_compiled_matches_torch_optim(case: Case, dtype: torch.dtype, inplace: bool) -> None:
+    run_against_torch(case, dtype, "compiled", inplace=inplace)
 
 
 # --------------------------------------------------------------------------------------

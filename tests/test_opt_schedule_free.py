@@ -9,7 +9,8 @@
   evaluation point x and back (:func:`eval_params` / :func:`train_params`) with the
   package's ``optimizer.eval()`` / ``optimizer.train()``;
 * the three-sequence form of the paper (x, y, z kept explicitly) in float64;
-* the compiled engine on one option set; the global scalars on the 0-d tensor path;
+* the compiled engine on one option set (float32 in place, float64 pure); the global
+  scalars on the 0-d tensor path;
   ``skip_if`` leaving everything (the global scalars included) bit-identical;
 * bad hyperparameters; convergence on an MLP regression task and on Rosenbrock.
 """
@@ -288,20 +289,29 @@ def test_matches_paper_three_sequences(hyper: dict[str, Any], impl: str) -> None
 # --------------------------------------------------------------------------------------
 
 
-def test_compiled_matches_reference() -> None:
-    """One option set, float32, in place: every per-step scalar is a 0-d tensor there."""
-    params = make_params(30, torch.float32)
+@pytest.mark.parametrize(
+    ("dtype", "inplace"),
+    [(torch.float32, True), (torch.float64, False)],
+    ids=["f32-inplace", "f64-pure"],
+)
+def test_compiled_matches_reference(dtype: torch.dtype, inplace: bool) -> None:
+    """One option set, float32 in place and float64 pure: every per-step scalar is a 0-d
+    tensor there."""
+    params = make_params(30, dtype)
     grads_per_step = grad_sequence(30, params, STEPS)
     hyper = {"max_lr": 0.05, "warmup_steps": 5, "weight_decay": 0.1, "r": 1.0}
     results = []
     for impl in ["reference", "compiled"]:
-        opt = optorch.get_optimizer(NAME, impl=impl, **hyper)
+        opt = optorch.get_optimizer(NAME, impl=impl, inplace=inplace, **hyper)
         p, state = clone_tree(params), opt.init(params)
         for grads in grads_per_step:
             p, state = opt.step(p, grads, state)
         results.append((p, state))
     (p_ref, s_ref), (p_cmp, s_cmp) = results
-    tolerance = {"rtol": 2e-7, "atol": 2e-7}  # float32 scalars vs Python floats
+    # float32: scalars of the param dtype vs Python floats
+    tolerance = (
+        {"rtol": 2e-7, "atol": 2e-7} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    )
     assert_trees_close(p_cmp, p_ref, what="compiled y", **tolerance)
     for field in ("z", "exp_avg_sq"):
         assert_trees_close(s_cmp[field], s_ref[field], what=f"compiled {field}", **tolerance)

@@ -238,7 +238,14 @@ def _direction_sum_sq(
     ``torch.cond`` so that only the branch taken runs.
     """
     clamped = row_root.amin() * col_root.amin() < eps1
-    operands = (grad, row_root, col_root, weighted, ratio, torch.as_tensor(eps1))
+    operands = (
+        grad,
+        row_root,
+        col_root,
+        weighted,
+        ratio,
+        torch.as_tensor(eps1, dtype=torch.float64),
+    )
     return torch.cond(clamped, _clamped_sum_sq, _unclamped_sum_sq, operands)
 
 
