@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch._dynamo
 from conftest import clone_tree
 from convergence import minimise_rosenbrock, rosenbrock_grad, train_mlp
 from lion_pytorch import Lion
@@ -366,9 +367,14 @@ def test_lamb_moves_each_tensor_by_lr_times_its_norm(impl: str) -> None:
         assert moved == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("user_compile", [False, True], ids=["eager", "user-compiled"])
 @pytest.mark.parametrize("impl", ["reference", "foreach"])
-def test_lamb_zero_norm_guards_and_pure_gradients_stay_finite(impl: str) -> None:
-    """||p|| = 0 and ||update|| = 0 give trust ratio 1, and no NaN in autograd either."""
+def test_lamb_zero_norm_guards_and_pure_gradients_stay_finite(
+    impl: str, user_compile: bool
+) -> None:
+    """||p|| = 0 and ||update|| = 0 give trust ratio 1, and no NaN in autograd either,
+    also when the user compiles the step (the param norm keeps its plain form where
+    autograd records it)."""
     params = {
         "origin": torch.zeros(3, dtype=torch.float64, requires_grad=True),
         "still": torch.ones(2, dtype=torch.float64, requires_grad=True),
@@ -379,7 +385,11 @@ def test_lamb_zero_norm_guards_and_pure_gradients_stay_finite(impl: str) -> None
     }
     config = lamb.LambConfig(max_lr=0.1, impl=impl, inplace=False)
     state = lamb.default_lamb_state({k: v.detach() for k, v in params.items()})
-    new_params, _ = lamb.lamb_step(params, grads, state, config)
+    step = lamb.lamb_step
+    if user_compile:
+        torch._dynamo.reset()
+        step = torch.compile(lamb.lamb_step, backend="aot_eager", fullgraph=True)
+    new_params, _ = step(params, grads, state, config)
     # trust ratio 1: an Adam step of size lr per coordinate, zero where the gradient is
     expected = -0.1 * torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64) / (1.0 + 1e-6)
     torch.testing.assert_close(new_params["origin"], expected, rtol=1e-6, atol=1e-12)

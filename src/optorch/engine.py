@@ -243,9 +243,14 @@ def norm_sharing_pass(x: Any, other: Any) -> Any:
     norm's pass was 1 of its 11 units of traffic and ~10% of its time). Inductor fuses
     loops that read a common tensor, so the sum reads ``other``: where ``other`` is NaN
     the square counts 0. For callers to whom the norm does not matter when ``other``
-    holds a NaN.
+    holds a NaN. Where autograd records ``x``, the plain norm (whose gradient at 0 is 0,
+    where that of the square root of a sum is NaN).
     """
-    if isinstance(x, torch.Tensor) and torch.compiler.is_compiling():
+    if (
+        isinstance(x, torch.Tensor)
+        and torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
         return torch.where(other != other, 0.0, x * x).sum().sqrt()
     return x.norm()
 
