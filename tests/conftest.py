@@ -265,3 +265,19 @@ def _compile_small_tensors() -> Any:
     engine.COMPILED_MIN_NUMEL = 2
     yield
     engine.COMPILED_MIN_NUMEL = saved
+
+
+#: The combinations the compiled engine's reference tests run each option set in.
+COMPILED_COMBINATIONS = (
+    (torch.float32, True, "f32-inplace"),
+    (torch.float64, False, "f64-pure"),
+)
+
+
+def compiled_params(cases: Any, case_id: Callable[[Any], str]) -> list[Any]:
+    """``pytest.param(case, dtype, inplace)`` for every case in every compiled combination."""
+    return [
+        pytest.param(case, dtype, inplace, id=f"{case_id(case)}-{tag}")
+        for case in cases
+        for dtype, inplace, tag in COMPILED_COMBINATIONS
+    ]

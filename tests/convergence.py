@@ -1,8 +1,10 @@
-"""Convergence problems shared by the optimizer test files: a small MLP regression and
-the 2-D Rosenbrock function (each file states its own bars per optimizer)."""
+"""Convergence problems shared by the tests: a small MLP regression and the 2-D
+Rosenbrock function (every optimizer's bars on them: tests/test_convergence.py), and a
+teacher-student task for Muon's and Schedule-Free's own convergence claims."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -59,3 +61,33 @@ def minimise_rosenbrock(optimizer: Any, steps: int) -> torch.Tensor:
     for _ in range(steps):
         params, state = optimizer.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
     return params["xy"]
+
+
+def teacher_problem(
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], Callable[[dict[str, Any]], Any]]:
+    """Fit a random tanh teacher (8 -> 16 -> 1) with an 8 -> 32 -> 32 -> 1 student on 128
+    fixed points; targets have unit variance, so a constant predictor scores 1. Two
+    hidden matrices (for Muon's tests, which compare it with AdamW on them)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(128, 8, generator=gen)
+    teacher_in = torch.randn(16, 8, generator=gen) / math.sqrt(8)
+    teacher_bias = 0.5 * torch.randn(16, generator=gen)
+    teacher_out = torch.randn(1, 16, generator=gen) / 4
+    targets = torch.tanh(inputs @ teacher_in.T + teacher_bias) @ teacher_out.T
+    targets = (targets - targets.mean()) / targets.std()
+    params = {
+        "w1": torch.randn(32, 8, generator=gen) / math.sqrt(8),
+        "b1": torch.zeros(32),
+        "w2": torch.randn(32, 32, generator=gen) / math.sqrt(32),
+        "b2": torch.zeros(32),
+        "w3": torch.randn(1, 32, generator=gen) / math.sqrt(32),
+        "b3": torch.zeros(1),
+    }
+
+    def loss(p: dict[str, Any]) -> Any:
+        hidden = torch.tanh(inputs @ p["w1"].T + p["b1"])
+        hidden = torch.tanh(hidden @ p["w2"].T + p["b2"])
+        return ((hidden @ p["w3"].T + p["b3"] - targets) ** 2).mean()
+
+    return params, loss

@@ -11,7 +11,7 @@ second moments are compared with torch's, under torch's names and shapes; the un
 fields of each leaf must be empty placeholders. The ``beta1`` momentum variant (not in
 torch) is compared with a float64 formula written here from the paper, which is itself
 checked against torch with ``beta1=None``. Then: bad hyperparameters, state shapes, the
-registry, the seed-style functions and convergence.
+registry and the seed-style functions (convergence: tests/test_convergence.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from conftest import (
     make_params,
     snapshot,
 )
-from test_opt_rmsprop_adagrad import rosenbrock_distance, train_mlp
 
 import optorch
 from optorch import engine
@@ -627,33 +626,3 @@ def test_seed_style_functions_on_a_module() -> None:
     )
     assert_unchanged([dict(model.frozen.named_parameters())], frozen_before, what="frozen")
     assert "frozen.weight" not in state["row_var"]
-
-
-# --------------------------------------------------------------------------------------
-# convergence (shared tasks: see test_opt_rmsprop_adagrad)
-# --------------------------------------------------------------------------------------
-
-# The MLP starts at a loss of 0.91 (the best linear fit reaches 0.556); Rosenbrock starts
-# 2.2 from (1, 1). Without momentum the relative step decays as 1/sqrt(t) once past
-# 1/lr^2 steps, so the plain variant creeps along the valley: its bar is looser.
-MLP_BARS = [
-    ({"max_lr": 0.1}, 500, 0.06),
-    ({"max_lr": 0.1, "beta1": 0.9}, 300, 0.01),
-]
-ROSENBROCK_BARS = [
-    ({"max_lr": 0.1}, 3000, 0.2),
-    ({"max_lr": 0.1, "beta1": 0.9}, 2000, 0.01),
-]
-
-
-@pytest.mark.parametrize(("hyper", "steps", "bar"), MLP_BARS)
-def test_trains_mlp_regression(hyper: dict[str, Any], steps: int, bar: float) -> None:
-    initial, final = train_mlp("adafactor", steps, **hyper)
-    assert initial > 0.85
-    assert final < bar, f"{hyper}: loss {final:.4g} after {steps} steps (bar {bar})"
-
-
-@pytest.mark.parametrize(("hyper", "steps", "bar"), ROSENBROCK_BARS)
-def test_minimizes_rosenbrock(hyper: dict[str, Any], steps: int, bar: float) -> None:
-    distance = rosenbrock_distance("adafactor", steps, **hyper)
-    assert distance < bar, f"{hyper}: {distance:.4g} from (1, 1) after {steps} steps"

@@ -5,21 +5,18 @@ place and float64 pure) and both modes (in place, pure) are compared step by ste
 steps against the torch class with the same hyperparameters (our configs use torch's
 names, ``max_lr`` for ``lr``), in float32 and float64. Then: per-step scalars with a
 traced step (the no-host-sync path), a vmapped pure step, the closed-form NAdam momentum
-product, validation, the registry, and convergence on an MLP regression and the
-Rosenbrock function.
+product, validation and the registry (convergence: tests/test_convergence.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import torch
-from conftest import clone_tree
-from convergence import minimise_rosenbrock, train_mlp
+from conftest import clone_tree, compiled_params
 from torch.optim.lr_scheduler import LambdaLR
 
 import optorch
@@ -321,15 +318,7 @@ def test_matches_torch_optim(case: Case, dtype: torch.dtype, impl: str, inplace:
     compare(ours, reference, case.state_keys, *TOLERANCES[dtype])
 
 
-COMPILED = [
-    pytest.param(case, dtype, inplace, id=f"{case.id}-{tag}")
-    for case in CASES
-    if case.compiled
-    for dtype, inplace, tag in (
-        (torch.float32, True, "f32-inplace"),
-        (torch.float64, False, "f64-pure"),
-    )
-]
+COMPILED = compiled_params([c for c in CASES if c.compiled], lambda case: case.id)
 
 
 @pytest.mark.parametrize(("case", "dtype", "inplace"), COMPILED)
@@ -537,53 +526,3 @@ def test_seed_style_functions(module: Any, prefix: str) -> None:
     getattr(module, f"{prefix}_step")(params, grads, state, config)
     assert torch.all(model.weight < before)  # in place, on the model's own tensor
     assert int(state["step"]) == 1
-
-
-# --------------------------------------------------------------------------------------
-# convergence
-# --------------------------------------------------------------------------------------
-
-
-def _cosine(total: int) -> Callable[[int], float]:
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def _warmup(steps: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / steps)
-
-
-# (config, steps, loss below); see mlp_problem for the scale
-MLP_CASES = [
-    pytest.param(adamax.AdamaxConfig(max_lr=0.02), 400, 0.05, id="adamax"),
-    pytest.param(nadam.NAdamConfig(max_lr=0.01), 400, 0.05, id="nadam"),
-    pytest.param(radam.RAdamConfig(max_lr=0.02), 400, 0.05, id="radam"),
-]
-
-# (config, steps, distance to (1, 1) below); the start is 2.2 away. RAdam's first five
-# steps are momentum SGD on gradients of about 200, hence its warmup; NAdam follows the
-# valley better with the shorter second-moment memory.
-ROSENBROCK_CASES = [
-    pytest.param(adamax.AdamaxConfig(max_lr=0.3), 2000, 5e-3, id="adamax"),
-    pytest.param(
-        nadam.NAdamConfig(max_lr=0.02, betas=(0.9, 0.99), schedule=_cosine(2500)),
-        2500,
-        2e-2,
-        id="nadam",
-    ),
-    pytest.param(radam.RAdamConfig(max_lr=0.2, schedule=_warmup(100)), 2000, 1e-3, id="radam"),
-]
-
-
-@pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
-def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
-    initial, final = train_mlp(Optimizer(RULES[type(config)], config), steps)
-    assert initial > 1.4
-    assert final < bound, f"loss {initial:.4f} -> {final:.4f} after {steps} steps"
-
-
-@pytest.mark.parametrize(("config", "steps", "bound"), ROSENBROCK_CASES)
-def test_minimises_rosenbrock(config: Any, steps: int, bound: float) -> None:
-    """From the classic start (-1.2, 1) through the curved valley to (1, 1), in float64."""
-    xy = minimise_rosenbrock(Optimizer(RULES[type(config)], config), steps)
-    distance = float(torch.linalg.vector_norm(xy - 1.0))
-    assert distance < bound, f"ended at {xy.tolist()}, {distance:.2e} from (1, 1)"

@@ -3,8 +3,7 @@
 Every engine (reference, foreach; compiled for a few option sets, each in float32 in
 place and float64 pure) and both modes (in place, pure) are compared step by step for 20
 steps, on params and state, in float32 and float64. Then: LAMB's zero-norm guard,
-validation, the registry, and convergence on an MLP regression and the Rosenbrock
-function.
+validation and the registry (convergence: tests/test_convergence.py).
 """
 
 from __future__ import annotations
@@ -17,8 +16,7 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
-from conftest import clone_tree
-from convergence import minimise_rosenbrock, rosenbrock_grad, train_mlp
+from conftest import clone_tree, compiled_params
 from lion_pytorch import Lion
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -302,15 +300,7 @@ def test_matches_the_paper(case: Case, dtype: torch.dtype, impl: str, inplace: b
     compare(ours, reference, *TOLERANCES[dtype])
 
 
-COMPILED = [
-    pytest.param(case, dtype, inplace, id=f"{case.id}-{tag}")
-    for case in CASES
-    if case.compiled
-    for dtype, inplace, tag in (
-        (torch.float32, True, "f32-inplace"),
-        (torch.float64, False, "f64-pure"),
-    )
-]
+COMPILED = compiled_params([c for c in CASES if c.compiled], lambda case: case.id)
 
 
 @pytest.mark.parametrize(("case", "dtype", "inplace"), COMPILED)
@@ -504,55 +494,3 @@ def test_seed_style_functions(module: Any, prefix: str) -> None:
     getattr(module, f"{prefix}_step")(params, grads, state, config)
     assert torch.all(model.weight < before)  # in place, on the model's own tensor
     assert int(state["step"]) == 1
-
-
-# --------------------------------------------------------------------------------------
-# convergence
-# --------------------------------------------------------------------------------------
-
-
-RULES = {lion.LionConfig: lion.RULE, lamb.LambConfig: lamb.RULE}
-
-
-def _cosine(total: int) -> Callable[[int], float]:
-    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-
-def _warmup(steps: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, (step + 1) / steps)
-
-
-# (config, steps, loss below); see mlp_problem for the scale. Both move every tensor by
-# about lr per step whatever its gradient's size, so their rate decays to zero (cosine).
-MLP_CASES = [
-    pytest.param(lion.LionConfig(max_lr=0.01, schedule=_cosine(400)), 400, 0.05, id="lion"),
-    pytest.param(lamb.LambConfig(max_lr=0.02, schedule=_cosine(400)), 400, 0.05, id="lamb"),
-]
-
-# (config, steps, distance to (1, 1) below); the start is 2.2 away
-ROSENBROCK_CASES = [
-    pytest.param(lion.LionConfig(max_lr=0.02, schedule=_cosine(2000)), 2000, 5e-3, id="lion"),
-    pytest.param(lamb.LambConfig(max_lr=0.05, schedule=_cosine(1500)), 1500, 1e-2, id="lamb"),
-]
-
-
-@pytest.mark.parametrize(("config", "steps", "bound"), MLP_CASES)
-def test_trains_an_mlp(config: Any, steps: int, bound: float) -> None:
-    initial, final = train_mlp(Optimizer(RULES[type(config)], config), steps)
-    assert initial > 1.4
-    assert final < bound, f"loss {initial:.4f} -> {final:.4f} after {steps} steps"
-
-
-@pytest.mark.parametrize(("config", "steps", "bound"), ROSENBROCK_CASES)
-def test_minimises_rosenbrock(config: Any, steps: int, bound: float) -> None:
-    """From the classic start (-1.2, 1) through the curved valley to (1, 1), in float64."""
-    xy = minimise_rosenbrock(Optimizer(RULES[type(config)], config), steps)
-    distance = float(torch.linalg.vector_norm(xy - 1.0))
-    assert distance < bound, f"ended at {xy.tolist()}, {distance:.2e} from (1, 1)"
-
-
-def test_rosenbrock_gradient() -> None:
-    """The hand-written gradient the convergence tests use equals autograd's."""
-    xy = torch.tensor([-1.2, 1.0], dtype=torch.float64, requires_grad=True)
-    (expected,) = torch.autograd.grad((1.0 - xy[0]) ** 2 + 100.0 * (xy[1] - xy[0] ** 2) ** 2, [xy])
-    torch.testing.assert_close(rosenbrock_grad(xy.detach()), expected, rtol=1e-14, atol=0.0)

@@ -37,6 +37,7 @@ from conftest import (
     make_params,
     snapshot,
 )
+from convergence import teacher_problem
 
 import optorch
 from optorch import wrappers
@@ -497,38 +498,11 @@ def test_rosenbrock_is_out_of_scope() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def mlp_task(seed: int) -> tuple[dict[str, torch.Tensor], Callable[[dict[str, Any]], Any]]:
-    """Fit a random tanh teacher (8 -> 16 -> 1) with an 8 -> 32 -> 32 -> 1 student on 128
-    fixed points; targets have unit variance, so a constant predictor scores 1."""
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(128, 8, generator=gen)
-    teacher_in = torch.randn(16, 8, generator=gen) / math.sqrt(8)
-    teacher_bias = 0.5 * torch.randn(16, generator=gen)
-    teacher_out = torch.randn(1, 16, generator=gen) / 4
-    targets = torch.tanh(inputs @ teacher_in.T + teacher_bias) @ teacher_out.T
-    targets = (targets - targets.mean()) / targets.std()
-    params = {
-        "w1": torch.randn(32, 8, generator=gen) / math.sqrt(8),
-        "b1": torch.zeros(32),
-        "w2": torch.randn(32, 32, generator=gen) / math.sqrt(32),
-        "b2": torch.zeros(32),
-        "w3": torch.randn(1, 32, generator=gen) / math.sqrt(32),
-        "b3": torch.zeros(1),
-    }
-
-    def loss(p: dict[str, Any]) -> Any:
-        hidden = torch.tanh(inputs @ p["w1"].T + p["b1"])
-        hidden = torch.tanh(hidden @ p["w2"].T + p["b2"])
-        return ((hidden @ p["w3"].T + p["b3"] - targets) ** 2).mean()
-
-    return params, loss
-
-
 def test_converges_on_mlp_regression() -> None:
     """Muon (hidden matrices w1, w2) + AdamW (output layer, biases): the mean squared
     error falls from about 1 to below 3e-3 in 100 full-batch steps (about 1.1e-3
     measured; AdamW alone on every param gets 1.4e-2 at lr 3e-3 and 3.3e-3 at 1e-2)."""
-    params, loss = mlp_task(0)
+    params, loss = teacher_problem(0)
     start = float(loss(params))
     assert start > 0.5
     optimizer = wrappers.partition(

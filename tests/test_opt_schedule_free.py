@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ from conftest import (
     make_params,
     snapshot,
 )
+from convergence import rosenbrock_grad, teacher_problem
 
 import optorch
 from optorch.builder import DEFAULT_OPTIMIZER_CONFIGS, DEFAULT_OPTIMIZER_STATES, OPTIMIZER_STEP
@@ -487,37 +488,10 @@ def test_foreign_state_is_refused() -> None:
 # --------------------------------------------------------------------------------------
 
 
-def mlp_task(seed: int) -> tuple[dict[str, torch.Tensor], Callable[[dict[str, Any]], Any]]:
-    """Fit a random tanh teacher (8 -> 16 -> 1) with an 8 -> 32 -> 32 -> 1 student on 128
-    fixed points; targets have unit variance, so a constant predictor scores 1."""
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(128, 8, generator=gen)
-    teacher_in = torch.randn(16, 8, generator=gen) / math.sqrt(8)
-    teacher_bias = 0.5 * torch.randn(16, generator=gen)
-    teacher_out = torch.randn(1, 16, generator=gen) / 4
-    targets = torch.tanh(inputs @ teacher_in.T + teacher_bias) @ teacher_out.T
-    targets = (targets - targets.mean()) / targets.std()
-    params = {
-        "w1": torch.randn(32, 8, generator=gen) / math.sqrt(8),
-        "b1": torch.zeros(32),
-        "w2": torch.randn(32, 32, generator=gen) / math.sqrt(32),
-        "b2": torch.zeros(32),
-        "w3": torch.randn(1, 32, generator=gen) / math.sqrt(32),
-        "b3": torch.zeros(1),
-    }
-
-    def loss(p: dict[str, Any]) -> Any:
-        hidden = torch.tanh(inputs @ p["w1"].T + p["b1"])
-        hidden = torch.tanh(hidden @ p["w2"].T + p["b2"])
-        return ((hidden @ p["w3"].T + p["b3"] - targets) ** 2).mean()
-
-    return params, loss
-
-
 def test_converges_on_mlp_regression() -> None:
     """All params, 20 warmup steps: the loss at x falls from about 1 to below 1.5e-3 in
     150 full-batch steps (about 5e-4 measured)."""
-    params, loss = mlp_task(0)
+    params, loss = teacher_problem(0)
     start = float(loss(params))
     assert start > 0.5
     opt = optorch.get_optimizer(NAME, max_lr=0.02, warmup_steps=20)
@@ -527,11 +501,6 @@ def test_converges_on_mlp_regression() -> None:
         params, state = opt.step(params, gradient(params), state)
     final = float(loss(eval_params(params, state, opt.config.replace(inplace=False))))
     assert final < 1.5e-3, f"loss at x {start:.3f} -> {final:.5f} after 150 steps"
-
-
-def _rosenbrock_grad(point: torch.Tensor) -> torch.Tensor:
-    a, b = point[0], point[1]
-    return torch.stack([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)])
 
 
 def test_converges_on_rosenbrock() -> None:
@@ -545,7 +514,7 @@ def test_converges_on_rosenbrock() -> None:
     state = opt.init(params)
     distances = []
     for step in range(1, 1001):
-        params, state = opt.step(params, {"xy": _rosenbrock_grad(params["xy"])}, state)
+        params, state = opt.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
         if step >= 600 and step % 50 == 0:
             x = eval_params(params, state, pure)["xy"]
             distances.append(float((x - 1.0).norm()))
