@@ -465,3 +465,33 @@ def test_rules_with_norms_recompute_instead_of_storing(
     for options in seen:
         assert ("realize_reads_threshold" in options) is recompute
         assert options["cpp.dynamic_threads"] is True
+
+
+def test_per_tensor_numbers_run_once_stacked_and_equal_the_plain_ops() -> None:
+    """``engine.per_tensor`` on TensorLists of per-tensor numbers (norms) runs its
+    function once on them stacked, and gives, tensor by tensor, what the function gives
+    on each tensor's own numbers, bit for bit (elementwise ops on a 1-D tensor round as
+    on its elements); with plain tensors it is a plain call."""
+    gen = generator(7)
+    tensors = [torch.randn(n, generator=gen) for n in (3, 50, 7, 1, 128)]
+    others = [torch.randn(n, generator=gen) for n in (3, 50, 7, 1, 128)]
+
+    def fn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a.clamp(min=0.5) * 0.3 / (b / 2.0).clamp(min=1.0)).to(torch.float64)
+
+    calls: list[int] = []
+
+    def counted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        calls.append(a.numel())
+        return fn(a, b)
+
+    node = engine.per_tensor(
+        counted, engine.TensorList(tensors).norm(), engine.TensorList(others).norm()
+    )
+    got = node.items
+    expected = [fn(t.norm(), o.norm()) for t, o in zip(tensors, others, strict=True)]
+    assert calls == [len(tensors)]  # one call on 1-D tensors of 5 numbers
+    assert [g.dim() for g in got] == [0] * len(tensors)
+    assert_trees_equal(got, expected)
+    direct = engine.per_tensor(fn, tensors[0].norm(), others[0].norm())
+    assert_trees_equal(direct, fn(tensors[0].norm(), others[0].norm()))

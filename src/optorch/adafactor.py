@@ -73,7 +73,14 @@ import torch
 
 from optorch.base import BaseConfig, Rule, apply_step, check_bool, check_range, init_state, is_zero
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import TensorList, lerp, scalar_sqrt, where, zeros_laid_out_like
+from optorch.engine import (
+    TensorList,
+    lerp,
+    per_tensor,
+    scalar_sqrt,
+    where,
+    zeros_laid_out_like,
+)
 
 __all__ = ["AdafactorConfig", "AdafactorRule", "adafactor_step", "default_adafactor_state"]
 
@@ -357,10 +364,9 @@ class AdafactorRule(Rule):
         grad_sq = grad * grad
         # the relative step size reads the param before weight decay
         if fused:
-            alpha = _root_mean(_param_squares(param, grad_sq), param.numel())
+            param_rms = _root_mean(_param_squares(param, grad_sq), param.numel())
         else:
-            alpha = _rms(param)
-        alpha = alpha.clamp(min=h.eps2) * h.rho
+            param_rms = _rms(param)
         if decay:
             param = param * h.shrink
         sum_sq = None
@@ -383,8 +389,13 @@ class AdafactorRule(Rule):
             root = variance.sqrt()
         direction = grad / root.clamp(min=eps1)
         rms = _rms(direction) if sum_sq is None else _root_mean(sum_sq, param.numel())
-        clip = (rms / h.d).clamp(min=1.0)
-        step = direction * _stored((alpha / clip).to(dtype))
+
+        def scale(param_rms: torch.Tensor, rms: torch.Tensor) -> torch.Tensor:
+            # alpha (the relative step size) over the clipping factor
+            alpha = param_rms.clamp(min=h.eps2) * h.rho
+            return (alpha / (rms / h.d).clamp(min=1.0)).to(dtype)
+
+        step = direction * _stored(per_tensor(scale, param_rms, rms))
         if momentum:
             exp_avg = lerp(rest[3], step, 1.0 - h.beta1)
             return param - exp_avg, row_var, col_var, variance, exp_avg

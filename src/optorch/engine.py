@@ -54,6 +54,7 @@ __all__ = [
     "lerp",
     "norm_sharing_pass",
     "on_full_tensor",
+    "per_tensor",
     "resolve_impl",
     "run",
     "scalar_sqrt",
@@ -299,6 +300,28 @@ def on_full_tensor(fn: Callable[[torch.Tensor], torch.Tensor], tensor: Any) -> A
     whole = fn(tensor.full_tensor())
     replicated = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, tensor.placements)
+
+
+def per_tensor(fn: Callable[..., torch.Tensor], *numbers: Any) -> Any:
+    """``fn`` of per-tensor numbers (0-d tensors, or TensorLists of them such as norms).
+
+    For TensorLists, ``fn`` runs once on them stacked into 1-D tensors (elementwise
+    tensor code then works unchanged) and the result is split into 0-d tensors again:
+    a chain of k ops over the numbers of n tensors costs one stack per operand and k
+    ops instead of k foreach calls of n ops each (Adafactor's step scale over the 66
+    vectors of the GPT-like set: 6 foreach calls, ~1 ms, in one). Plain and 0-d tensors
+    go straight to ``fn``.
+    """
+    if not any(isinstance(n, TensorList) for n in numbers):
+        return fn(*numbers)
+
+    def run(*values: Any) -> list[torch.Tensor]:
+        stacked = [torch.stack(v) if isinstance(v, list) else v for v in values]
+        return list(fn(*stacked).unbind())
+
+    node = TensorList(fn=run, args=numbers, scalar_like=True)
+    node.serial = True
+    return node
 
 
 # --------------------------------------------------------------------------------------
