@@ -14,7 +14,7 @@ is one 1 x 2 matrix. Schedule-Free AdamW is measured at its evaluation point x.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +66,7 @@ class Row:
     name: str  # the registry key
     mlp: Run
     rosenbrock: Run
-    label: str = field(default="")
+    label: str = ""
 
     @property
     def id(self) -> str:
@@ -111,7 +111,8 @@ TABLE = [
         Run({"max_lr": 0.2}, 2000, 1e-3, "warmup 100")),
     Row("schedule_free_adamw", Run({"max_lr": 0.02, "warmup_steps": 20}, 400, MLP_BAR,
                                    note="loss at x"),
-        Run({"max_lr": 0.05, "betas": (0.9, 0.9), "r": 4.0}, 1000, 2e-2, note="x")),
+        Run({"max_lr": 0.05, "betas": (0.9, 0.9), "r": 4.0}, 1000, 2e-2,
+            note="distance of x")),
 ]  # fmt: skip
 
 #: Muon on the MLP: its matrices; the biases go to AdamW.
