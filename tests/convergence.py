@@ -34,8 +34,15 @@ def mlp_problem() -> tuple[dict[str, torch.Tensor], Callable[[dict[str, torch.Te
     return params, loss
 
 
-def train_mlp(optimizer: Any, steps: int) -> tuple[float, float]:
-    """(initial, final) loss of :func:`mlp_problem` after ``steps`` steps of ``optimizer``."""
+def _same(params: Any, state: Any) -> Any:
+    return params
+
+
+def train_mlp(
+    optimizer: Any, steps: int, readout: Callable[[Any, Any], Any] = _same
+) -> tuple[float, float]:
+    """(initial, final) loss of :func:`mlp_problem` after ``steps`` steps of ``optimizer``;
+    the final loss at ``readout(params, state)`` (Schedule-Free: its evaluation point)."""
     params, loss = mlp_problem()
     initial = float(loss(params))
     params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
@@ -45,7 +52,7 @@ def train_mlp(optimizer: Any, steps: int) -> tuple[float, float]:
         grads = dict(zip(params, torch.autograd.grad(value, list(params.values())), strict=True))
         params, state = optimizer.step(params, grads, state)
     with torch.no_grad():
-        return initial, float(loss(params))
+        return initial, float(loss(readout(params, state)))
 
 
 def rosenbrock_grad(xy: torch.Tensor) -> torch.Tensor:
@@ -54,13 +61,21 @@ def rosenbrock_grad(xy: torch.Tensor) -> torch.Tensor:
     return torch.stack([-2.0 * (1.0 - x) - 400.0 * x * (y - x * x), 200.0 * (y - x * x)])
 
 
-def minimise_rosenbrock(optimizer: Any, steps: int) -> torch.Tensor:
-    """Where ``optimizer`` ends from the classic start (-1.2, 1), in float64."""
-    params = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
+def minimise_rosenbrock(
+    optimizer: Any,
+    steps: int,
+    readout: Callable[[Any, Any], Any] = _same,
+    shape: tuple[int, ...] = (2,),
+) -> torch.Tensor:
+    """Where ``optimizer`` ends from the classic start (-1.2, 1), in float64, as a
+    2-vector: the point read by ``readout(params, state)``, and held in the param as a
+    tensor of ``shape`` (Muon: a 1 x 2 matrix)."""
+    params = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64).reshape(shape)}
     state = optimizer.init(params)
     for _ in range(steps):
-        params, state = optimizer.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
-    return params["xy"]
+        grad = rosenbrock_grad(params["xy"].reshape(2)).reshape(shape)
+        params, state = optimizer.step(params, {"xy": grad}, state)
+    return readout(params, state)["xy"].reshape(2)
 
 
 def teacher_problem(

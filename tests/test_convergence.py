@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from convergence import minimise_rosenbrock, mlp_problem, rosenbrock_grad, train_mlp
+from convergence import minimise_rosenbrock, rosenbrock_grad, train_mlp
 
 import optorch
 import optorch.builder
@@ -130,44 +130,24 @@ def _optimizer(row: Row, run: Run, mlp: bool) -> Any:
     return optimizer
 
 
-def _eval_point(optimizer: Any, params: Any, state: Any) -> Any:
-    """Schedule-Free's evaluation point x for its train params ``params``."""
-    return eval_params(params, state, optimizer.config.replace(inplace=False))
+def _readout(row: Row, optimizer: Any) -> Any:
+    """Where a task reads the params: Schedule-Free's evaluation point x, else as they are."""
+    if row.name != "schedule_free_adamw":
+        return lambda params, state: params
+    pure = optimizer.config.replace(inplace=False)
+    return lambda params, state: eval_params(params, state, pure)
 
 
 def _mlp_loss(row: Row) -> tuple[float, float]:
     optimizer = _optimizer(row, row.mlp, mlp=True)
-    if row.name != "schedule_free_adamw":
-        return train_mlp(optimizer, row.mlp.steps)
-    params, loss = mlp_problem()
-    initial = float(loss(params))
-    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    state = optimizer.init(params)
-    for _ in range(row.mlp.steps):
-        grads = torch.autograd.grad(loss(params), list(params.values()))
-        params, state = optimizer.step(params, dict(zip(params, grads, strict=True)), state)
-    with torch.no_grad():
-        return initial, float(loss(_eval_point(optimizer, params, state)))
+    return train_mlp(optimizer, row.mlp.steps, _readout(row, optimizer))
 
 
 def _rosenbrock_distance(row: Row) -> float:
     optimizer = _optimizer(row, row.rosenbrock, mlp=False)
-    steps = row.rosenbrock.steps
-    if row.name == "muon":  # the point as one 1 x 2 matrix
-        params = {"xy": torch.tensor([[-1.2, 1.0]], dtype=torch.float64)}
-        state = optimizer.init(params)
-        for _ in range(steps):
-            grad = rosenbrock_grad(params["xy"][0]).unsqueeze(0)
-            params, state = optimizer.step(params, {"xy": grad}, state)
-        return float(torch.linalg.vector_norm(params["xy"][0] - 1.0))
-    if row.name == "schedule_free_adamw":
-        params = {"xy": torch.tensor([-1.2, 1.0], dtype=torch.float64)}
-        state = optimizer.init(params)
-        for _ in range(steps):
-            params, state = optimizer.step(params, {"xy": rosenbrock_grad(params["xy"])}, state)
-        x = _eval_point(optimizer, params, state)["xy"]
-        return float(torch.linalg.vector_norm(x - 1.0))
-    return float(torch.linalg.vector_norm(minimise_rosenbrock(optimizer, steps) - 1.0))
+    shape = (1, 2) if row.name == "muon" else (2,)  # Muon: the point as one 1 x 2 matrix
+    xy = minimise_rosenbrock(optimizer, row.rosenbrock.steps, _readout(row, optimizer), shape)
+    return float(torch.linalg.vector_norm(xy - 1.0))
 
 
 ROWS = [pytest.param(row, id=row.id) for row in TABLE]

@@ -1431,9 +1431,7 @@ def _chunk_inputs(
         g = [flatten(grads[i]) for i in chunk]
         s = [[flatten(f[i]) for i in chunk] for f in states]
     else:
-        p = [params[i] for i in chunk]
-        g = [grads[i] for i in chunk]
-        s = [[f[i] for i in chunk] for f in states]
+        p, g, s = _subset(chunk, params, grads, states)
     pad = width - len(chunk)
     if pad:
         like = params[chunk[0]]
