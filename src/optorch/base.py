@@ -23,6 +23,7 @@ import operator
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import optree
@@ -276,6 +277,9 @@ class Rule:
     #: sweep over, say, ``betas`` as Python floats compiles a kernel per value; given as
     #: tensors, they travel with the per-step values and share one kernel.
     config_scalars: ClassVar[tuple[str, ...]] = ()
+    #: Inductor options the compiled engine adds for this rule's kernels (on every
+    #: device); names this torch's inductor does not know are left out.
+    inductor_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
 
     def fields(self, config: Any) -> tuple[str, ...]:
         raise NotImplementedError

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import types
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -113,7 +113,15 @@ def lerp(start: Any, end: Any, weight: Any) -> Any:
         return start + (end - start) * weight
     if isinstance(start, TensorList):
         return start.lerp(end, weight)
+    if isinstance(weight, float) and start.dtype in _FLOAT32_MATH and torch.compiler.is_compiling():
+        # eager ATen rounds the weight to its float32 compute dtype first; so does the
+        # kernel then (inductor would compute the weight's 1 - w in double)
+        weight = float(torch.tensor(weight, dtype=torch.float32))
     return torch.lerp(start, end, weight)
+
+
+#: dtypes whose ATen kernels compute in float32
+_FLOAT32_MATH = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def select(condition: Any, if_true: Any, if_false: Any) -> Any:
@@ -1249,12 +1257,27 @@ def _compiled_fn(
     unique = types.FunctionType(
         code, chunk_step.__globals__, code.co_name, None, chunk_step.__closure__
     )
-    options = _inductor_options(device_type)
+    options = {**_inductor_options(device_type), **_known_options(rule.inductor_options)}
     if flat and not rule.elementwise and device_type == "cpu":
         options = {**options, **_RECOMPUTE}
     fn = torch.compile(unique, dynamic=True, fullgraph=True, options=options)
     _COMPILED[key] = fn
     return fn
+
+
+def _known_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` less the names this torch's inductor has no setting for."""
+    from torch._inductor import config as inductor_config
+
+    known = {}
+    for name, value in options.items():
+        owner: Any = inductor_config
+        *path, last = name.split(".")
+        for part in path:
+            owner = getattr(owner, part, None)
+        if owner is not None and hasattr(owner, last):
+            known[name] = value
+    return known
 
 
 #: For rules with per-tensor norms (LAMB, LARS) on CPU: the update direction feeds both
