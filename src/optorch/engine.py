@@ -114,9 +114,13 @@ def lerp(start: Any, end: Any, weight: Any) -> Any:
     if isinstance(start, TensorList):
         return start.lerp(end, weight)
     if isinstance(weight, float) and start.dtype in _FLOAT32_MATH and torch.compiler.is_compiling():
-        # eager ATen rounds the weight to its float32 compute dtype first; so does the
-        # kernel then (inductor would compute the weight's 1 - w in double)
+        # eager ATen rounds the weight to its float32 compute dtype first, and computes
+        # a float16/bfloat16 lerp in float32, rounded once; so does the kernel then
+        # (inductor would compute the weight's 1 - w in double, and with emulated
+        # precision casts round each of lerp's steps to bfloat16)
         weight = float(torch.tensor(weight, dtype=torch.float32))
+        if start.dtype is not torch.float32:
+            return torch.lerp(start.float(), end.float(), weight).to(start.dtype)
     return torch.lerp(start, end, weight)
 
 

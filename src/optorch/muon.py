@@ -299,6 +299,16 @@ class MuonRule(Rule):
             ),
             direction,
         )
+        if isinstance(h.lr, torch.Tensor) and param.dtype in (torch.bfloat16, torch.float16):
+            # a float16/bfloat16 param as eager ATen steps it: each op in float32,
+            # rounded once, with the decay factor in float32 and add's alpha rounded to
+            # the param's dtype (the compiled kernel emulates low-precision casts, which
+            # would round the factors to bfloat16 and each partial result: a unit in the
+            # last place a step off torch's, measured)
+            if decay:
+                param = (param.float() * h.shrink.float()).to(param.dtype)
+            alpha = (h.lr * scale).to(param.dtype).float()
+            return (param.float() - orthogonal.float() * alpha).to(param.dtype), buf
         if decay:
             param = param * h.shrink
         if isinstance(h.lr, torch.Tensor):
