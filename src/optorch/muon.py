@@ -235,10 +235,13 @@ class MuonRule(Rule):
     elementwise = False
     flattenable = False
     foreach_ok = False
-    # compiled, inductor would keep the Newton-Schulz iteration's elementwise steps in
-    # float32 between the bfloat16 matmuls, where eager (and torch.optim.Muon) rounds
-    # each result to bfloat16: 1e-3 apart from torch after 12 steps, measured. With the
-    # casts emulated the compiled step rounds where eager does.
+    # The bfloat16 quintic amplifies any difference in its input, so the compiled step
+    # rounds where eager code (and torch.optim.Muon) does, or it ends 1e-3 apart from
+    # torch after 12 steps (measured): inductor emulates eager's bfloat16 casts (it
+    # would keep the iteration's elementwise results in float32 between the matmuls);
+    # the C++ compiler may fuse a multiply and an add, as ATen's vectorized lerp does;
+    # and the momentum's weights are kernel constants, which engine.lerp rounds to
+    # float32 as ATen does (as per-step tensors they would be float64).
     inductor_options = MappingProxyType(
         {"emulate_precision_casts": True, "cpp.enable_floating_point_contract_flag": "fast"}
     )
@@ -307,7 +310,7 @@ class MuonRule(Rule):
             # last place a step off torch's, measured)
             if decay:
                 param = (param.float() * h.shrink.float()).to(param.dtype)
-            alpha = (h.lr * scale).to(param.dtype).float()
+            alpha = (h.lr * scale).float().to(param.dtype).float()  # double -> float -> dtype
             return (param.float() - orthogonal.float() * alpha).to(param.dtype), buf
         if decay:
             param = param * h.shrink
