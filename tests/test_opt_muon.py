@@ -318,12 +318,12 @@ def test_newton_schulz_orthogonalises() -> None:
             assert off_diagonal < bound, (shape, dtype, float(off_diagonal))
 
 
-#: the compiled engine against torch too, bf16 Newton-Schulz included: its kernels round
-#: where eager does (emulated casts, the momentum's weights in the op's dtype, fused
-#: multiply-adds as ATen's), so no bfloat16 rounding inside the iteration flips (one
-#: flip moves the params by ~1e-4, far outside the float32 tolerance)
-#: (three cases: nesterov on and off, weight decay on and off, both lr adjustments and a
-#: schedule; every case compiles kernels of its own, ~3 s each)
+#: The compiled engine against torch too, bf16 Newton-Schulz included: its kernels round
+#: where eager does (emulated casts, the momentum's weights rounded to float32 as ATen
+#: rounds them, fused multiply-adds as in ATen's lerp), so no bfloat16 rounding inside
+#: the iteration flips (one flip moves the params by ~1e-4, far outside the float32
+#: tolerance). Three cases cover nesterov on and off, weight decay on and off, both lr
+#: adjustments and a schedule; every case compiles kernels of its own, ~3 s each.
 COMPILED_CASES = [
     c for c in CASES if c.id in {"torch-defaults", "plain-wd0.1-match_rms_adamw", "scheduled-value"}
 ]
@@ -352,7 +352,11 @@ def test_compiled_matches_torch_muon_larger(case: Case) -> None:
 #: 0.996, a drift of 0.2% a step that a kernel rounding the factor would show)
 BF16_CASES = [
     Case("lr0.02-wd0.1", {"max_lr": 0.02, "weight_decay": 0.1}, 40),
-    Case("lr0.02-wd0.1-match_rms_adamw", {"max_lr": 0.02, "adjust_lr_fn": "match_rms_adamw"}, 41),
+    Case(
+        "lr0.02-wd0.1-match_rms_adamw",
+        {"max_lr": 0.02, "weight_decay": 0.1, "adjust_lr_fn": "match_rms_adamw"},
+        41,
+    ),
 ]
 
 
