@@ -123,6 +123,20 @@ def expected_moments(reference: TorchReference, params: dict[str, torch.Tensor])
     return out
 
 
+def assert_follows_torch(
+    reference: TorchReference,
+    params: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    tolerance: dict[str, float],
+    what: str,
+) -> None:
+    """Params and the three moments equal torch's (under torch's names and shapes)."""
+    assert_trees_close(params, reference.params(), **tolerance, what=f"{what} params")
+    expected = expected_moments(reference, params)
+    for field in MOMENTS:
+        assert_trees_close(state[field], expected[field], **tolerance, what=f"{what} {field}")
+
+
 def run_against_torch(
     case: Case,
     dtype: torch.dtype,
@@ -157,10 +171,8 @@ def run_against_torch(
             )
         params, state = new_params, new_state
         reference.step(grad)
-        assert_trees_close(params, reference.params(), **tolerance, what=f"{what} params")
-        expected = expected_moments(reference, params)
+        assert_follows_torch(reference, params, state, tolerance, what)
         for field in MOMENTS:
-            assert_trees_close(state[field], expected[field], **tolerance, what=f"{what} {field}")
             assert all(t.dtype == dtype for t in state[field].values()), what
         assert state["step"].dtype == torch.int64 and int(state["step"]) == step, what
         assert reference.steps_taken() == [step] * len(params)
@@ -241,10 +253,7 @@ def test_compiled_vectors_run_as_one_foreach_program(monkeypatch: pytest.MonkeyP
     for step, grad in enumerate(grads, start=1):
         params, state = optimizer.step(params, grad, state)
         reference.step(grad)
-        assert_trees_close(params, reference.params(), **tolerance, what=f"step {step} params")
-        expected = expected_moments(reference, params)
-        for field in MOMENTS:
-            assert_trees_close(state[field], expected[field], **tolerance, what=field)
+        assert_follows_torch(reference, params, state, tolerance, f"step {step}")
     leaves = {key[2] for key in set(engine._COMPILED) - before if key[0] is type(RULE)}
     assert UNFACTORED not in leaves
     assert leaves <= {(True, False), (True, True)}
@@ -286,11 +295,7 @@ def test_compiled_direction_norm_with_and_without_clamped_elements(inplace: bool
         params, state = optimizer.step(params, grad, state)
         reference.step(grad)
         clamped_steps.append(_clamp_active(reference, "blocks", eps1))
-        what = f"step {step}"
-        assert_trees_close(params, reference.params(), **tolerance, what=f"{what} params")
-        expected = expected_moments(reference, params)
-        for field in MOMENTS:
-            assert_trees_close(state[field], expected[field], **tolerance, what=f"{what} {field}")
+        assert_follows_torch(reference, params, state, tolerance, f"step {step}")
     # both branches ran: the zeroed rows' second moment decays towards eps1^2 and below
     assert any(clamped_steps) and not all(clamped_steps), clamped_steps
 

@@ -77,6 +77,7 @@ from optorch.engine import (
     TensorList,
     lerp,
     per_tensor,
+    records_grad,
     scalar_sqrt,
     where,
     zeros_laid_out_like,
@@ -166,11 +167,6 @@ def _column_mean(tensor: torch.Tensor, blocked: bool) -> torch.Tensor:
     rows = tensor.shape[-2]
     blocks = tensor.reshape(*tensor.shape[:-2], rows // ROW_BLOCK, ROW_BLOCK, tensor.shape[-1])
     return blocks.sum(-2).sum(-2, keepdim=True) / rows
-
-
-def _records_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records through the step (a differentiable step)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -359,7 +355,7 @@ class AdafactorRule(Rule):
             and h.kernel
             and param.device.type == "cpu"  # a cond's predicate is read on the host
             and _compiled_plain(param)
-            and not _records_grad(param, grad, *rest[:2])
+            and not records_grad(param, grad, *rest[:2])
         )
         grad_sq = grad * grad
         # the relative step size reads the param before weight decay

@@ -55,6 +55,7 @@ __all__ = [
     "norm_sharing_pass",
     "on_full_tensor",
     "per_tensor",
+    "records_grad",
     "resolve_impl",
     "run",
     "scalar_sqrt",
@@ -259,11 +260,7 @@ def norm_sharing_pass(x: Any, other: Any) -> Any:
     holds a NaN. Where autograd records ``x``, the plain norm (whose gradient at 0 is 0,
     where that of the square root of a sum is NaN).
     """
-    if (
-        isinstance(x, torch.Tensor)
-        and torch.compiler.is_compiling()
-        and not (torch.is_grad_enabled() and x.requires_grad)
-    ):
+    if isinstance(x, torch.Tensor) and torch.compiler.is_compiling() and not records_grad(x):
         return torch.where(other != other, 0.0, x * x).sum().sqrt()
     return x.norm()
 
@@ -1490,13 +1487,10 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _records_graph(tensors: Sequence[torch.Tensor], states: Sequence[Sequence[Any]]) -> bool:
-    """Whether autograd records the step (a pure step on tensors that require grad)."""
-    if not torch.is_grad_enabled():
-        return False
-    return any(t.requires_grad for t in tensors) or any(
-        t.requires_grad for field in states for t in field
-    )
+def records_grad(*tensors: Any) -> bool:
+    """Whether autograd records ops on ``tensors`` (a differentiable step): grad mode is
+    on and one of them requires grad."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 _EXECUTORS = {"reference": _run_reference, "foreach": _run_foreach, "compiled": _run_compiled}
@@ -1582,7 +1576,11 @@ def run(
     tensors = _step_tensors(params, grads, h, gate)
     if impl != "reference" and _under_functorch(tensors):
         impl = "reference"  # torch.func transforms trace plain tensor ops best
-    if impl == "foreach" and not config.inplace and _records_graph(tensors, states):
+    if (
+        impl == "foreach"
+        and not config.inplace
+        and records_grad(*tensors, *(t for field in states for t in field))
+    ):
         # autograd through torch._foreach_* has gaps: no gradient into a 0-d tensor
         # scalar (`_foreach_mul(list, lr)` fails in backward) nor into the divisor of
         # `_foreach_addcdiv` when a list holds a 0-d tensor
