@@ -100,7 +100,10 @@ def check_range(
         return
     lo_ok = (low < number) if low_open else (low <= number)
     hi_ok = (number < high) if high_open else (number <= high)
-    finite_ok = math.isfinite(number) or allow_inf
+    # comparisons, not math.isfinite: a float that dynamo has made symbolic (it does when
+    # a recompile sees a new value, e.g. the next run of a learning-rate sweep) supports
+    # them, and NaN fails both
+    finite_ok = allow_inf or -math.inf < number < math.inf
     if not (lo_ok and hi_ok and finite_ok):
         lo_b = "(" if low_open else "["
         hi_b = ")" if high_open else "]"

@@ -47,6 +47,7 @@ __all__ = [
     "COMPILED_MIN_NUMEL",
     "FOREACH_CHUNK_NUMEL",
     "TensorList",
+    "add_alpha",
     "add_scaled",
     "add_scaled_exact",
     "addcdiv",
@@ -98,12 +99,30 @@ def scalar_sqrt(value: Any) -> Any:
     return math.sqrt(value)
 
 
+def floats_may_be_symbolic() -> bool:
+    """Whether a Python float seen now may be a symbol: while dynamo traces a user's
+    ``torch.compile`` with unspecialized floats (torch's default), a float that a
+    recompile saw change (the next run of a learning-rate sweep in one process, say)
+    becomes a graph input. optorch's own kernels trace with floats specialized."""
+    return torch.compiler.is_compiling() and not torch._dynamo.config.specialize_float
+
+
 def where(condition: Any, if_true: Any, if_false: Any) -> Any:
     """Select between two scalars by a Python bool or a 0-d bool tensor (no host sync)."""
     if isinstance(condition, torch.Tensor):
         if not isinstance(if_true, torch.Tensor) and not isinstance(if_false, torch.Tensor):
             # two Python numbers would make a default-dtype (float32) tensor: keep float64
             if_true = torch.tensor(if_true, dtype=torch.float64, device=condition.device)
+        elif floats_may_be_symbolic():
+            # a number as a float64 tensor: inductor (torch 2.13) keeps the value it first
+            # saw for a symbolic float that is both compared and selected (a compiled
+            # where(lr < x, lr, x) went stale in a sweep)
+            if_true, if_false = (
+                torch.tensor(v, dtype=torch.float64, device=condition.device)
+                if not isinstance(v, torch.Tensor)
+                else v
+                for v in (if_true, if_false)
+            )
         return torch.where(condition, if_true, if_false)
     return if_true if condition else if_false
 
@@ -114,6 +133,14 @@ def lerp(start: Any, end: Any, weight: Any) -> Any:
         return start + (end - start) * weight
     if isinstance(start, TensorList):
         return start.lerp(end, weight)
+    if isinstance(weight, float) and floats_may_be_symbolic():
+        # a tensor weight: inductor's lerp with a number weight branches on it (>= 0.5)
+        # and cannot when it is a symbol; rounded to float32 for float32 math, as ATen
+        weight_dtype = torch.float32 if start.dtype in _FLOAT32_MATH else start.dtype
+        tensor_weight = torch.tensor(weight, dtype=weight_dtype, device=start.device)
+        if start.dtype in _FLOAT32_MATH and start.dtype is not torch.float32:
+            return torch.lerp(start.float(), end.float(), tensor_weight).to(start.dtype)
+        return torch.lerp(start, end, tensor_weight)
     if isinstance(weight, float) and start.dtype in _FLOAT32_MATH and torch.compiler.is_compiling():
         # eager ATen rounds the weight to its float32 compute dtype first, and computes
         # a float16/bfloat16 lerp in float32, rounded once; so does the kernel then
@@ -149,6 +176,23 @@ def add_scaled(x: Any, y: Any, alpha: Any) -> Any:
         if isinstance(y, TensorList):
             node.into_second_fn = lambda a, b: _add_scaled_into(a, b, alpha)
         return node
+    return add_alpha(x, y, alpha)
+
+
+def add_alpha(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``torch.add(x, y, alpha=alpha)``; spelled ``x + y * alpha`` while compiling.
+
+    Inductor rewrites an ``add`` of a matmul's output into ``addmm`` and drops a
+    non-default ``alpha`` on the way (torch 2.13 on CPU, measured: a compiled
+    ``torch.func.grad`` + SGD step moved weights by ``+g`` instead of ``-lr * g``; the
+    same family as pytorch/pytorch#167313). A gradient is often a matmul's output when
+    a whole training step is compiled, so optorch never hands inductor an ``add`` with
+    ``alpha``. Inductor decomposes that ``add`` into this very product and sum, so the
+    compiled arithmetic is the same; eager keeps ATen's single kernel.
+    """
+    if torch.compiler.is_compiling():
+        dtype = torch.promote_types(x.dtype, y.dtype)  # the product in it, as ATen computes
+        return x.to(dtype) + y.to(dtype) * alpha
     return torch.add(x, y, alpha=alpha)
 
 
@@ -185,7 +229,7 @@ def add_scaled_exact(x: Any, y: Any, alpha: Any) -> Any:
         return node
     if x.dtype in _LOW_PRECISION or y.dtype in _LOW_PRECISION:
         return x + y * alpha
-    return torch.add(x, y, alpha=alpha)
+    return add_alpha(x, y, alpha)
 
 
 def _low_precision(x: list[torch.Tensor], y: list[torch.Tensor]) -> bool:
@@ -228,7 +272,8 @@ def addcmul(x: Any, a: Any, b: Any, value: Any) -> Any:
     """``x + value * a * b`` for tensors or tensor lists; ``value`` may be a tensor."""
     if isinstance(x, TensorList):
         return x.addcmul(a, b, value)
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) or floats_may_be_symbolic():
+        # (inductor, torch 2.13, kept the first value of a symbolic ``value``)
         return x + a * b * value
     return torch.addcmul(x, a, b, value=value)
 
@@ -237,7 +282,7 @@ def addcdiv(x: Any, a: Any, b: Any, value: Any) -> Any:
     """``x + value * a / b`` for tensors or tensor lists; ``value`` may be a tensor."""
     if isinstance(x, TensorList):
         return x.addcdiv(a, b, value)
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor) or floats_may_be_symbolic():
         return x + a / b * value
     return torch.addcdiv(x, a, b, value=value)
 

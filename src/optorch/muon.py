@@ -89,7 +89,7 @@ from optorch.base import (
     init_state,
 )
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import lerp, on_full_tensor
+from optorch.engine import add_alpha, lerp, on_full_tensor
 
 __all__ = [
     "ADJUST_LR_FNS",
@@ -317,7 +317,7 @@ class MuonRule(Rule):
         if isinstance(h.lr, torch.Tensor):
             return param - orthogonal.to(param.dtype) * (h.lr * scale), buf
         # one fused a + alpha * b on the upcast update, as torch.optim.Muon does it
-        return torch.add(param, orthogonal, alpha=-(h.lr * scale)), buf
+        return add_alpha(param, orthogonal, -(h.lr * scale)), buf
 
 
 RULE = MuonRule()

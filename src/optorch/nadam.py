@@ -69,7 +69,7 @@ from optorch.base import (
     is_zero,
 )
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import addcmul, lerp, scalar_sqrt
+from optorch.engine import addcmul, floats_may_be_symbolic, lerp, scalar_sqrt
 
 __all__ = [
     "NAdamConfig",
@@ -118,6 +118,18 @@ class NAdamConfig(BaseConfig):
         )
 
 
+def _max_terms() -> int:
+    """The series length for the smallest momentum_decay: every term's bound at its
+    ``_MAX_STEPS`` cap."""
+    k = 1
+    while 0.5**k / k * _MAX_STEPS >= _SERIES_TOLERANCE:
+        k += 1
+    return k
+
+
+_MAX_TERMS = _max_terms()
+
+
 @functools.lru_cache(maxsize=64)
 def _series_length(momentum_decay: float) -> int:
     r"""How many terms of the series float64 needs at any step count.
@@ -146,7 +158,10 @@ def nadam_mu_product(step: Any, beta1: Any, momentum_decay: float) -> Any:
     log_q = momentum_decay * math.log(_SCHEDULE_BASE)
     if log_q == 0:  # a constant schedule, mu_i = beta1 / 2 (momentum_decay 0 or denormal)
         return (beta1 * 0.5) ** step
-    terms = _series_length(float(momentum_decay))
+    # the most terms any momentum_decay needs when it is a symbol that dynamo traces
+    # (the loop that sizes the series cannot run on one); the extra terms are below
+    # float64's resolution of the sum
+    terms = _MAX_TERMS if floats_may_be_symbolic() else _series_length(float(momentum_decay))
     # term k is 2^-k / k * q^k * (q^(k t) - 1) / (1 - q^k); the ratio is taken first so
     # that a tiny momentum_decay (1 - q^k near 0) cannot overflow
     if isinstance(step, torch.Tensor):
