@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import optree
 import torch
 
-from optorch.tree import PyTree, flatten, format_path, unflatten
+from optorch.tree import PyTree, flatten, format_path, same_structure, unflatten
 
 __all__ = [
     "IMPLS",
@@ -233,19 +233,29 @@ class Hyper:
     #: False on every other path, a user's own ``torch.compile`` of a step included.
     kernel: bool = False
 
-    def __init__(self, values: Mapping[str, Any], static: Any) -> None:
-        self.__dict__.update(values)
+    # attribute by attribute, without ``__dict__`` or ``vars``: the dynamo of torch 2.11
+    # cannot trace ``__dict__.update``, and the compiled engine builds a Hyper in its
+    # kernels
+    def __init__(self, values: Mapping[str, Any], static: Any, leaf: Any = None) -> None:
+        self._names = tuple(values)
+        for name, value in values.items():
+            setattr(self, name, value)
         self.static = static
+        if leaf is not None:
+            self.leaf = leaf
+
+    def values(self) -> dict[str, Any]:
+        """The per-step values by name (what the rule's ``scalars`` gave)."""
+        return {name: getattr(self, name) for name in self._names}
 
     def with_leaf(self, leaf: Any) -> Hyper:
         """A copy whose ``leaf`` is the rule's per-leaf key for the tensors at hand."""
-        copy = Hyper.__new__(Hyper)
-        copy.__dict__.update(self.__dict__)
-        copy.leaf = leaf
+        copy = Hyper(self.values(), self.static, leaf)
+        copy.kernel = self.kernel
         return copy
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
-        return f"Hyper({self.__dict__})"
+        return f"Hyper({self.values()}, static={self.static!r}, leaf={self.leaf!r})"
 
 
 class Rule:
@@ -449,7 +459,7 @@ def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()
 def _align_field(name: str, tree: PyTree, spec: Any, params: PyTree) -> list[Any]:
     """Leaves of state field ``name`` in params order (None where a param has no state)."""
     leaves_, field_spec = _flat(tree)
-    if field_spec == spec:
+    if same_structure(field_spec, spec):
         return leaves_
     paths, leaves_, _ = flatten(tree)
     index = {path: i for i, path in enumerate(spec.paths())}
@@ -666,7 +676,7 @@ def prepare(
     config.validate()
     param_leaves, spec = _flat(params)
     grad_leaves, grad_spec = _flat(grads)
-    if grad_spec != spec:
+    if not same_structure(grad_spec, spec):
         diff = _first_structure_difference(params, grads)
         raise ValueError(f"{rule.name}: grads do not match params ({diff})")
     names = rule.fields(config)

@@ -112,19 +112,26 @@ def where(condition: Any, if_true: Any, if_false: Any) -> Any:
     if isinstance(condition, torch.Tensor):
         if not isinstance(if_true, torch.Tensor) and not isinstance(if_false, torch.Tensor):
             # two Python numbers would make a default-dtype (float32) tensor: keep float64
-            if_true = torch.tensor(if_true, dtype=torch.float64, device=condition.device)
+            if_true = _number_tensor(if_true, condition.device)
         elif floats_may_be_symbolic():
             # a number as a float64 tensor: inductor (torch 2.13) keeps the value it first
             # saw for a symbolic float that is both compared and selected (a compiled
             # where(lr < x, lr, x) went stale in a sweep)
             if_true, if_false = (
-                torch.tensor(v, dtype=torch.float64, device=condition.device)
-                if not isinstance(v, torch.Tensor)
-                else v
+                v if isinstance(v, torch.Tensor) else _number_tensor(v, condition.device)
                 for v in (if_true, if_false)
             )
         return torch.where(condition, if_true, if_false)
     return if_true if condition else if_false
+
+
+def _number_tensor(value: float, device: torch.device) -> torch.Tensor:
+    """A 0-d float64 tensor of ``value`` on ``device``: a fill, not a copy from pageable
+    host memory (which waits for the device to finish its queue); while tracing, the
+    form inductor keeps right for a symbolic value."""
+    if floats_may_be_symbolic():
+        return torch.tensor(value, dtype=torch.float64, device=device)
+    return torch.full((), value, dtype=torch.float64, device=device)
 
 
 def lerp(start: Any, end: Any, weight: Any) -> Any:
@@ -1228,9 +1235,7 @@ def _scalar_pack(
     numbers: list[Any] = []
     others: dict[str, Any] = {}
     constants: list[tuple[str, Any]] = []
-    for key, value in vars(h).items():
-        if key == "static":
-            continue
+    for key, value in h.values().items():
         if key in constant_names and isinstance(value, (int, float)):
             constants.append((key, value))
         elif isinstance(value, (torch.Tensor, int, float)):
@@ -1241,13 +1246,46 @@ def _scalar_pack(
     if gate is not None:
         names.append(_GATE)
         numbers.append(gate)
-    if any(isinstance(v, torch.Tensor) for v in numbers):
-        pack = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in numbers]
+    return tuple(names), _pack_values(numbers, device), others, tuple(constants)
+
+
+def _pack_values(numbers: list[Any], device: torch.device) -> torch.Tensor:
+    """``numbers`` (Python numbers, 0-d tensors) as one 1-D float64 tensor on ``device``.
+
+    On a CUDA device, the values on the host (Python numbers, and per-step values that
+    rules compute from the host-side step counter) travel in one copy from pinned
+    memory that does not wait for the device: a copy from pageable memory would make
+    every step wait until the device had finished all earlier work. Values already on
+    the device are put in place there; values that autograd records keep the plain path.
+    """
+    tensors = [v for v in numbers if isinstance(v, torch.Tensor)]
+    if device.type != "cuda" or any(t.requires_grad for t in tensors):
+        if tensors:
+            return torch.stack(
+                [
+                    torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                    for v in numbers
+                ]
+            )
+        return torch.tensor(numbers, dtype=torch.float64, device=device)
+    on_device = [isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in numbers]
+    host = (
+        torch.stack(
+            [
+                torch.zeros((), dtype=torch.float64)
+                if there
+                else torch.as_tensor(v, dtype=torch.float64).reshape(())
+                for v, there in zip(numbers, on_device, strict=True)
+            ]
         )
-    else:
-        pack = torch.tensor(numbers, dtype=torch.float64, device=device)
-    return tuple(names), pack, others, tuple(constants)
+        if tensors
+        else torch.tensor(numbers, dtype=torch.float64)
+    )
+    pack = host.pin_memory().to(device, non_blocking=True)
+    for index, there in enumerate(on_device):
+        if there:
+            pack[index] = numbers[index].to(device=device, dtype=torch.float64).reshape(())
+    return pack
 
 
 def _compiled_fn(
@@ -1284,7 +1322,7 @@ def _compiled_fn(
         gate = values.pop(_GATE) != 0 if gated else None
         values.update(others)
         values.update(constants)
-        h = Hyper(values, static).with_leaf(leaf)
+        h = Hyper(values, static, leaf)
         h.kernel = True
         outs = []
         for i in range(len(params)):
@@ -1515,7 +1553,7 @@ def _chunk_inputs(
 
 def _step_tensors(params: Sequence[Any], grads: Sequence[Any], h: Any, gate: Any) -> list[Any]:
     """Every tensor a step reads besides the state: params, grads, per-step values, gate."""
-    scalars = [v for v in vars(h).values() if isinstance(v, torch.Tensor)]
+    scalars = [v for v in h.values().values() if isinstance(v, torch.Tensor)]
     return [*params, *grads, *scalars, *([] if gate is None else [gate])]
 
 
@@ -1530,6 +1568,36 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     if peek_interpreter_stack() is None:
         return False  # no transform is running: nothing can be wrapped
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _host_values_on_device(h: Any, device: torch.device) -> Any:
+    """``h`` with its per-step 0-d float64 tensors on the host moved to a CUDA ``device``
+    in one copy that does not wait for the device.
+
+    Rules compute per-step values from the step counter, which lives on the host; a
+    ``torch._foreach_*`` op given such a tensor as its scalar copies it to the device
+    from pageable memory, which waits for all queued work (measured on an H200: LAMB's
+    and RAdam's foreach steps synchronised). Only for eager steps that autograd does
+    not record (the caller's condition for the foreach engine).
+    """
+    if device.type != "cuda":
+        return h
+    values = h.values()
+    names = [
+        name
+        for name, value in values.items()
+        if isinstance(value, torch.Tensor)
+        and value.device.type == "cpu"
+        and value.dtype == torch.float64
+        and value.dim() == 0
+    ]
+    if not names:
+        return h
+    pack = _pack_values([values[name] for name in names], device)
+    values.update({name: pack[k] for k, name in enumerate(names)})
+    moved = Hyper(values, h.static, h.leaf)
+    moved.kernel = h.kernel
+    return moved
 
 
 def records_grad(*tensors: Any) -> bool:
@@ -1634,6 +1702,8 @@ def run(
         # already inside a compiled graph: inductor fuses the per-tensor code itself, and
         # dynamo cannot trace TensorList's lazy graph (a graph break under fullgraph=True)
         impl = "reference"
+    if impl == "foreach":
+        h = _host_values_on_device(h, params[0].device)
     executor = _EXECUTORS[impl]
     if type(rule).leaf_key is Rule.leaf_key:  # no per-leaf classes
         leaf_keys: list[Any] = [None] * len(params)

@@ -19,6 +19,7 @@ __all__ = [
     "format_path",
     "leaves",
     "map_leaves",
+    "same_structure",
     "unflatten",
 ]
 
@@ -50,6 +51,27 @@ def map_leaves(fn: Callable[[Any], Any], tree: PyTree) -> PyTree:
     """Apply ``fn`` to every leaf (``None`` included) and keep the structure."""
     _, leaves_, spec = flatten(tree)
     return unflatten(spec, [fn(leaf) for leaf in leaves_])
+
+
+def same_structure(a: optree.PyTreeSpec, b: optree.PyTreeSpec) -> bool:
+    """Whether two tree specs describe the same structure (``a == b``).
+
+    While dynamo traces, compared node by node (type, entries, children): dynamo's
+    stand-in for optree's specs compares their unflatten functions in ``==``, which the
+    dynamo of torch 2.11 cannot trace (measured: a user's ``torch.compile`` of a train
+    step failed in optorch's check that grads match params).
+    """
+    if not torch.compiler.is_compiling():
+        return bool(a == b)
+    return _same_nodes(a, b)
+
+
+def _same_nodes(a: Any, b: Any) -> bool:
+    if a.type is not b.type or a.num_children != b.num_children:
+        return False
+    if a.num_leaves != b.num_leaves or list(a.entries()) != list(b.entries()):
+        return False
+    return all(_same_nodes(x, y) for x, y in zip(a.children(), b.children(), strict=True))
 
 
 def format_path(path: Path) -> str:

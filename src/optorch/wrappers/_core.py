@@ -19,7 +19,7 @@ import optree
 import torch
 
 from optorch.base import _first_structure_difference, check_range
-from optorch.tree import PyTree, flatten, format_path, unflatten
+from optorch.tree import PyTree, flatten, format_path, same_structure, unflatten
 
 __all__ = [
     "GroupsConfig",
@@ -222,7 +222,7 @@ def check_grads(who: str, params: PyTree, grads: PyTree) -> tuple[list[Any], lis
     """Flatten params and grads; raise naming the first mismatch (before any write)."""
     paths, p_leaves, spec = flatten(params)
     g_paths, g_leaves, g_spec = flatten(grads)
-    if g_paths != paths or g_spec != spec:
+    if g_paths != paths or not same_structure(g_spec, spec):
         raise ValueError(
             f"{who}: grads do not match params ({_first_structure_difference(params, grads)})"
         )
