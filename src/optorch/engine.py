@@ -43,6 +43,7 @@ from optorch.base import Hyper, Rule
 
 __all__ = [
     "CHUNK",
+    "CHUNK_CUDA",
     "CHUNK_WITH_NORMS",
     "COMPILED_MIN_NUMEL",
     "FOREACH_CHUNK_NUMEL",
@@ -75,6 +76,10 @@ CHUNK = 8
 #: step 14.6-15.0 s instead of 18.8-20.4, step 89-98 ms instead of 105-109; LARS 12.9
 #: instead of 16.2 s, 46.2 against 46.8 ms).
 CHUNK_WITH_NORMS = 4
+#: Tensors per compiled call on a CUDA device (fewer when a group has fewer; the last
+#: call is padded). SGD on the GPT-like set on an H200: 13.9 ms a step in calls of 8
+#: tensors, 2.8 ms in one call of its 34 large tensors.
+CHUNK_CUDA = 64
 #: Elements per foreach chunk: bounds the temporaries a foreach step allocates, and keeps
 #: a chunk's operands in cache from one kernel to the next (measured best: 1M on an AMD
 #: EPYC, 2M-4M on an Intel Xeon with a large shared L3).
@@ -1003,6 +1008,8 @@ def _run_foreach(
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
     # reusing dead buffers is invisible to the caller, but not to autograd
     reuse = not torch.is_grad_enabled()
+    if params and not torch.compiler.is_compiling():
+        h = _host_values_as_numbers(h, params[0].device)
 
     def run_chunk(
         h_group: Any, chunk: list[tuple[int, slice | None]], program: Program | None = None
@@ -1055,7 +1062,10 @@ def _run_foreach(
                 new_states,
             )
             continue
-        if not inplace:
+        if not inplace or device.type == "cuda":
+            # on a GPU one foreach call over the whole group: chunks keep a CPU's cache
+            # warm, and on a GPU each costs a launch per op (measured on an H200: SGD on
+            # the GPT-like set took 2.05 ms a step unchunked)
             run_chunk(h_group, [(i, None) for i in indices])
             continue
         chunks = _foreach_chunks(rule, params, indices)
@@ -1478,6 +1488,10 @@ def _run_compiled(
         usable.sort(key=lambda i: params[i].numel())
         fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type, dtype, constants)
         width = (CHUNK if rule.elementwise else CHUNK_WITH_NORMS) if flat else 1
+        if flat and device.type == "cuda":
+            # on a GPU a call's host cost (guards, wrappers: ~1 ms for 8 tensors,
+            # measured on an H200) dwarfs its kernels: up to CHUNK_CUDA tensors a call
+            width = min(CHUNK_CUDA, len(usable))
         with _tracing_settings():  # entered once a group: ~45 us each time
             for start in range(0, len(usable), width):
                 chunk = usable[start : start + width]
@@ -1570,31 +1584,33 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _host_values_on_device(h: Any, device: torch.device) -> Any:
-    """``h`` with its per-step 0-d float64 tensors on the host moved to a CUDA ``device``
-    in one copy that does not wait for the device.
+def _host_values_as_numbers(h: Any, device: torch.device) -> Any:
+    """``h`` with its per-step 0-d tensors on the host as Python numbers, for foreach
+    kernels on a CUDA ``device``.
 
-    Rules compute per-step values from the step counter, which lives on the host; a
-    ``torch._foreach_*`` op given such a tensor as its scalar copies it to the device
-    from pageable memory, which waits for all queued work (measured on an H200: LAMB's
-    and RAdam's foreach steps synchronised). Only for eager steps that autograd does
-    not record (the caller's condition for the foreach engine).
+    Rules compute per-step values from the step counter, which lives on the host. A
+    ``torch._foreach_*`` op on CUDA takes a host 0-d tensor as a number for some ops and
+    copies it to the device for others (which waits for all queued work), and a device
+    0-d tensor of another dtype than the list sends ``_foreach_mul_``/``_foreach_div_``
+    to a per-tensor loop (measured on an H200: LAMB and RAdam synchronised, AdamW
+    launched ~400 kernels a step). Reading a host tensor costs no device sync. Only for
+    values autograd does not record (the foreach engine's own condition).
     """
     if device.type != "cuda":
         return h
     values = h.values()
-    names = [
-        name
+    numbers = {
+        name: value.item()
         for name, value in values.items()
         if isinstance(value, torch.Tensor)
         and value.device.type == "cpu"
-        and value.dtype == torch.float64
         and value.dim() == 0
-    ]
-    if not names:
+        and not value.requires_grad
+        and (value.is_floating_point() or value.dtype == torch.bool)
+    }
+    if not numbers:
         return h
-    pack = _pack_values([values[name] for name in names], device)
-    values.update({name: pack[k] for k, name in enumerate(names)})
+    values.update(numbers)
     moved = Hyper(values, h.static, h.leaf)
     moved.kernel = h.kernel
     return moved
@@ -1702,8 +1718,6 @@ def run(
         # already inside a compiled graph: inductor fuses the per-tensor code itself, and
         # dynamo cannot trace TensorList's lazy graph (a graph break under fullgraph=True)
         impl = "reference"
-    if impl == "foreach":
-        h = _host_values_on_device(h, params[0].device)
     executor = _EXECUTORS[impl]
     if type(rule).leaf_key is Rule.leaf_key:  # no per-leaf classes
         leaf_keys: list[Any] = [None] * len(params)
