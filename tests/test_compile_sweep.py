@@ -34,90 +34,75 @@ STEPS = 4
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
-def _adam_like(**extra: Any) -> list[dict[str, Any]]:
-    values = (
-        (0.01, 0.9, 0.99, 0.01, 1e-8),
-        (0.02, 0.8, 0.98, 0.02, 1e-7),
-        (0.03, 0.7, 0.97, 0.03, 1e-6),
-    )
-    return [
-        {"max_lr": lr, "betas": (b1, b2), "weight_decay": wd, "eps": eps, **extra}
-        for lr, b1, b2, wd, eps in values
-    ]
+def _configs(names: str, *rows: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """One config per row: ``names`` (space-separated) paired with the row's values."""
+    return [dict(zip(names.split(), row, strict=True)) for row in rows]
 
+
+_ADAM_LIKE = _configs(
+    "max_lr betas weight_decay eps",
+    (0.01, (0.9, 0.99), 0.01, 1e-8),
+    (0.02, (0.8, 0.98), 0.02, 1e-7),
+    (0.03, (0.7, 0.97), 0.03, 1e-6),
+)
 
 #: registry name -> three configurations, every float hyperparameter changing
 SWEEPS: dict[str, list[dict[str, Any]]] = {
-    "sgd": [
-        {"max_lr": lr, "momentum": m, "weight_decay": wd, "dampening": d}
-        for lr, m, wd, d in ((0.05, 0.9, 0.01, 0.0), (0.1, 0.8, 0.02, 0.1), (0.2, 0.5, 0.03, 0.2))
-    ],
-    "adam": _adam_like(),
-    "adamw": _adam_like(),
-    "decoupled_adam": _adam_like(),
-    "adamax": _adam_like(),
-    "radam": _adam_like(),
-    "lamb": _adam_like(),
-    "nadam": [
-        {"max_lr": lr, "betas": (b1, b2), "weight_decay": wd, "momentum_decay": md}
-        for lr, b1, b2, wd, md in (
-            (0.01, 0.9, 0.99, 0.01, 0.004),
-            (0.02, 0.8, 0.98, 0.02, 0.005),
-            (0.03, 0.7, 0.97, 0.03, 0.006),
-        )
-    ],
-    "lion": [
-        {"max_lr": lr, "betas": (b1, b2), "weight_decay": wd}
-        for lr, b1, b2, wd in (
-            (0.01, 0.9, 0.99, 0.01),
-            (0.02, 0.8, 0.98, 0.02),
-            (0.03, 0.7, 0.97, 0.03),
-        )
-    ],
-    "lars": [
-        {"max_lr": lr, "momentum": m, "weight_decay": wd, "trust_coefficient": tc}
-        for lr, m, wd, tc in (
-            (0.05, 0.9, 0.01, 0.01),
-            (0.1, 0.8, 0.02, 0.02),
-            (0.2, 0.5, 0.03, 0.03),
-        )
-    ],
-    "muon": [
-        {"max_lr": lr, "momentum": m, "weight_decay": wd, "ns_dtype": None}
-        for lr, m, wd in ((0.05, 0.9, 0.01), (0.1, 0.8, 0.02), (0.2, 0.7, 0.03))
-    ],
-    "rmsprop": [
-        {"max_lr": lr, "alpha": a, "weight_decay": wd, "momentum": m, "eps": eps, "centered": True}
-        for lr, a, wd, m, eps in (
-            (0.01, 0.9, 0.01, 0.9, 1e-8),
-            (0.02, 0.8, 0.02, 0.8, 1e-7),
-            (0.03, 0.7, 0.03, 0.7, 1e-6),
-        )
-    ],
-    "adagrad": [
-        {"max_lr": lr, "lr_decay": d, "weight_decay": wd, "eps": eps}
-        for lr, d, wd, eps in (
-            (0.01, 0.01, 0.01, 1e-10),
-            (0.02, 0.02, 0.02, 1e-9),
-            (0.03, 0.03, 0.03, 1e-8),
-        )
-    ],
-    "adafactor": [
-        {"max_lr": lr, "beta2_decay": b, "weight_decay": wd, "d": d}
-        for lr, b, wd, d in (
-            (0.01, -0.8, 0.01, 1.0),
-            (0.05, -0.7, 0.02, 1.5),
-            (0.2, -0.6, 0.03, 2.0),
-        )
-    ],
-    "schedule_free_adamw": [
-        {"max_lr": lr, "betas": (b1, b2), "weight_decay": wd, "r": r, "weight_lr_power": q}
-        for lr, b1, b2, wd, r, q in (
-            (0.01, 0.9, 0.99, 0.01, 0.0, 2.0),
-            (0.02, 0.8, 0.98, 0.02, 0.5, 1.5),
-            (0.03, 0.7, 0.97, 0.03, 1.0, 1.0),
-        )
-    ],
+    "sgd": _configs(
+        "max_lr momentum weight_decay dampening",
+        (0.05, 0.9, 0.01, 0.0),
+        (0.1, 0.8, 0.02, 0.1),
+        (0.2, 0.5, 0.03, 0.2),
+    ),
+    **dict.fromkeys(("adam", "adamw", "decoupled_adam", "adamax", "radam", "lamb"), _ADAM_LIKE),
+    "nadam": _configs(
+        "max_lr betas weight_decay momentum_decay",
+        (0.01, (0.9, 0.99), 0.01, 0.004),
+        (0.02, (0.8, 0.98), 0.02, 0.005),
+        (0.03, (0.7, 0.97), 0.03, 0.006),
+    ),
+    "lion": _configs(
+        "max_lr betas weight_decay",
+        (0.01, (0.9, 0.99), 0.01),
+        (0.02, (0.8, 0.98), 0.02),
+        (0.03, (0.7, 0.97), 0.03),
+    ),
+    "lars": _configs(
+        "max_lr momentum weight_decay trust_coefficient",
+        (0.05, 0.9, 0.01, 0.01),
+        (0.1, 0.8, 0.02, 0.02),
+        (0.2, 0.5, 0.03, 0.03),
+    ),
+    "muon": _configs(
+        "max_lr momentum weight_decay ns_dtype",
+        (0.05, 0.9, 0.01, None),
+        (0.1, 0.8, 0.02, None),
+        (0.2, 0.7, 0.03, None),
+    ),
+    "rmsprop": _configs(
+        "max_lr alpha weight_decay momentum eps centered",
+        (0.01, 0.9, 0.01, 0.9, 1e-8, True),
+        (0.02, 0.8, 0.02, 0.8, 1e-7, True),
+        (0.03, 0.7, 0.03, 0.7, 1e-6, True),
+    ),
+    "adagrad": _configs(
+        "max_lr lr_decay weight_decay eps",
+        (0.01, 0.01, 0.01, 1e-10),
+        (0.02, 0.02, 0.02, 1e-9),
+        (0.03, 0.03, 0.03, 1e-8),
+    ),
+    "adafactor": _configs(
+        "max_lr beta2_decay weight_decay d",
+        (0.01, -0.8, 0.01, 1.0),
+        (0.05, -0.7, 0.02, 1.5),
+        (0.2, -0.6, 0.03, 2.0),
+    ),
+    "schedule_free_adamw": _configs(
+        "max_lr betas weight_decay r weight_lr_power",
+        (0.01, (0.9, 0.99), 0.01, 0.0, 2.0),
+        (0.02, (0.8, 0.98), 0.02, 0.5, 1.5),
+        (0.03, (0.7, 0.97), 0.03, 1.0, 1.0),
+    ),
 }
 
 
