@@ -738,3 +738,23 @@ def test_inductor_train_step_with_matmul_grads_equals_eager(
     for field in ("momentum",) if "momentum" in eager_state else ():
         assert_trees_close(state[field], eager_state[field], rtol=1e-5, atol=1e-6, what=field)
     assert float(loss_fn(params)) < float(loss_fn(params0))
+
+
+@pytest.mark.parametrize(
+    ("grads", "message"),
+    [
+        ({"w": torch.ones(3)}, r"key \['b'\] is missing"),
+        ([torch.ones(3), torch.ones(2)], "dict vs list"),
+    ],
+    ids=["missing-key", "other-container"],
+)
+def test_compiled_step_still_checks_that_grads_match_params(grads: Any, message: str) -> None:
+    """Under dynamo the structures are compared node by node (``tree.same_structure``),
+    not with the specs' ``==``; a mismatch still stops the step, naming where."""
+    opt = optorch.get_optimizer("adamw", inplace=False)
+    params = {"w": torch.zeros(3), "b": torch.zeros(2)}
+    state = opt.init(params)
+    torch._dynamo.reset()
+    step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match=f"grads do not match params.*{message}"):
+        step(params, grads, state)

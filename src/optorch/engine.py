@@ -199,8 +199,10 @@ def add_alpha(x: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
     ``torch.func.grad`` + SGD step moved weights by ``+g`` instead of ``-lr * g``; the
     same family as pytorch/pytorch#167313). A gradient is often a matmul's output when
     a whole training step is compiled, so optorch never hands inductor an ``add`` with
-    ``alpha``. Inductor decomposes that ``add`` into this very product and sum, so the
-    compiled arithmetic is the same; eager keeps ATen's single kernel.
+    ``alpha``. On CPU inductor decomposes that ``add`` into this very product and sum, so
+    the compiled arithmetic is the same; on CUDA it would have fused them into one FMA,
+    so a compiled step there may differ from eager by a rounding. Eager keeps ATen's
+    single kernel.
     """
     if torch.compiler.is_compiling():
         dtype = torch.promote_types(x.dtype, y.dtype)  # the product in it, as ATen computes
@@ -1489,8 +1491,8 @@ def _run_compiled(
         fn = _compiled_fn(rule, h.static, leaf, inplace, flat, names, device.type, dtype, constants)
         width = (CHUNK if rule.elementwise else CHUNK_WITH_NORMS) if flat else 1
         if flat and device.type == "cuda":
-            # on a GPU a call's host cost (guards, wrappers: ~1 ms for 8 tensors,
-            # measured on an H200) dwarfs its kernels: up to CHUNK_CUDA tensors a call
+            # on a GPU each call's host cost (guards, wrappers) outweighs its kernels:
+            # up to CHUNK_CUDA tensors a call (see CHUNK_CUDA)
             width = min(CHUNK_CUDA, len(usable))
         with _tracing_settings():  # entered once a group: ~45 us each time
             for start in range(0, len(usable), width):
@@ -1588,13 +1590,13 @@ def _host_values_as_numbers(h: Any, device: torch.device) -> Any:
     """``h`` with its per-step 0-d tensors on the host as Python numbers, for foreach
     kernels on a CUDA ``device``.
 
-    Rules compute per-step values from the step counter, which lives on the host. A
-    ``torch._foreach_*`` op on CUDA takes a host 0-d tensor as a number for some ops and
-    copies it to the device for others (which waits for all queued work), and a device
-    0-d tensor of another dtype than the list sends ``_foreach_mul_``/``_foreach_div_``
-    to a per-tensor loop (measured on an H200: LAMB and RAdam synchronised, AdamW
-    launched ~400 kernels a step). Reading a host tensor costs no device sync. Only for
-    values autograd does not record (the foreach engine's own condition).
+    Rules compute per-step values from the step counter, which lives on the host. ATen's
+    CUDA foreach ops take the fast (one launch) route for a scalar given as a number;
+    for a scalar tensor, only in some ops and only when it has the list's dtype and
+    device, and otherwise loop over the tensors (measured on an H200 with float64 device
+    scalars: AdamW's foreach step launched about 430 kernels). Reading a host tensor
+    costs no device sync. Only for values autograd does not record (the foreach engine's
+    own condition).
     """
     if device.type != "cuda":
         return h
