@@ -495,3 +495,50 @@ def test_per_tensor_numbers_run_once_stacked_and_equal_the_plain_ops() -> None:
     assert_trees_equal(got, expected)
     direct = engine.per_tensor(fn, tensors[0].norm(), others[0].norm())
     assert_trees_equal(direct, fn(tensors[0].norm(), others[0].norm()))
+
+
+@pytest.mark.parametrize("name", sorted(optorch.builder.REGISTRY))
+def test_per_step_scalars_in_the_list_dtype_change_nothing(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the foreach engine hands float32 lists their per-step float64 scalar
+    tensors in float32 (ATen's one-launch route needs the list's dtype). Forced on for
+    CPU here: every optimizer's foreach steps equal those without the cast, params and
+    state, to float32 rounding (the kernels cast the scalar to float32 either way)."""
+    shapes = {"w": (6, 5), "v": (5, 6)} if name == "muon" else {"w": (6, 5), "b": (7,)}
+    gen = generator(29)
+    start = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(6)]
+    default_lr = optorch.get_optimizer(name).config.max_lr
+    # a tensor learning rate: the per-step values derived from it are 0-d float64 tensors,
+    # as all of them are on an accelerator (where the step counter lives on the device)
+    opt = optorch.get_optimizer(
+        name, impl="foreach", max_lr=torch.tensor(default_lr, dtype=torch.float64)
+    )
+
+    def run() -> tuple[Any, Any]:
+        params, state = clone_tree(start), opt.init(start)
+        for g in grads:
+            params, state = opt.step(params, g, state)
+        return params, state
+
+    plain = run()
+    casts: list[int] = []
+    real = engine._scalars_in_list_dtype
+
+    def counting(h: Any, device: torch.device, dtype: torch.dtype) -> Any:
+        out = real(h, device, dtype)
+        casts.append(sum(isinstance(v, torch.Tensor) for v in out.values().values()))
+        assert all(
+            v.dtype == torch.float32
+            for v in out.values().values()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()
+        )
+        return out
+
+    monkeypatch.setattr(engine, "_casts_scalars", lambda device, dtype: dtype == torch.float32)
+    monkeypatch.setattr(engine, "_scalars_in_list_dtype", counting)
+    cast = run()
+    if engine.resolve_impl(opt.rule, opt.config) == "foreach":  # Muon: the reference loop
+        assert sum(casts) > 0, f"{name}: no per-step tensor was cast"
+    assert_trees_close(cast, plain, rtol=1e-6, atol=1e-7, what=name)
