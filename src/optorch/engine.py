@@ -1592,8 +1592,9 @@ def _host_values_as_numbers(h: Any, device: torch.device) -> Any:
     """``h`` with its per-step 0-d tensors on the host as Python numbers, for foreach
     kernels on a CUDA ``device``.
 
-    Rules compute per-step values from the step counter, which lives on the host. ATen's
-    CUDA foreach ops take the fast (one launch) route for a scalar given as a number;
+    Per-step values can be host tensors on a GPU step (a learning rate given as a CPU
+    tensor, and what rules derive from it). ATen's CUDA foreach ops take the fast (one
+    launch) route for a scalar given as a number;
     for a scalar tensor, only in some ops and only when it has the list's dtype and
     device, and otherwise loop over the tensors (measured on an H200 with float64 device
     scalars: AdamW's foreach step launched about 430 kernels). Reading a host tensor
