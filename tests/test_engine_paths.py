@@ -509,9 +509,11 @@ def test_per_step_scalars_in_the_list_dtype_change_nothing(
     gen = generator(29)
     start = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(6)]
+    # the step count as a tensor, as on an accelerator (where it is not read to the host),
+    # and the learning rate as a tensor: every per-step value derived from them is a 0-d
+    # float64 tensor
+    monkeypatch.setattr(optorch.base, "_host_step", lambda step: False)
     default_lr = optorch.get_optimizer(name).config.max_lr
-    # a tensor learning rate: the per-step values derived from it are 0-d float64 tensors,
-    # as all of them are on an accelerator (where the step counter lives on the device)
     opt = optorch.get_optimizer(
         name, impl="foreach", max_lr=torch.tensor(default_lr, dtype=torch.float64)
     )
@@ -542,3 +544,62 @@ def test_per_step_scalars_in_the_list_dtype_change_nothing(
     if engine.resolve_impl(opt.rule, opt.config) == "foreach":  # Muon: the reference loop
         assert sum(casts) > 0, f"{name}: no per-step tensor was cast"
     assert_trees_close(cast, plain, rtol=1e-6, atol=1e-7, what=name)
+
+
+@pytest.mark.parametrize("name", sorted(optorch.builder.REGISTRY))
+def test_device_scalars_are_never_read_to_the_host(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``torch._foreach_*`` op other than mul/div given a 0-d tensor as its scalar
+    reads it to the host (its ``Scalar`` overload), which on a GPU waits for the device;
+    on an accelerator the step counter and the values derived from it are such tensors.
+    With every 0-d tensor treated as a device one (``engine._device_scalar``), every
+    optimizer's foreach program reads none (no ``aten._local_scalar_dense``) and steps as
+    before."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = {"w": (6, 5), "v": (5, 6)} if name == "muon" else {"w": (6, 5), "b": (7,)}
+    gen = generator(31)
+    start = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(6)]
+    # the step count as a tensor, as on an accelerator (where it is not read to the host),
+    # and the learning rate as a tensor: every per-step value derived from them is a 0-d
+    # float64 tensor
+    monkeypatch.setattr(optorch.base, "_host_step", lambda step: False)
+    default_lr = optorch.get_optimizer(name).config.max_lr
+    opt = optorch.get_optimizer(
+        name, impl="foreach", max_lr=torch.tensor(default_lr, dtype=torch.float64)
+    )
+
+    def run() -> tuple[Any, Any]:
+        params, state = clone_tree(start), opt.init(start)
+        for g in grads:
+            params, state = opt.step(params, g, state)
+        return params, state
+
+    plain = run()
+    reads: list[str] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten._local_scalar_dense.default:
+                reads.append(str(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    real_evaluate = engine.evaluate
+    evaluated: list[int] = []
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        evaluated.append(1)
+        with Reads():
+            return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(
+        engine, "_device_scalar", lambda v: isinstance(v, torch.Tensor) and v.dim() == 0
+    )
+    monkeypatch.setattr(engine, "evaluate", watched)
+    moved = run()
+    if engine.resolve_impl(opt.rule, opt.config) == "foreach":  # Muon: the reference loop
+        assert evaluated, f"{name}: no foreach program ran"
+    assert reads == [], f"{name}: the foreach program read {len(reads)} scalars to the host"
+    assert_trees_close(moved, plain, rtol=1e-6, atol=1e-7, what=name)

@@ -406,6 +406,13 @@ def _values(args: Sequence[Any]) -> list[Any]:
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def _device_scalar(value: Any) -> bool:
+    """Whether ``value`` is a 0-d tensor on an accelerator: a ``torch._foreach_*`` op
+    other than ``mul``/``div`` given one as its scalar reads it to the host (it takes the
+    op's ``Scalar`` overload), which waits for the device."""
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type != "cpu"
+
+
 def _foreach_mul_exact_(tensors: list[torch.Tensor], other: Any) -> None:
     """``torch._foreach_mul_``, with a Python scalar kept exact for float16/bfloat16.
 
@@ -508,12 +515,27 @@ class TensorList:
 
     # arithmetic -------------------------------------------------------------------------
     def __add__(self, other: Any) -> TensorList:
+        if _device_scalar(other):
+            return self._add_device_scalar(other, 1)
         return self._node(torch._foreach_add, torch._foreach_add_, other)
 
     __radd__ = __add__
 
     def __sub__(self, other: Any) -> TensorList:
+        if _device_scalar(other):
+            return self._add_device_scalar(other, -1)
         return self._node(torch._foreach_sub, torch._foreach_sub_, other)
+
+    def _add_device_scalar(self, other: torch.Tensor, alpha: int) -> TensorList:
+        """``self + alpha * other`` for a 0-d tensor on an accelerator, through the
+        ``Tensor`` overload of ``_foreach_add``: given a 0-d tensor, ``torch._foreach_add``
+        and ``_foreach_sub`` pick their ``Scalar`` overload and read the value to the
+        host, a device sync (measured on an H200: LAMB's and RAdam's steps)."""
+        return self._node(
+            lambda s, o: torch.ops.aten._foreach_add.Tensor(s, o, alpha=alpha),
+            lambda s, o: torch.ops.aten._foreach_add_.Tensor(s, o, alpha=alpha),
+            other,
+        )
 
     def __rsub__(self, other: Any) -> TensorList:
         return -self + other
@@ -533,6 +555,8 @@ class TensorList:
         return self._node(torch._foreach_neg, torch._foreach_neg_)
 
     def __pow__(self, other: Any) -> TensorList:
+        if _device_scalar(other):  # the foreach op would read it to the host
+            return self._map(torch.pow, other)
         return self._serial(self._node(torch._foreach_pow, torch._foreach_pow_, other))
 
     # comparisons (elementwise, per tensor) ----------------------------------------------
@@ -622,6 +646,8 @@ class TensorList:
         return self._map(torch.minimum, other)
 
     def clamp(self, min: Any = None, max: Any = None) -> TensorList:
+        if _device_scalar(min) or _device_scalar(max):  # the foreach ops would read them
+            return self._map(lambda x, lo, hi: x.clamp(min=lo, max=hi), min, max)
         result = self
         if min is not None:
             result = result._node(torch._foreach_clamp_min, torch._foreach_clamp_min_, min)
