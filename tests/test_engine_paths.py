@@ -497,21 +497,15 @@ def test_per_tensor_numbers_run_once_stacked_and_equal_the_plain_ops() -> None:
     assert_trees_equal(direct, fn(tensors[0].norm(), others[0].norm()))
 
 
-@pytest.mark.parametrize("name", sorted(optorch.builder.REGISTRY))
-def test_per_step_scalars_in_the_list_dtype_change_nothing(
-    name: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """On CUDA the foreach engine hands float32 lists their per-step float64 scalar
-    tensors in float32 (ATen's one-launch route needs the list's dtype). Forced on for
-    CPU here: every optimizer's foreach steps equal those without the cast, params and
-    state, to float32 rounding (the kernels cast the scalar to float32 either way)."""
+def accelerator_like_steps(name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Any]:
+    """``(opt, run)``: ``name``'s foreach optimizer and ``run()``, which takes six steps
+    from fixed params and grads and returns ``(params, state)``. The step count is a
+    tensor, as on an accelerator (where it is not read to the host), and so is the
+    learning rate: every per-step value derived from them is a 0-d float64 tensor."""
     shapes = {"w": (6, 5), "v": (5, 6)} if name == "muon" else {"w": (6, 5), "b": (7,)}
     gen = generator(29)
     start = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
     grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(6)]
-    # the step count as a tensor, as on an accelerator (where it is not read to the host),
-    # and the learning rate as a tensor: every per-step value derived from them is a 0-d
-    # float64 tensor
     monkeypatch.setattr(optorch.base, "_host_step", lambda step: False)
     default_lr = optorch.get_optimizer(name).config.max_lr
     opt = optorch.get_optimizer(
@@ -524,6 +518,18 @@ def test_per_step_scalars_in_the_list_dtype_change_nothing(
             params, state = opt.step(params, g, state)
         return params, state
 
+    return opt, run
+
+
+@pytest.mark.parametrize("name", sorted(optorch.builder.REGISTRY))
+def test_per_step_scalars_in_the_list_dtype_change_nothing(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the foreach engine hands float32 lists their per-step float64 scalar
+    tensors in float32 (ATen's one-launch route needs the list's dtype). Forced on for
+    CPU here: every optimizer's foreach steps equal those without the cast, params and
+    state, to float32 rounding (the kernels cast the scalar to float32 either way)."""
+    opt, run = accelerator_like_steps(name, monkeypatch)
     plain = run()
     casts: list[int] = []
     real = engine._scalars_in_list_dtype
@@ -558,25 +564,7 @@ def test_device_scalars_are_never_read_to_the_host(
     before."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    shapes = {"w": (6, 5), "v": (5, 6)} if name == "muon" else {"w": (6, 5), "b": (7,)}
-    gen = generator(31)
-    start = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
-    grads = [{k: torch.randn(s, generator=gen) for k, s in shapes.items()} for _ in range(6)]
-    # the step count as a tensor, as on an accelerator (where it is not read to the host),
-    # and the learning rate as a tensor: every per-step value derived from them is a 0-d
-    # float64 tensor
-    monkeypatch.setattr(optorch.base, "_host_step", lambda step: False)
-    default_lr = optorch.get_optimizer(name).config.max_lr
-    opt = optorch.get_optimizer(
-        name, impl="foreach", max_lr=torch.tensor(default_lr, dtype=torch.float64)
-    )
-
-    def run() -> tuple[Any, Any]:
-        params, state = clone_tree(start), opt.init(start)
-        for g in grads:
-            params, state = opt.step(params, g, state)
-        return params, state
-
+    opt, run = accelerator_like_steps(name, monkeypatch)
     plain = run()
     reads: list[str] = []
 

@@ -250,7 +250,13 @@ class Hyper:
 
     def with_leaf(self, leaf: Any) -> Hyper:
         """A copy whose ``leaf`` is the rule's per-leaf key for the tensors at hand."""
-        copy = Hyper(self.values(), self.static, leaf)
+        copy = self.replaced({})
+        copy.leaf = leaf
+        return copy
+
+    def replaced(self, updates: Mapping[str, Any]) -> Hyper:
+        """A copy with the per-step values in ``updates`` replaced."""
+        copy = Hyper({**self.values(), **updates}, self.static, self.leaf)
         copy.kernel = self.kernel
         return copy
 

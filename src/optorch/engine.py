@@ -1619,32 +1619,25 @@ def _host_values_as_numbers(h: Any, device: torch.device) -> Any:
     kernels on a CUDA ``device``.
 
     Per-step values can be host tensors on a GPU step (a learning rate given as a CPU
-    tensor, and what rules derive from it). ATen's CUDA foreach ops take the fast (one
-    launch) route for a scalar given as a number;
-    for a scalar tensor, only in some ops and only when it has the list's dtype and
-    device, and otherwise loop over the tensors (measured on an H200 with float64 device
-    scalars: AdamW's foreach step launched about 430 kernels). Reading a host tensor
-    costs no device sync. Only for values autograd does not record (the foreach engine's
-    own condition).
+    tensor, and what rules derive from it). ATen's CUDA foreach ops take their one-launch
+    route for a scalar given as a number, but for a scalar tensor only in some ops and
+    only when it has the list's dtype and device (see :func:`_scalars_in_list_dtype`).
+    Reading a host tensor costs no device sync. Only for values autograd does not record
+    (the foreach engine's own condition).
     """
     if device.type != "cuda":
         return h
-    values = h.values()
-    numbers = {
-        name: value.item()
-        for name, value in values.items()
-        if isinstance(value, torch.Tensor)
-        and value.device.type == "cpu"
-        and value.dim() == 0
-        and not value.requires_grad
-        and (value.is_floating_point() or value.dtype == torch.bool)
-    }
-    if not numbers:
-        return h
-    values.update(numbers)
-    moved = Hyper(values, h.static, h.leaf)
-    moved.kernel = h.kernel
-    return moved
+    return h.replaced(
+        {
+            name: value.item()
+            for name, value in h.values().items()
+            if isinstance(value, torch.Tensor)
+            and value.device.type == "cpu"
+            and value.dim() == 0
+            and not value.requires_grad
+            and (value.is_floating_point() or value.dtype == torch.bool)
+        }
+    )
 
 
 def _casts_scalars(device: torch.device, dtype: torch.dtype) -> bool:
@@ -1667,22 +1660,17 @@ def _scalars_in_list_dtype(h: Any, device: torch.device, dtype: torch.dtype) -> 
     dtype. (Written from ATen's source and the profile; the speed-up was not measured:
     the session that wrote it had no device time left.)
     """
-    values = h.values()
-    cast = {
-        name: value.to(dtype)
-        for name, value in values.items()
-        if isinstance(value, torch.Tensor)
-        and value.device == device
-        and value.dtype == torch.float64
-        and value.dim() == 0
-        and not value.requires_grad
-    }
-    if not cast:
-        return h
-    values.update(cast)
-    moved = Hyper(values, h.static, h.leaf)
-    moved.kernel = h.kernel
-    return moved
+    return h.replaced(
+        {
+            name: value.to(dtype)
+            for name, value in h.values().items()
+            if isinstance(value, torch.Tensor)
+            and value.device == device
+            and value.dtype == torch.float64
+            and value.dim() == 0
+            and not value.requires_grad
+        }
+    )
 
 
 def records_grad(*tensors: Any) -> bool:
