@@ -413,6 +413,26 @@ def _device_scalar(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type != "cpu"
 
 
+def _foreach_add_scalar_tensor(
+    tensors: list[torch.Tensor], other: torch.Tensor, *, alpha: int, inplace: bool
+) -> Any:
+    """``tensors + alpha * other`` (``alpha`` 1 or -1) for a 0-d tensor ``other``, through
+    the ``Tensor`` overload of ``_foreach_add``. DTensor lists keep the plain ops (their
+    dispatch wants every tensor operand to be a DTensor)."""
+    if tensors and _is_dtensor(tensors[0]):
+        plain: Any = {
+            (1, False): torch._foreach_add,
+            (1, True): torch._foreach_add_,
+            (-1, False): torch._foreach_sub,
+            (-1, True): torch._foreach_sub_,
+        }[alpha, inplace]
+        return plain(tensors, other)
+    if inplace:
+        torch.ops.aten._foreach_add_.Tensor(tensors, other, alpha=alpha)
+        return None
+    return torch.ops.aten._foreach_add.Tensor(tensors, other, alpha=alpha)
+
+
 def _foreach_mul_exact_(tensors: list[torch.Tensor], other: Any) -> None:
     """``torch._foreach_mul_``, with a Python scalar kept exact for float16/bfloat16.
 
@@ -532,8 +552,8 @@ class TensorList:
         and ``_foreach_sub`` pick their ``Scalar`` overload and read the value to the
         host, a device sync (measured on an H200: LAMB's and RAdam's steps)."""
         return self._node(
-            lambda s, o: torch.ops.aten._foreach_add.Tensor(s, o, alpha=alpha),
-            lambda s, o: torch.ops.aten._foreach_add_.Tensor(s, o, alpha=alpha),
+            functools.partial(_foreach_add_scalar_tensor, alpha=alpha, inplace=False),
+            functools.partial(_foreach_add_scalar_tensor, alpha=alpha, inplace=True),
             other,
         )
 
