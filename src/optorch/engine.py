@@ -145,21 +145,20 @@ def lerp(start: Any, end: Any, weight: Any) -> Any:
         return start + (end - start) * weight
     if isinstance(start, TensorList):
         return start.lerp(end, weight)
-    if isinstance(weight, float) and floats_may_be_symbolic():
-        # a tensor weight: inductor's lerp with a number weight branches on it (>= 0.5)
-        # and cannot when it is a symbol; rounded to float32 for float32 math, as ATen
-        weight_dtype = torch.float32 if start.dtype in _FLOAT32_MATH else start.dtype
-        tensor_weight = torch.tensor(weight, dtype=weight_dtype, device=start.device)
-        if start.dtype in _FLOAT32_MATH and start.dtype is not torch.float32:
-            return torch.lerp(start.float(), end.float(), tensor_weight).to(start.dtype)
-        return torch.lerp(start, end, tensor_weight)
-    if isinstance(weight, float) and start.dtype in _FLOAT32_MATH and torch.compiler.is_compiling():
+    float32_math = start.dtype in _FLOAT32_MATH
+    if isinstance(weight, float) and torch.compiler.is_compiling():
         # eager ATen rounds the weight to its float32 compute dtype first, and computes
         # a float16/bfloat16 lerp in float32, rounded once; so does the kernel then
         # (inductor would compute the weight's 1 - w in double, and with emulated
         # precision casts round each of lerp's steps to bfloat16)
-        weight = float(torch.tensor(weight, dtype=torch.float32))
-        if start.dtype is not torch.float32:
+        if floats_may_be_symbolic():
+            # a tensor weight: inductor's lerp with a number weight branches on it
+            # (>= 0.5) and cannot when it is a symbol
+            weight_dtype = torch.float32 if float32_math else start.dtype
+            weight = torch.tensor(weight, dtype=weight_dtype, device=start.device)
+        elif float32_math:
+            weight = float(torch.tensor(weight, dtype=torch.float32))
+        if float32_math and start.dtype is not torch.float32:
             return torch.lerp(start.float(), end.float(), weight).to(start.dtype)
     return torch.lerp(start, end, weight)
 
@@ -1056,8 +1055,6 @@ def _run_foreach(
     new_states: list[list[Any]] = [list(f) if inplace else [None] * len(params) for f in states]
     # reusing dead buffers is invisible to the caller, but not to autograd
     reuse = not torch.is_grad_enabled()
-    if params and not torch.compiler.is_compiling():
-        h = _host_values_as_numbers(h, params[0].device)
 
     def run_chunk(
         h_group: Any, chunk: list[tuple[int, slice | None]], program: Program | None = None
@@ -1632,32 +1629,6 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     if peek_interpreter_stack() is None:
         return False  # no transform is running: nothing can be wrapped
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
-
-
-def _host_values_as_numbers(h: Any, device: torch.device) -> Any:
-    """``h`` with its per-step 0-d tensors on the host as Python numbers, for foreach
-    kernels on a CUDA ``device``.
-
-    Per-step values can be host tensors on a GPU step (a learning rate given as a CPU
-    tensor, and what rules derive from it). ATen's CUDA foreach ops take their one-launch
-    route for a scalar given as a number, but for a scalar tensor only in some ops and
-    only when it has the list's dtype and device (see :func:`_scalars_in_list_dtype`).
-    Reading a host tensor costs no device sync. Only for values autograd does not record
-    (the foreach engine's own condition).
-    """
-    if device.type != "cuda":
-        return h
-    return h.replaced(
-        {
-            name: value.item()
-            for name, value in h.values().items()
-            if isinstance(value, torch.Tensor)
-            and value.device.type == "cpu"
-            and value.dim() == 0
-            and not value.requires_grad
-            and (value.is_floating_point() or value.dtype == torch.bool)
-        }
-    )
 
 
 def _casts_scalars(device: torch.device, dtype: torch.dtype) -> bool:
