@@ -169,6 +169,12 @@ CONFIG_CASES += [
     ("sgd", {"dampening": 1.5}, ValueError, r"dampening: 1\.5"),
     ("sgd", {"nesterov": True, "momentum": 0.0}, ValueError, r"nesterov.*momentum=0\.0"),
     ("sgd", {"nesterov": True, "dampening": 0.5}, ValueError, r"nesterov.*dampening=0\.5"),
+    (
+        "sgd",
+        {"nesterov": True, "momentum": torch.tensor(0.0)},
+        ValueError,
+        r"nesterov.*momentum=tensor\(0\.\)",
+    ),
     # Adam modes
     ("adam", {"mode": "ADAMWW"}, ValueError, r"mode: 'ADAMWW'.*ORIGINAL"),
     ("adam", {"mode": 7}, ValueError, r"mode: 7"),
@@ -479,6 +485,18 @@ STEP_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
         r"state\['step'\] must be a 0-d tensor, got -1",
     ),
     (
+        "state-step-negative-tensor",
+        lambda o, p, g, s: (p, g, {**s, "step": torch.tensor(-3)}, {}),
+        ValueError,
+        r"state\['step'\] must not be negative, got tensor\(-3\)",
+    ),
+    (
+        "state-step-float-tensor",
+        lambda o, p, g, s: (p, g, {**s, "step": torch.tensor(2.5)}, {}),
+        ValueError,
+        r"state\['step'\] must be an integer tensor .*got dtype torch\.float32",
+    ),
+    (
         "state-step-vector",
         lambda o, p, g, s: (p, g, {**s, "step": torch.zeros(3, dtype=torch.int64)}, {}),
         ValueError,
@@ -529,6 +547,50 @@ def test_step_rejects_before_writing(
     opt, params, grads, state = _base(name)
     bad_params, bad_grads, bad_state, kwargs = perturb(opt, params, grads, state)
     inputs = StepInputs(opt, bad_params, bad_grads, bad_state, kwargs, (params, grads, state))
+    _assert_step_raises(inputs, error, match)
+
+
+@pytest.mark.parametrize("name", REGISTRY_NAMES)
+def test_params_converted_after_a_step_are_checked_again(name: str) -> None:
+    """``model.double()`` keeps each Parameter object and swaps its data: the next step
+    must see that the state no longer fits, even though these very tensors passed the
+    checks on the step before."""
+    opt, params, _, state = _base(name)  # one in-place step: the inputs are known good
+    for leaf in optree.tree_leaves(params):
+        leaf.data = leaf.data.double()
+    grads = _grads_like(params)
+    inputs = StepInputs(opt, params, grads, state, {}, (params, state))
+    _assert_step_raises(
+        inputs,
+        TypeError,
+        r"state '\w+' at \[.*\] has dtype torch\.float32 but the param has "
+        r"dtype torch\.float64",
+    )
+
+
+@pytest.mark.parametrize(
+    ("multiplier", "error", "match"),
+    [
+        (NAN, ValueError, r"SGDConfig\.schedule\(1\): nan \(must be finite and >= 0\.0\)"),
+        (-1.0, ValueError, r"SGDConfig\.schedule\(1\): -1\.0"),
+        (math.inf, ValueError, r"SGDConfig\.schedule\(1\): inf"),
+        (torch.tensor(NAN), ValueError, r"SGDConfig\.schedule\(1\): tensor\(nan\)"),
+        (torch.ones(2), ValueError, r"SGDConfig\.schedule\(1\): a tensor of shape \(2,\)"),
+        ("0.5", TypeError, r"SGDConfig\.schedule\(1\) must be a number or a 0-d tensor, got str"),
+    ],
+    ids=["nan", "negative", "inf", "nan-tensor", "vector", "string"],
+)
+def test_schedule_output_is_checked_before_writing(
+    multiplier: Any, error: type[BaseException], match: str
+) -> None:
+    """A schedule's multiplier is held to what ``lr_schedule_value`` is: finite, >= 0."""
+    opt = optorch.get_optimizer(
+        "sgd", max_lr=0.1, momentum=0.9, schedule=lambda step: 1.0 if step == 0 else multiplier
+    )
+    params = _params_for("sgd")
+    state = opt.init(params)
+    opt.step(params, _grads_like(params, seed=3), state)  # step 0 is fine
+    inputs = StepInputs(opt, params, _grads_like(params), state, {}, (params, state))
     _assert_step_raises(inputs, error, match)
 
 

@@ -74,6 +74,15 @@ CASES = [
     ),
     _sgd("sgd-nesterov-wd", 5, momentum=0.8, weight_decay=0.01, nesterov=True, max_lr=0.05),
     _sgd("sgd-maximize", 6, momentum=0.5, weight_decay=0.02, maximize=True, max_lr=0.05),
+    # a tensor dampening of 0 is "zero dampening" to torch's nesterov check too
+    _sgd(
+        "sgd-nesterov-tensor-dampening",
+        16,
+        momentum=0.8,
+        nesterov=True,
+        dampening=torch.tensor(0.0),
+        max_lr=0.05,
+    ),
     _adam("adam", "adam", 7, max_lr=0.05),
     _adam("adam-l2", "adam", 8, max_lr=0.05, weight_decay=0.1, betas=(0.8, 0.99)),
     _adam("adam-maximize", "adam", 9, max_lr=0.02, maximize=True, eps=1e-6),

@@ -19,6 +19,7 @@ import collections
 import copy
 import dataclasses
 import math
+import numbers
 import operator
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -53,7 +54,7 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
-def _concrete(value: Any) -> float | None:
+def concrete(value: Any) -> float | None:
     """A plain float for checking, or None when the value is a traced/batched tensor."""
     if _is_tensor(value):
         if value.numel() != 1 or value.device.type != "cpu" or torch.compiler.is_compiling():
@@ -69,6 +70,18 @@ def _concrete(value: Any) -> float | None:
     if isinstance(value, (int, float)):
         return float(value)
     raise TypeError(f"expected a number, got {type(value).__name__} ({value!r})")
+
+
+def _as_checkable(owner: str, name: str, value: Any) -> Any:
+    """``value`` as something :func:`check_range` takes: other real numbers
+    (``numpy.float32``, ``fractions.Fraction``) as a float."""
+    if _is_tensor(value) or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(
+        f"{owner}.{name} must be a number or a 0-d tensor, got {type(value).__name__} ({value!r})"
+    )
 
 
 def check_range(
@@ -93,7 +106,7 @@ def check_range(
             "or a 0-d tensor; use torch.func.vmap for one value per model)"
         )
     try:
-        number = _concrete(value)
+        number = concrete(value)
     except TypeError as exc:
         raise TypeError(f"{owner}.{name}: {exc}") from None
     if number is None:
@@ -105,11 +118,24 @@ def check_range(
     # them, and NaN fails both
     finite_ok = allow_inf or -math.inf < number < math.inf
     if not (lo_ok and hi_ok and finite_ok):
-        lo_b = "(" if low_open else "["
-        hi_b = ")" if high_open else "]"
         raise ValueError(
-            f"Invalid {owner}.{name}: {value!r} (must be finite and in {lo_b}{low}, {high}{hi_b})"
+            f"Invalid {owner}.{name}: {value!r} (must be "
+            f"{_range_text(low, high, low_open, high_open, allow_inf)})"
         )
+
+
+def _range_text(low: float, high: float, low_open: bool, high_open: bool, allow_inf: bool) -> str:
+    """What :func:`check_range` asks of a value, in words: ``finite and >= 0.0``."""
+    bounded_low, bounded_high = low > -math.inf, high < math.inf
+    if bounded_low and bounded_high:
+        where = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif bounded_low:
+        where = f"{'>' if low_open else '>='} {low}"
+    elif bounded_high:
+        where = f"{'<' if high_open else '<='} {high}"
+    else:
+        return "a number, not NaN" if allow_inf else "finite"
+    return f"{where}, not NaN" if allow_inf else f"finite and {where}"
 
 
 def check_betas(owner: str, betas: Any, count: int = 2) -> None:
@@ -212,7 +238,12 @@ class BaseConfig:
     def lr_multiplier(self, step: Any) -> Any:
         """The schedule multiplier for the step that follows ``step`` steps taken."""
         if self.schedule is not None:
-            return self.schedule(step)
+            value = self.schedule(step)
+            # checked like ``lr_schedule_value`` (a value on a device or traced is not
+            # read: that would cost a host sync); an int step names where it went wrong
+            where = f"schedule({step})" if isinstance(step, int) else "schedule(step)"
+            check_range(self._owner, where, _as_checkable(self._owner, where, value), 0.0)
+            return value
         if self.lr_schedule_value is not None:
             return self.lr_schedule_value
         return 1.0
@@ -573,23 +604,23 @@ class _CheckedInputs:
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self.entries: collections.OrderedDict[Any, tuple[list[Any], list[Any]]] = (
+        self.entries: collections.OrderedDict[Any, tuple[list[Any], Any]] = (
             collections.OrderedDict()
         )
 
-    def get(self, key: Any) -> list[Any] | None:
-        """The params' shapes for a remembered ``key``, else None."""
+    def get(self, key: Any) -> Any:
+        """The params' layout (shapes, dtypes, devices) for a remembered ``key``, else None."""
         entry = self.entries.get(key)
         if entry is None:
             return None
         self.entries.move_to_end(key)
         return entry[1]
 
-    def add(self, key: Any, tensors: list[torch.Tensor], shapes: list[Any]) -> None:
+    def add(self, key: Any, tensors: list[torch.Tensor], layout: Any) -> None:
         def forget(_: Any) -> None:
             self.entries.pop(key, None)
 
-        self.entries[key] = ([weakref.ref(t, forget) for t in tensors], shapes)
+        self.entries[key] = ([weakref.ref(t, forget) for t in tensors], layout)
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
 
@@ -645,15 +676,15 @@ def _fast_active(
         set(map(type, param_leaves)) - {type(None)}
     ):
         return None
-    shapes = _CHECKED.get(_input_key(rule, config, names, param_leaves, fields, active))
-    if (
-        shapes is None
-        or list(map(_SHAPE, grads_)) != shapes
-        or list(map(_DTYPE, grads_)) != list(map(_DTYPE, params_))
-        or list(map(_DEVICE, grads_)) != list(map(_DEVICE, params_))
-        or any(map(_IS_SPARSE, grads_))
-    ):
+    checked = _CHECKED.get(_input_key(rule, config, names, param_leaves, fields, active))
+    if checked is None or any(map(_IS_SPARSE, grads_)):
         return None
+    # the params must still have the layout they were checked with: ``model.double()``
+    # or ``.to(device)`` keeps each Parameter object and swaps its data, and the state
+    # made for the old layout would no longer fit
+    for attribute, known in zip((_SHAPE, _DTYPE, _DEVICE), checked, strict=True):
+        if list(map(attribute, params_)) != known or list(map(attribute, grads_)) != known:
+            return None
     return active
 
 
@@ -668,7 +699,8 @@ def _remember_checked(
     params_ = [param_leaves[i] for i in active]
     state_ = [fields[name][i] for name in names if fields[name] for i in active]
     key = _input_key(rule, config, names, param_leaves, fields, active)
-    _CHECKED.add(key, [*params_, *state_], list(map(_SHAPE, params_)))
+    layout = tuple(list(map(attribute, params_)) for attribute in (_SHAPE, _DTYPE, _DEVICE))
+    _CHECKED.add(key, [*params_, *state_], layout)
 
 
 def prepare(
@@ -726,6 +758,11 @@ def prepare(
             step = torch.tensor(step, dtype=torch.int64)
         else:
             raise ValueError(f"{rule.name}: state['step'] must be a 0-d tensor, got {step!r}")
+    elif step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+        raise ValueError(
+            f"{rule.name}: state['step'] must be an integer tensor (the number of steps "
+            f"taken), got dtype {step.dtype} ({step!r})"
+        )
     return Prepared(spec, param_leaves, grad_leaves, fields, active, step)
 
 
@@ -862,6 +899,8 @@ def apply_step(
     step = prepared.step
     host = _host_step(step)
     taken: Any = int(step) if host else step
+    if host and taken < 0:
+        raise ValueError(f"{rule.name}: state['step'] must not be negative, got {step!r}")
     multiplier = config.lr_multiplier(taken)
     lr = config.max_lr * multiplier
     t = taken + 1

@@ -44,6 +44,7 @@ from optorch.base import (
     apply_step,
     check_bool,
     check_range,
+    concrete,
     init_state,
     is_zero,
 )
@@ -73,7 +74,9 @@ class SGDConfig(BaseConfig):
         check_range(owner, "weight_decay", self.weight_decay, 0.0)
         check_range(owner, "dampening", self.dampening, 0.0, 1.0)
         check_bool(owner, ("nesterov", self.nesterov), ("maximize", self.maximize))
-        if self.nesterov and (is_zero(self.momentum) or not is_zero(self.dampening)):
+        # tensors too, where their value can be read without a device sync (as torch does)
+        momentum, dampening = concrete(self.momentum), concrete(self.dampening)
+        if self.nesterov and (momentum == 0 or (dampening is not None and dampening != 0)):
             raise ValueError(
                 f"Invalid {owner}: nesterov=True needs momentum > 0 and dampening == 0 "
                 f"(momentum={self.momentum!r}, dampening={self.dampening!r})"
