@@ -30,6 +30,7 @@ from conftest import (
     clone_tree,
     generator,
     grad_sequence,
+    make_grads,
     make_params,
     snapshot,
 )
@@ -1061,6 +1062,53 @@ def test_nested_states_are_found_by_the_helpers() -> None:
     assert wrappers.get_hyperparams(state) == {"max_lr": 0.25}
     with pytest.raises(ValueError, match="no ema wrapper state"):
         wrappers.ema_params(_sgd().init(params))
+
+
+def test_ema_params_are_found_through_a_partition() -> None:
+    """Each group's average covers its own leaves; groups without an ema give None."""
+    params = _params()
+    by_rank = {
+        "matrix": wrappers.ema(_sgd(max_lr=0.3), 0.5),
+        "vector": wrappers.ema(optorch.get_optimizer("adam", max_lr=0.1), 0.9),
+    }
+    selector = lambda path, p: "matrix" if p.ndim >= 2 else "vector"  # noqa: E731
+    opt = wrappers.partition(selector, by_rank)
+    state = opt.init(params)
+    grads = make_grads(4, params)
+    params, state = opt.step(params, grads, state)
+    merged = wrappers.ema_params(state)
+    for name, param in params.items():
+        group = "matrix" if param.ndim >= 2 else "vector"
+        own = state["groups"][group]["ema"][name]
+        assert merged[name] is own
+    half = wrappers.partition(selector, {**by_rank, "vector": _sgd()})
+    state = half.init(params)
+    merged = wrappers.ema_params(state)
+    for name, param in params.items():
+        if param.ndim >= 2:
+            assert merged[name] is state["groups"]["matrix"]["ema"][name]
+        else:
+            assert merged[name] is None
+
+
+def test_accumulate_checks_overrides_on_calls_that_do_not_step() -> None:
+    """The eager path skips the inner step before the k-th call; it must still refuse
+    what the k-th call (and the device path, on every call) refuses, changing nothing."""
+    for inner in (_sgd(), wrappers.ema(_sgd(), 0.5)):
+        opt = wrappers.accumulate(inner, every=3)
+        params = _params()
+        state = opt.init(params)
+        grads = make_grads(5, params)
+        before = clone_tree((params, state))
+        for overrides, match in (
+            ({"max_lr": float("nan")}, r"max_lr: nan"),
+            ({"no_such_field": 1.0}, r"has no field\(s\) \['no_such_field'\]"),
+        ):
+            with pytest.raises(ValueError, match=match):
+                opt.step(params, grads, state, hyper_overrides=overrides)
+            assert_trees_equal((params, state), before, what="after the refused call")
+        params, state = opt.step(params, grads, state, hyper_overrides={"max_lr": 0.2})
+        assert int(state["count"]) == 1
 
 
 def test_mask_must_give_bools() -> None:

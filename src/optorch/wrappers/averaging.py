@@ -140,14 +140,32 @@ def ema(optimizer: Any, decay: float, *, warmup: bool = False) -> EMA:
 
 
 def ema_params(state: Mapping[str, Any]) -> PyTree:
-    """The averaged params of the :func:`ema` wrapper whose state is in ``state``
-    (found through the ``"inner"`` states of the wrappers around it)."""
-    node: Any = state
+    """The averaged params of the :func:`ema` wrapper whose state is in ``state``.
+
+    It is found through the ``"inner"`` states of the wrappers around it, and through
+    the groups of a :func:`~optorch.wrappers.partition`: there each group's average
+    covers that group's leaves, and the result puts them together in one params-shaped
+    tree (``None`` for the leaves of groups without an ``ema``).
+    """
+    found = _ema_trees(state)
+    if not found:
+        raise ValueError("ema_params: no ema wrapper state found in this state")
+    if len(found) == 1:
+        return found[0]
+    spec = flatten(found[0])[2]
+    columns = zip(*(flatten(tree)[1] for tree in found), strict=True)
+    return unflatten(spec, [next((x for x in column if x is not None), None) for column in columns])
+
+
+def _ema_trees(node: Any) -> list[Any]:
+    """The ``ema`` trees in a (wrapper) state: one, or one per partition group."""
     while isinstance(node, Mapping):
         if "ema" in node and "count" in node:
-            return node["ema"]
+            return [node["ema"]]
+        if "groups" in node and isinstance(node["groups"], Mapping):
+            return [tree for group in node["groups"].values() for tree in _ema_trees(group)]
         node = node.get("inner")
-    raise ValueError("ema_params: no ema wrapper state found in this state")
+    return []
 
 
 class Lookahead(Wrapper):
