@@ -9,6 +9,7 @@ trip through ``torch.save``/``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,7 @@ from conftest import TOLERANCES
 
 import optorch
 from optorch.interop import TorchOptimizer
+from optorch.interop.convert import TORCH_TWINS
 
 TOL = TOLERANCES[torch.float32]
 SHAPES = {"w": (5, 3), "b": (5,), "g": ()}
@@ -65,7 +67,8 @@ def assert_same_run(
     rtol: float = TOL["rtol"],
     atol: float = TOL["atol"],
 ) -> None:
-    """Params, per-param state (optorch field -> torch key) and step counts agree."""
+    """Params, per-param state (optorch field -> torch key, the key both keep it under)
+    and step counts agree."""
     for index, (a, b) in enumerate(zip(ours[0], theirs[0], strict=True)):
         torch.testing.assert_close(
             a.detach(), b.detach(), rtol=rtol, atol=atol, msg=f"param {index}"
@@ -77,7 +80,7 @@ def assert_same_run(
             if state_b.get(key) is None:
                 continue
             torch.testing.assert_close(
-                state_a[field], state_b[key], rtol=rtol, atol=atol, msg=f"{field} of param {index}"
+                state_a[key], state_b[key], rtol=rtol, atol=atol, msg=f"{field} of param {index}"
             )
 
 
@@ -321,4 +324,78 @@ def test_bad_group_value_raises_at_step_and_changes_nothing() -> None:
     with pytest.raises(ValueError, match=r"betas\[1\]"):
         opt.step()
     assert torch.equal(w.detach(), torch.ones(2))
-    assert int(opt.state[w]["step"]) == 0
+    assert not opt.state.get(w), "a refused step made state"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("lr", -1.0, r"max_lr: -1\.0"),
+        ("lr", float("nan"), r"max_lr: nan"),
+        ("weight_decay", float("inf"), r"weight_decay: inf"),
+        ("amsgrad", "yes", r"amsgrad must be a bool"),
+    ],
+)
+def test_a_bad_later_group_leaves_every_group_as_it_was(key: str, value: Any, match: str) -> None:
+    """Groups are checked before any is stepped: the good first group is not updated
+    when the second is refused (after one good step, so there is state to keep)."""
+    a, b = (torch.nn.Parameter(torch.full((3,), float(k))) for k in (1, 2))
+    opt = TorchOptimizer([{"params": [a]}, {"params": [b]}], "adam", lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(3)
+    opt.step()
+    before = copy.deepcopy((a.detach(), b.detach(), opt.state_dict()))
+    opt.param_groups[1][key] = value
+    a.grad, b.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step()
+    after = (a.detach(), b.detach(), opt.state_dict())
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    for index in (0, 1):
+        for name, tensor in before[2]["state"][index].items():
+            assert torch.equal(after[2]["state"][index][name], tensor), (index, name)
+
+
+@pytest.mark.parametrize(
+    ("name", "hyper", "shape"),
+    [
+        ("sgd", {"momentum": 0.9}, (4, 3)),
+        ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}, (4, 3)),
+        ("nadam", {"weight_decay": 0.01}, (4, 3)),
+        ("adamw", {"amsgrad": True, "weight_decay": 0.1}, (4, 3)),
+        ("rmsprop", {"momentum": 0.5, "centered": True}, (4, 3)),
+        ("adagrad", {"lr_decay": 0.01}, (4, 3)),
+        ("radam", {}, (4, 3)),
+        ("adamax", {}, (4, 3)),
+        ("muon", {}, (4, 3)),
+    ],
+)
+def test_state_dicts_move_between_the_adapter_and_the_torch_twin(
+    name: str, hyper: dict[str, Any], shape: tuple[int, ...]
+) -> None:
+    """Three steps in one, the state_dict loaded into the other, three more: equal to six
+    steps of the twin, both ways (the state is kept under the twin's keys)."""
+    twin = getattr(torch.optim, TORCH_TWINS[name].torch_class)
+
+    def run(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> torch.Tensor:
+        w = torch.nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+        gen = torch.Generator().manual_seed(1)
+        optimizer = first([w])
+        for _ in range(3):
+            w.grad = torch.randn(shape, generator=gen)
+            optimizer.step()
+        resumed = second([w])
+        resumed.load_state_dict(optimizer.state_dict())
+        for _ in range(3):
+            w.grad = torch.randn(shape, generator=gen)
+            resumed.step()
+        return w.detach()
+
+    def theirs(p: Any) -> Any:
+        return twin(p, lr=0.05, **hyper)
+
+    def ours(p: Any) -> Any:
+        return TorchOptimizer(p, name, lr=0.05, **hyper)
+
+    reference = run(theirs, theirs)
+    for first, second in ((ours, theirs), (theirs, ours), (ours, ours)):
+        torch.testing.assert_close(run(first, second), reference, rtol=1e-5, atol=1e-6)

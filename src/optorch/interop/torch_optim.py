@@ -16,10 +16,15 @@ key belongs to ``OneCycleLR`` (its peak) and is ignored here. If the optorch con
 unset and use an ``lr_scheduler``).
 
 State, per param as in torch: ``"step"`` (a 0-d float32 CPU tensor, torch's convention)
-and the optorch rule's fields (``exp_avg``, ``exp_avg_sq``, ``momentum``, ...; rule-wide
-values such as Schedule-Free's ``weight_sum`` are kept with every param). Params with
-different step counts (one that got its first gradient late) are stepped separately,
-each with its own count, as torch does.
+and the optorch rule's fields, under the keys the ``torch.optim`` twin uses where there
+is one (:data:`optorch.interop.convert.TORCH_TWINS`: SGD's and Muon's buffer is
+``"momentum_buffer"``, NAdam also keeps torch's ``"mu_product"``), so that a
+``state_dict()`` loads into the twin and the twin's into this class; other rules keep
+their field names (``exp_avg``, ...; rule-wide values such as Schedule-Free's
+``weight_sum`` are kept with every param). Params with different step counts (one that
+got its first gradient late) are stepped separately, each with its own count, as torch
+does. A step that raises (a bad group value, a grad that does not fit) has changed no
+param and no state.
 
 >>> import torch
 >>> w = torch.nn.Parameter(torch.ones(3))
@@ -41,7 +46,7 @@ from typing import Any
 
 import torch
 
-from optorch.base import Optimizer, apply_step
+from optorch.base import Optimizer, apply_step, prepare
 
 __all__ = ["TorchOptimizer"]
 
@@ -68,6 +73,18 @@ def _group_value(value: Any) -> Any:
     """A config value as a group holds it: enums by name (``torch.load(weights_only=
     True)`` reads no enum), everything else as it is."""
     return value.name if isinstance(value, enum.Enum) else value
+
+
+@dataclasses.dataclass
+class _Bucket:
+    """One checked step of a group's params that share a step count."""
+
+    config: Any
+    taken: int
+    params: list[torch.Tensor]
+    states: list[dict[str, Any]]
+    grads: list[torch.Tensor]
+    state: dict[str, Any]
 
 
 def _freeze(value: Any) -> Hashable:
@@ -116,6 +133,12 @@ class TorchOptimizer(torch.optim.Optimizer):
             functional = functional.replace(inplace=True)
         self.functional: Optimizer = functional
         self._config_cache: dict[Hashable, Any] = {}
+        from optorch.interop.convert import TORCH_TWINS
+
+        twin = TORCH_TWINS.get(functional.rule.name)
+        #: optorch field -> the key of the per-param state (the torch twin's name)
+        self._keys: dict[str, str] = dict(twin.fields) if twin is not None else {}
+        self._keeps_step = twin is None or twin.has_step
         config = functional.config
         self._hyper_names = tuple(
             f.name for f in dataclasses.fields(config) if f.name not in _NOT_HYPER
@@ -154,12 +177,20 @@ class TorchOptimizer(torch.optim.Optimizer):
             object.__setattr__(view, name, value)
         return view
 
+    @staticmethod
+    def _mu_product(config: Any, taken: int) -> torch.Tensor:
+        """NAdam's ``mu_product`` after ``taken`` steps, kept as torch keeps it."""
+        from optorch.nadam import nadam_mu_product
+
+        product = nadam_mu_product(taken, float(config.betas[0]), float(config.momentum_decay))
+        return torch.tensor(float(product), dtype=torch.float32)
+
     def _new_param_state(self, param: torch.Tensor, config: Any) -> dict[str, Any]:
         rule = self.functional.rule
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
         with torch.no_grad():
             for name in rule.fields(config):
-                state[name] = rule.init_field(name, param.detach(), config)
+                state[self._keys.get(name, name)] = rule.init_field(name, param.detach(), config)
             for name, initial in rule.global_fields(config).items():
                 state[name] = torch.tensor(initial, dtype=torch.float64, device=param.device)
         return state
@@ -167,36 +198,42 @@ class TorchOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of every group on its params that have a gradient; returns the
-        closure's loss (the closure runs with gradients enabled) or ``None``."""
+        closure's loss (the closure runs with gradients enabled) or ``None``.
+
+        Every group's inputs are checked before any group is stepped: a step that raises
+        leaves every param and every state as it was."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        plans = [self._plan(group) for group in self.param_groups]
+        for plan in plans:
+            self._apply(plan)
         return loss
 
-    def _step_group(self, group: Mapping[str, Any]) -> None:
+    def _plan(self, group: Mapping[str, Any]) -> list[_Bucket]:
+        """The checked inputs of one group's steps, one bucket per step count; state for
+        params without any is made here but stored only by :meth:`_apply`."""
         members = [p for p in group["params"] if p.grad is not None]
         if not members:
-            return
+            return []
         rule = self.functional.rule
         config = self._group_config(group)
         names = rule.fields(config)
         global_names = tuple(rule.global_fields(config))
-        buckets: dict[int, list[torch.Tensor]] = {}
+        buckets: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         for param in members:
-            state = self.state[param]
-            if not state:
-                state.update(self._new_param_state(param, config))
-            buckets.setdefault(int(state["step"]), []).append(param)
-        for taken, bucket in buckets.items():
-            states = [self.state[p] for p in bucket]
+            state = self.state.get(param) or self._new_param_state(param, config)
+            buckets.setdefault(int(state["step"]), []).append((param, state))
+        plans = []
+        for taken, members_ in buckets.items():
+            bucket = [param for param, _ in members_]
+            states = [state for _, state in members_]
             opt_state: dict[str, Any] = {
                 "step": torch.tensor(taken, dtype=torch.int64, device=bucket[0].device)
             }
             for name in names:
-                leaves = [s.get(name) for s in states]
+                leaves = [s.get(self._keys.get(name, name)) for s in states]
                 if all(leaf is None for leaf in leaves):
                     continue  # a field this group's config adds: created by the step
                 opt_state[name] = [
@@ -207,17 +244,30 @@ class TorchOptimizer(torch.optim.Optimizer):
                 if name in states[0]:
                     opt_state[name] = states[0][name]
             grads = [p.grad for p in bucket]
-            _, new_state = apply_step(rule, config, bucket, grads, opt_state)
-            for index, state in enumerate(states):
+            prepare(rule, config, bucket, grads, opt_state)  # raises before any change
+            plans.append(_Bucket(config, taken, bucket, states, grads, opt_state))
+        return plans
+
+    def _apply(self, plan: list[_Bucket]) -> None:
+        rule = self.functional.rule
+        for bucket in plan:
+            config = bucket.config
+            names = rule.fields(config)
+            global_names = tuple(rule.global_fields(config))
+            _, new_state = apply_step(rule, config, bucket.params, bucket.grads, bucket.state)
+            for index, (param, state) in enumerate(zip(bucket.params, bucket.states, strict=True)):
                 state["step"].add_(1)
                 for name in names:
-                    state[name] = new_state[name][index]
+                    state[self._keys.get(name, name)] = new_state[name][index]
                 for name in global_names:
                     value = new_state[name]
                     if index == 0 or name not in state:
                         state[name] = value if index == 0 else value.clone()
                     else:
                         state[name].copy_(value)
+                if rule.name == "nadam":
+                    state["mu_product"] = self._mu_product(config, bucket.taken + 1)
+                self.state[param] = state
 
     # ----------------------------------------------------------------------------------
 
@@ -225,6 +275,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         """torch's ``load_state_dict``, keeping rule-wide float64 values (Schedule-Free's
         ``weight_sum``) in float64 where torch would cast them to the param dtype."""
         global_names = tuple(self.functional.rule.global_fields(self.functional.config))
+        state_dict = {**state_dict, "state": self._from_twin(state_dict.get("state", {}))}
         kept: dict[Any, dict[str, torch.Tensor]] = {}
         for key, per_param in state_dict.get("state", {}).items():
             values = {
@@ -240,3 +291,20 @@ class TorchOptimizer(torch.optim.Optimizer):
             param = ordered[int(key)]
             for name, value in values.items():
                 self.state[param][name] = value.to(device=param.device)
+
+    def _from_twin(self, state: Mapping[Any, Any]) -> dict[Any, Any]:
+        """Per-param states as this class keeps them: an earlier version's optorch field
+        names under the twin's keys, and a ``step`` for twins that keep none (SGD, Muon:
+        1 once the buffer exists, which is all their rules read)."""
+        out: dict[Any, Any] = {}
+        for key, per_param in state.items():
+            if not isinstance(per_param, Mapping):
+                out[key] = per_param
+                continue
+            entry = {self._keys.get(name, name): value for name, value in per_param.items()}
+            entry = {name: value for name, value in entry.items() if value is not None}
+            if "step" not in entry and not self._keeps_step:
+                has_buffer = any(isinstance(v, torch.Tensor) for v in entry.values())
+                entry["step"] = torch.tensor(1.0 if has_buffer else 0.0)
+            out[key] = entry
+        return out
