@@ -243,7 +243,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             for name in global_names:
                 if name in states[0]:
                     opt_state[name] = states[0][name]
-            grads = [p.grad for p in bucket]
+            grads = [p.grad for p in bucket if p.grad is not None]  # all: see members
             prepare(rule, config, bucket, grads, opt_state)  # raises before any change
             plans.append(_Bucket(config, taken, bucket, states, grads, opt_state))
         return plans
