@@ -380,3 +380,66 @@ def test_different_step_counts_cannot_convert() -> None:
         adam.step()
     with pytest.raises(ValueError, match=r"different numbers of steps.*1 steps: \['gain'\]"):
         from_torch_state(adam, tensors, "adam")
+
+
+def _frozen_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("holds", ["trainable", "all"])
+@pytest.mark.parametrize("source", ["optimizer", "state_dict"])
+def test_a_module_with_frozen_params_converts_both_ways(holds: str, source: str) -> None:
+    """Frozen params of a module get no state, as ``init(module)`` makes it, whether the
+    torch optimizer holds them (they never get a grad) or only the trainable ones."""
+    model = _frozen_model()
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1))
+    chosen = [p for p in model.parameters() if p.requires_grad or holds == "all"]
+    adamw = torch.optim.AdamW(chosen, lr=0.01, weight_decay=0.1)
+    for _ in range(3):
+        adamw.zero_grad()
+        model(x).square().mean().backward()
+        adamw.step()
+    state = from_torch_state(adamw if source == "optimizer" else adamw.state_dict(), model, "adamw")
+    opt = optorch.get_optimizer("adamw", max_lr=0.01, weight_decay=0.1)
+    assert sorted(state["exp_avg"]) == sorted(opt.init(model)["exp_avg"])
+    twin = torch.optim.AdamW(chosen, lr=0.01, weight_decay=0.1)
+    twin.load_state_dict(adamw.state_dict())
+    clone = _frozen_model()
+    clone.load_state_dict(model.state_dict())
+    params = {n: p for n, p in clone.named_parameters() if p.requires_grad}
+    for _ in range(5):
+        twin.zero_grad()
+        model(x).square().mean().backward()
+        twin.step()
+        grads = torch.func.grad(
+            lambda ps: torch.func.functional_call(clone, ps, (x,)).square().mean()
+        )(params)
+        params, state = opt.step(params, grads, state)
+    for name, tensor in model.named_parameters():
+        torch.testing.assert_close(dict(clone.named_parameters())[name], tensor, **F32)
+    back = to_torch_state(state, model, "adamw", config=opt.config)
+    torch_ids = [i for i, p in enumerate(chosen) if p.requires_grad]
+    for key, per in zip(torch_ids, back["state"].values(), strict=True):
+        torch.testing.assert_close(
+            per["exp_avg"], twin.state_dict()["state"][key]["exp_avg"], **F32
+        )
+
+
+def test_groups_that_keep_different_state_are_refused() -> None:
+    """One optorch state holds one kind of state: torch groups with and without amsgrad
+    cannot be one state (the later group's max_exp_avg_sq would be lost)."""
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([{"params": [a]}, {"params": [b], "amsgrad": True}], lr=0.1)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    adam.step()
+    with pytest.raises(ValueError, match=r"groups 0 and 1 keep different state"):
+        from_torch_state(adam, [a, b], "adam")
+    config = optorch.get_optimizer("adam").config  # amsgrad off: b's maximum has no place
+    with pytest.raises(ValueError, match=r"'max_exp_avg_sq' of param \[1\] has no place"):
+        from_torch_state(adam, [a, b], "adam", config=config)
+    amsgrad = optorch.get_optimizer("adam", amsgrad=True).config
+    state = from_torch_state(adam, [a, b], "adam", config=amsgrad)
+    assert torch.equal(state["max_exp_avg_sq"][1], adam.state[b]["max_exp_avg_sq"])

@@ -31,8 +31,13 @@ The twins (:data:`TORCH_TWINS`): ``sgd`` (``torch.optim.SGD``), ``adam``, ``adam
 Params are matched to torch's integer ids by position: ``params`` is a list of tensors,
 a dict (its insertion order: ``dict(model.named_parameters())`` is
 ``model.parameters()``'s order), an ``nn.Module``, or any nested pytree (depth-first in
-iteration order); ``None`` leaves (frozen params) take no id. Given a torch optimizer
-instead of a ``state_dict``, params are matched by identity, whatever the order.
+iteration order); ``None`` leaves (frozen params) take no id. Of an ``nn.Module`` the
+trainable params count, as for ``init(module)``; its frozen ones
+(``requires_grad=False``) may be held by the torch optimizer too (they get no state).
+Given a torch optimizer instead of a ``state_dict``, params are matched by identity,
+whatever the order. One optorch state holds one kind of state: torch param groups
+that differ in an option deciding which state exists (``amsgrad``, ``centered``) are
+refused, as is torch state that the given ``config`` has no field for.
 
 >>> import torch, optorch
 >>> from optorch.interop import from_torch_state, to_torch_state
@@ -238,7 +243,8 @@ def _iteration_paths(node: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[An
 
 def _as_tree(params: Any) -> PyTree:
     if isinstance(params, torch.nn.Module):
-        return dict(params.named_parameters())
+        # as ``init(module)`` makes state: for the trainable params only
+        return {n: p for n, p in params.named_parameters() if p.requires_grad}
     if isinstance(params, (Iterator,)) or (
         not isinstance(params, (Mapping, list, tuple, torch.Tensor)) and hasattr(params, "__iter__")
     ):
@@ -260,14 +266,40 @@ class _Layout:
             if isinstance(self.leaves[index_of[path]], torch.Tensor)
         ]
         self.text = [format_path(p) for p in self.paths]
+        #: a module's frozen params, which a torch optimizer may hold (they never get a
+        #: gradient, so no state) and optorch's state leaves out
+        self.frozen: list[torch.Tensor] = []
+        #: for a module, the leaf index (None: frozen) of each of ``module.parameters()``
+        self.module_order: list[int | None] | None = None
+        if isinstance(params, torch.nn.Module):
+            position = {id(leaf): i for i, leaf in enumerate(self.leaves)}
+            self.frozen = [p for p in params.parameters() if not p.requires_grad]
+            self.module_order = [position.get(id(p)) for p in params.parameters()]
 
-    def by_identity(self, optimizer: torch.optim.Optimizer) -> list[int]:
+    def torch_ids(self, count: int) -> list[int | None]:
+        """Leaf index for each of ``count`` torch ids, matched by position (``None``: a
+        frozen param of a module, when the torch optimizer holds every module param)."""
+        if count == len(self.order):
+            return list(self.order)
+        if self.module_order is not None and count == len(self.module_order):
+            return list(self.module_order)
+        frozen = f" ({len(self.module_order or ())} with the frozen ones)" if self.frozen else ""
+        raise ValueError(
+            f"the torch state_dict has {count} params but params has {len(self.order)} "
+            f"trainable tensors{frozen}"
+        )
+
+    def by_identity(self, optimizer: torch.optim.Optimizer) -> list[int | None]:
         """Leaf index for each torch id, matching the optimizer's params by identity."""
         position = {id(leaf): i for i, leaf in enumerate(self.leaves) if leaf is not None}
-        out: list[int] = []
+        frozen = {id(p) for p in self.frozen}
+        out: list[int | None] = []
         for group in optimizer.param_groups:
             for param in group["params"]:
                 index = position.get(id(param))
+                if index is None and id(param) in frozen:
+                    out.append(None)
+                    continue
                 if index is None:
                     raise ValueError(
                         f"the torch optimizer has a param of shape {tuple(param.shape)} that "
@@ -329,20 +361,24 @@ def from_torch_state(
     if isinstance(source, torch.optim.Optimizer):
         id_to_leaf = layout.by_identity(source)
     else:
-        id_to_leaf = list(layout.order)
-        count = sum(len(g["params"]) for g in state_dict["param_groups"])
-        if count != len(id_to_leaf):
-            raise ValueError(
-                f"the torch state_dict has {count} params but params has {len(id_to_leaf)} tensors"
-            )
+        id_to_leaf = layout.torch_ids(sum(len(g["params"]) for g in state_dict["param_groups"]))
     if config is None:
-        config = config_from_torch(name, state_dict)
+        config = _one_config(name, state_dict)
     per_param: dict[int, Mapping[str, Any]] = {}
     for key, value in state_dict["state"].items():
         torch_id = int(key)
         if not 0 <= torch_id < len(id_to_leaf):
             raise ValueError(f"the torch state has an entry for param id {torch_id}, unknown")
-        per_param[id_to_leaf[torch_id]] = value
+        leaf = id_to_leaf[torch_id]
+        if leaf is None:
+            if value:
+                raise ValueError(
+                    f"the torch state has an entry for param id {torch_id}, a frozen param "
+                    "(requires_grad=False) of the module, which optorch keeps no state for"
+                )
+            continue
+        per_param[leaf] = value
+    _check_fields_kept(entry.name, twin, rule, config, layout, per_param)
 
     taken = _common_step(twin, layout, per_param, step, config)
     names = rule.fields(config)
@@ -379,6 +415,50 @@ def from_torch_state(
     for global_name, initial in rule.global_fields(config).items():
         state[global_name] = torch.tensor(initial, dtype=torch.float64, device=device)
     return state
+
+
+def _one_config(name: str, state_dict: Mapping[str, Any]) -> Any:
+    """The config of the torch param groups; ``ValueError`` when they differ in an
+    option that decides which state exists (``amsgrad``, ``centered``, ...), which one
+    optorch state cannot hold."""
+    groups = state_dict["param_groups"]
+    configs = [config_from_torch(name, group) for group in groups] or [
+        config_from_torch(name, state_dict)
+    ]
+    rule = _twin(name)[0].rule
+    first = rule.fields(configs[0])
+    for index, config in enumerate(configs[1:], start=1):
+        if rule.fields(config) != first:
+            raise ValueError(
+                f"torch param groups 0 and {index} keep different state ({list(first)} vs "
+                f"{list(rule.fields(config))}: an option such as amsgrad or centered differs); "
+                "one optorch state holds one kind: convert each group's params separately, "
+                "with config="
+            )
+    return configs[0]
+
+
+def _check_fields_kept(
+    name: str,
+    twin: TorchTwin,
+    rule: Any,
+    config: Any,
+    layout: _Layout,
+    per_param: Mapping[int, Mapping[str, Any]],
+) -> None:
+    """``ValueError`` for torch state the config keeps no field for (it would be lost)."""
+    kept = {
+        twin.fields[field_name] for field_name in rule.fields(config) if field_name in twin.fields
+    }
+    known = set(twin.fields.values())
+    for index, entry_state in per_param.items():
+        for key, value in entry_state.items():
+            if key in known and key not in kept and value is not None:
+                raise ValueError(
+                    f"torch state {key!r} of param {layout.text[index]} has no place in the "
+                    f"{name} state of this config (fields {list(rule.fields(config))}); is an "
+                    "option such as amsgrad or centered off in the config?"
+                )
 
 
 def _common_step(
