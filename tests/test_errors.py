@@ -1541,6 +1541,36 @@ def _truncated(directory: Path, suffix: str) -> Path:
     return _write(directory, f"truncated{suffix}", data[: len(data) // 2])
 
 
+def _edited(directory: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """A valid safetensors checkpoint whose optorch header was edited by ``edit``."""
+    import json
+
+    import safetensors
+    from safetensors.torch import save_file
+
+    path, _, _ = _saved_adam(directory, ".safetensors")
+    with safetensors.safe_open(str(path), "pt") as reader:
+        header = json.loads(reader.metadata()["optorch"])
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    edit(header)
+    edited = directory / "edited.safetensors"
+    save_file(tensors, str(edited), metadata={"optorch": json.dumps(header)})
+    return edited
+
+
+def _as_chain_with(name: str) -> Callable[[dict[str, Any]], None]:
+    def edit(header: dict[str, Any]) -> None:
+        inner = header["optimizer"]["tree"]
+        transform = {"name": name, "args": {}}
+        header["optimizer"]["tree"] = {"kind": "chain", "inner": inner, "transforms": [transform]}
+
+    return edit
+
+
+def _adam_params() -> Any:
+    return {"layer": {"w": torch.zeros(3, 2)}, "b": torch.zeros(2)}
+
+
 def _params_other_shape() -> Any:
     return {"layer": {"w": torch.zeros(2, 3)}, "b": torch.zeros(2)}
 
@@ -1640,6 +1670,38 @@ CHECKPOINT_CASES: list[tuple[str, Callable[[Path], Any], type[BaseException], st
         ),
         ValueError,
         r"restore_params=True needs params=",
+    ),
+    (
+        "edited-state-node",
+        lambda d: _checkpoint().load(
+            _edited(d, lambda h: h.__setitem__("state", {"dict": 5})), params=_adam_params()
+        ),
+        ValueError,
+        r"malformed checkpoint tree node: dict of 5",
+    ),
+    (
+        "edited-enum-name",
+        lambda d: _checkpoint().load_optimizer(
+            _edited(
+                d, lambda h: h["optimizer"]["tree"]["config"].__setitem__("mode", {"enum": "NO"})
+            )
+        ),
+        ValueError,
+        r"'NO' is not a AdamWDMode",
+    ),
+    (
+        "edited-record-without-inner",
+        lambda d: _checkpoint().load_optimizer(
+            _edited(d, lambda h: h["optimizer"].__setitem__("tree", {"kind": "ema"}))
+        ),
+        ValueError,
+        r"malformed optimizer record \(KeyError: 'inner'\)",
+    ),
+    (
+        "edited-chain-calls-another-function",
+        lambda d: _checkpoint().load_optimizer(_edited(d, _as_chain_with("global_norm"))),
+        ValueError,
+        r"'global_norm' is not a gradient transform that checkpoints record",
     ),
     (
         "unknown-format",

@@ -181,8 +181,12 @@ def _decode(node: Any, tensors: Callable[[str], torch.Tensor]) -> Any:
         raise ValueError(f"malformed checkpoint tree node: {node!r}")
     ((kind, value),) = node.items()
     if kind == "T":
-        return tensors(value)
+        return tensors(str(value))
+    if kind in ("dict", "list", "tuple") and not isinstance(value, list):
+        raise ValueError(f"malformed checkpoint tree node: {kind} of {value!r}")
     if kind == "dict":
+        if not all(isinstance(item, list) and len(item) == 2 for item in value):
+            raise ValueError(f"malformed checkpoint tree node: dict items {value!r}")
         return {_decode_key(k): _decode(v, tensors) for k, v in value}
     if kind == "list":
         return [_decode(v, tensors) for v in value]
@@ -307,7 +311,13 @@ def _decode_plain(value: Any, default: Any = None) -> Any:
         return value
     if "enum" in value:
         if isinstance(default, enum.Enum):
-            return type(default)[value["enum"]]
+            members = type(default).__members__
+            if value["enum"] not in members:
+                raise ValueError(
+                    f"malformed checkpoint: {value['enum']!r} is not a "
+                    f"{type(default).__name__} (members: {list(members)})"
+                )
+            return members[value["enum"]]
         return value["enum"]  # configs accept an enum member's name
     if "dtype" in value and "tensor" in value:
         return torch.tensor(value["tensor"], dtype=_dtype(value["dtype"]))
@@ -559,7 +569,13 @@ def rebuild_optimizer(
     tree = record.get("tree")
     if not isinstance(tree, Mapping):
         raise ValueError("checkpoint: the optimizer record has no 'tree'")
-    built = _rebuild(tree, lambda key: resolve(key, whats.get(key, "")))
+    try:
+        built = _rebuild(tree, lambda key: resolve(key, whats.get(key, "")))
+    except (TypeError, KeyError, AttributeError, IndexError) as exc:
+        # a record this version of optorch did not write (edited, or damaged)
+        raise ValueError(
+            f"checkpoint: malformed optimizer record ({type(exc).__name__}: {exc})"
+        ) from None
     if unresolved:
         raise ValueError(
             "checkpoint: cannot rebuild the optimizer: these values were not recorded "
@@ -618,6 +634,11 @@ def _rebuild(node: Mapping[str, Any], resolve: Callable[[str], Any]) -> Any:
                 if "missing" in transform:
                     parts.append(resolve(str(transform["missing"])))
                     continue
+                if transform.get("name") not in _TRANSFORMS:
+                    raise ValueError(
+                        f"checkpoint: {transform.get('name')!r} is not a gradient transform "
+                        f"that checkpoints record (known: {sorted(_TRANSFORMS)})"
+                    )
                 builder = getattr(wrappers, transform["name"])
                 args = {k: _decode_plain(v) for k, v in transform["args"].items()}
                 parts.append(builder(**args))
