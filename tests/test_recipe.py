@@ -155,6 +155,13 @@ ADAMW = {"_target_": "optorch.get_optimizer", "optimizer_name": "adamw"}
         ),
         ({"optimizers": {"a": ADAMW}}, {"name": "c"}, ValueError, "no optimizer 'c'"),
         (
+            {"optimizer": ADAMW},
+            {"overrides": ["optimizer.max_lr"]},
+            ValueError,
+            r"\['optimizer\.max_lr'\] are not",
+        ),
+        ({"optimizer": ADAMW}, {"overrides": ["=3"]}, ValueError, r"\['=3'\] are not"),
+        (
             {"optimizer": {**ADAMW, "optimizer_name": "adamqq"}},
             {},
             ValueError,

@@ -110,6 +110,13 @@ def _load_config(source: Any, overrides: Sequence[str]) -> Any:
     if overrides:
         if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
             raise TypeError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
+        # OmegaConf reads "key" alone as "key: null"; Hydra's command line refuses it
+        bare = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+        if bare:
+            raise ValueError(
+                f"overrides must be 'key=value' strings; {bare} are not (write 'key=null' "
+                "to set a value to None)"
+            )
         config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
     return config
 
