@@ -193,6 +193,8 @@ ADAMW = {"_target_": "optorch.get_optimizer", "optimizer_name": "adamw"}
         "both layouts",
         "ambiguous",
         "unknown entry",
+        "override without a value",
+        "override without a key",
         "unknown optimizer",
         "bad value",
         "not an optimizer",
