@@ -115,17 +115,18 @@ def floats_may_be_symbolic() -> bool:
 def where(condition: Any, if_true: Any, if_false: Any) -> Any:
     """Select between two scalars by a Python bool or a 0-d bool tensor (no host sync)."""
     if isinstance(condition, torch.Tensor):
-        if not isinstance(if_true, torch.Tensor) and not isinstance(if_false, torch.Tensor):
-            # two Python numbers would make a default-dtype (float32) tensor: keep float64
-            if_true = _number_tensor(if_true, condition.device)
-        elif floats_may_be_symbolic():
-            # a number as a float64 tensor: inductor (torch 2.13) keeps the value it first
-            # saw for a symbolic float that is both compared and selected (a compiled
-            # where(lr < x, lr, x) went stale in a sweep)
+        if floats_may_be_symbolic():
+            # numbers as float64 tensors: inductor (torch 2.13) keeps the value it first
+            # saw for a symbolic float that torch.where selects (a compiled
+            # where(lr < x, lr, x) went stale in a sweep, and so did SGD's
+            # where(t == 1, 0, momentum) next to a nesterov step's use of momentum)
             if_true, if_false = (
                 v if isinstance(v, torch.Tensor) else _number_tensor(v, condition.device)
                 for v in (if_true, if_false)
             )
+        elif not isinstance(if_true, torch.Tensor) and not isinstance(if_false, torch.Tensor):
+            # two Python numbers would make a default-dtype (float32) tensor: keep float64
+            if_true = _number_tensor(if_true, condition.device)
         return torch.where(condition, if_true, if_false)
     return if_true if condition else if_false
 
