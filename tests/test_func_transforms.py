@@ -114,6 +114,9 @@ META_CASES: list[tuple[str, str, dict[str, Any], float, float]] = [
     ("sgd-momentum", "sgd", {"momentum": 0.9}, 0.1, 0.01),
     ("adam-l2", "adam", {}, 0.05, 0.01),
     ("adamw-cosine", "adamw", {"schedule": cosine_annealing(T_max=8, eta_min=0.1)}, 0.05, 0.1),
+    # z_0 is the initial params (its init must stay connected to them), and with warmup
+    # the rule-wide weight_sum/lr_max carry the lr from step to step
+    ("schedule-free-warmup", "schedule_free_adamw", {"warmup_steps": 2}, 0.05, 0.01),
 ]
 META_IDS = [case[0] for case in META_CASES]
 
@@ -758,3 +761,137 @@ def test_compiled_step_still_checks_that_grads_match_params(grads: Any, message:
     step = torch.compile(opt.step, backend="aot_eager", fullgraph=True)
     with pytest.raises(Exception, match=f"grads do not match params.*{message}"):
         step(params, grads, state)
+
+
+# --------------------------------------------------------------------------------------
+# gradients through wrapper state and the loss scaler
+# --------------------------------------------------------------------------------------
+
+
+def _directional_difference(
+    loss_of: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    at: dict[str, torch.Tensor],
+    direction: dict[str, torch.Tensor],
+) -> float:
+    """Central difference of ``loss_of`` along ``direction`` (float64, eps 1e-6)."""
+    shifted = [
+        float(loss_of({k: v + sign * FD_EPS * direction[k] for k, v in at.items()}))
+        for sign in (1.0, -1.0)
+    ]
+    return (shifted[0] - shifted[1]) / (2 * FD_EPS)
+
+
+@pytest.mark.parametrize("wrapper", ["ema", "lookahead"])
+def test_gradient_wrt_initial_params_flows_through_averages_that_start_at_them(
+    wrapper: str,
+) -> None:
+    """An EMA and lookahead's slow weights start as copies of the params; in a pure run
+    those copies must stay connected to the initial params (they were detached)."""
+
+    def loss_of(params0: dict[str, torch.Tensor]) -> torch.Tensor:
+        inner = optorch.get_optimizer("adam", max_lr=0.05, inplace=False)
+        if wrapper == "ema":
+            opt: Any = optorch.wrappers.ema(inner, 0.5)
+        else:
+            opt = optorch.wrappers.lookahead(inner, sync_period=2, alpha=0.5)
+        params, state = params0, opt.init(params0)
+        for x, y in TRAIN_BATCHES:
+            params, state = opt.step(params, grad(mse)(params, x, y), state)
+        final = optorch.wrappers.ema_params(state) if wrapper == "ema" else params
+        return mse(final, *VALIDATION_BATCH)
+
+    direction = mlp_params(seed=9, dtype=F64)
+    expected = _directional_difference(loss_of, INIT_PARAMS, direction)
+    gradient = grad(loss_of)(INIT_PARAMS)
+    along = float(sum((gradient[k] * direction[k]).sum() for k in MLP_SHAPES))
+    assert abs(along - expected) <= 1e-6 * abs(expected), (along, expected)
+
+
+@pytest.mark.parametrize("mode", ["func", "autograd"])
+def test_hypergradient_through_the_loss_scaler(mode: str) -> None:
+    """d(validation loss) / d lr through ``amp.scaled_step``: the unscaled grads are part
+    of the differentiated program (they were computed outside autograd)."""
+    from optorch import amp
+
+    def loss_of(lr: Any) -> torch.Tensor:
+        opt = optorch.get_optimizer("adamw", max_lr=lr, weight_decay=0.01, inplace=False)
+        params, state = INIT_PARAMS, opt.init(INIT_PARAMS)
+        scaler = amp.init_grad_scaler(init_scale=2.0**10)
+        for x, y in TRAIN_BATCHES:
+
+            def scaled(
+                p: dict[str, torch.Tensor], x: Any = x, y: Any = y, scaler: Any = scaler
+            ) -> torch.Tensor:
+                return amp.scale_loss(mse(p, x, y), scaler)
+
+            params, state, scaler, _ = amp.scaled_step(
+                opt, params, grad(scaled)(params), state, scaler
+            )
+        return mse(params, *VALIDATION_BATCH)
+
+    lr = 0.05
+    expected = (float(loss_of(lr + FD_EPS)) - float(loss_of(lr - FD_EPS))) / (2 * FD_EPS)
+    lr_t = torch.tensor(lr, dtype=F64)
+    if mode == "func":
+        got = float(grad(loss_of)(lr_t))
+    else:
+        got = float(torch.autograd.grad(loss_of(lr_t.requires_grad_()), lr_t)[0])
+    assert abs(got - expected) <= 1e-6 * abs(expected), (got, expected)
+
+
+def test_vmapped_scaled_steps_equal_separate_runs() -> None:
+    """An ensemble with one loss scale per model under ``vmap`` (``unscale_grads`` ran
+    ``_foreach_mul``, which has no batching rule); model 1 overflows at step 2."""
+    from optorch import amp
+
+    models = 3
+    opt = optorch.get_optimizer("adamw", max_lr=0.05, weight_decay=0.01, inplace=False)
+    base = amp.init_grad_scaler(init_scale=2.0**10, growth_interval=2)
+    gen = generator(21)
+    stacked = {
+        k: torch.randn(models, *shape, generator=gen, dtype=F64) for k, shape in MLP_SHAPES.items()
+    }
+
+    def train_step(
+        params: Any, state: Any, scale: Any, tracker: Any, overflow: Any, batch: Any
+    ) -> Any:
+        x, y = batch
+        scaler = {**base, "scale": scale, "growth_tracker": tracker}
+
+        def scaled(p: dict[str, torch.Tensor]) -> torch.Tensor:
+            return amp.scale_loss(mse(p, x, y), scaler) * torch.where(overflow, math.inf, 1.0)
+
+        params, state, scaler, _ = amp.scaled_step(opt, params, grad(scaled)(params), state, scaler)
+        return params, state, scaler["scale"], scaler["growth_tracker"]
+
+    def overflows(step: int) -> torch.Tensor:
+        return torch.tensor([step == 2 and m == 1 for m in range(models)])
+
+    params, state = stacked, vmap(opt.init)(stacked)
+    scale = base["scale"].repeat(models)
+    tracker = base["growth_tracker"].repeat(models)
+    for step, batch in enumerate(TRAIN_BATCHES):
+        params, state, scale, tracker = vmap(train_step, in_dims=(0, 0, 0, 0, 0, None))(
+            params, state, scale, tracker, overflows(step), batch
+        )
+    assert float(scale[1]) != float(scale[0]), "model 1 must have backed off"
+    for m in range(models):
+        single = {k: v[m] for k, v in stacked.items()}
+        single_state, single_scale, single_tracker = (
+            opt.init(single),
+            base["scale"],
+            base["growth_tracker"],
+        )
+        for step, batch in enumerate(TRAIN_BATCHES):
+            single, single_state, single_scale, single_tracker = train_step(
+                single, single_state, single_scale, single_tracker, overflows(step)[m], batch
+            )
+        got = {k: v[m] for k, v in params.items()}
+        assert_trees_close(got, single, rtol=1e-12, atol=1e-14, what=f"model {m} params")
+        member_state = {
+            k: v[m] if k == "step" else {n: t[m] for n, t in v.items()} for k, v in state.items()
+        }
+        assert_trees_close(
+            member_state, single_state, rtol=1e-12, atol=1e-14, what=f"model {m} state"
+        )
+        assert float(scale[m]) == float(single_scale), m

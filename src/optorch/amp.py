@@ -46,10 +46,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from contextlib import nullcontext
 from typing import Any, NamedTuple, Protocol, TypedDict, cast
 
 import torch
 
+from optorch.base import transform_active
+from optorch.engine import records_grad
 from optorch.tree import PyTree, flatten, format_path, unflatten
 
 __all__ = [
@@ -317,11 +320,19 @@ def unscale_grads(
     inv_scale = inverse_scale(state)
     out = list(leaves)
     flags: list[torch.Tensor] = []
-    with torch.no_grad():
+    present = [g for g in leaves if isinstance(g, torch.Tensor)]
+    # a differentiated run (hypergradients through the unscaled grads) or a torch.func
+    # transform (vmap has no batching rule for _foreach_mul) takes one plain product a
+    # tensor, recorded by autograd; otherwise one foreach kernel, outside autograd
+    differentiable = not inplace and (records_grad(*present) or transform_active())
+    context = nullcontext() if differentiable else torch.no_grad()
+    with context:
         for (grad_device, _), indices in groups.items():
             members = [leaves[i] for i in indices]
             factor = inv_scale.to(grad_device)
-            if inplace:
+            if differentiable:
+                unscaled = [member * factor for member in members]
+            elif inplace:
                 torch._foreach_mul_(members, factor)
                 unscaled = members
             else:

@@ -435,9 +435,16 @@ def init_state(rule: Rule, model_or_params: Any, config: Any | None = None) -> d
 
 
 def _field_tree(rule: Rule, name: str, params: PyTree, cfg: Any, *, only_trainable: bool) -> Any:
+    # a pure (differentiable) config keeps a state made from the params (Schedule-Free's
+    # z_0 = x_0) connected to them, for gradients w.r.t. the initial params; in place,
+    # the state is the optimizer's own leaf tensors
+    differentiable = not getattr(cfg, "inplace", True)
+
     def make(p: Any) -> Any:
         if not isinstance(p, torch.Tensor):
             return None
+        if differentiable:
+            return rule.init_field(name, p, cfg)
         with torch.no_grad():
             return rule.init_field(name, p.detach(), cfg)
 
@@ -836,7 +843,7 @@ def _host_step(step: torch.Tensor) -> bool:
     return True
 
 
-def _transform_active() -> bool:
+def transform_active() -> bool:
     """Whether a torch.func transform (grad, vmap, ...) is running: O(1), no tensor scan."""
     try:
         from torch._C._functorch import peek_interpreter_stack
@@ -849,7 +856,7 @@ def _check_transform_mode(rule: Rule, config: Any, prepared: Prepared) -> None:
     if not config.inplace or torch.compiler.is_compiling():
         return
     params_ = [prepared.params[i] for i in prepared.active]
-    if _transform_active():
+    if transform_active():
         from torch._C._functorch import is_functorch_wrapped_tensor
 
         for i in prepared.active:
@@ -915,7 +922,11 @@ def apply_step(
         old_globals[name] = current
     new_globals: dict[str, Any] = {}
     if global_init:
-        seen = {k: (float(v) if host else v) for k, v in old_globals.items()}
+        # read as numbers where that is free (no sync) and loses nothing: not when
+        # autograd records them (a differentiable Schedule-Free run through its lr)
+        seen = {
+            k: (float(v) if host and not v.requires_grad else v) for k, v in old_globals.items()
+        }
         new_globals, extra = rule.advance(config, t_value, lr, multiplier, seen)
         values.update(extra)
     h = Hyper(values, rule.static(config))
@@ -941,7 +952,10 @@ def apply_step(
         new = torch.as_tensor(new_globals[name], dtype=torch.float64, device=old.device)
         if gate is not None:
             new = torch.where(gate, old, new)
-        if config.inplace and state.get(name) is old:
+        # while compiling, the new value takes the old one's place in the dict: inductor
+        # (torch 2.13) drops an in-place write to a 0-d float64 graph input, and these
+        # fields are exactly that (measured: Schedule-Free's weight_sum stayed 0)
+        if config.inplace and state.get(name) is old and not torch.compiler.is_compiling():
             with torch.no_grad():
                 old.copy_(new)
         else:

@@ -402,10 +402,12 @@ def commit_tree(
     return unflatten(spec, commit(old_leaves, new_leaves, inplace=inplace, skip=skip))
 
 
-def clone_leaves(leaves_: Sequence[Any]) -> list[Any]:
-    """Detached copies of the tensor leaves (``None`` kept)."""
+def clone_leaves(leaves_: Sequence[Any], *, differentiable: bool = False) -> list[Any]:
+    """Copies of the tensor leaves (``None`` kept): detached, or for a pure
+    (differentiable) wrapper still connected to the leaves (gradients w.r.t. the
+    initial params flow through an average that starts at them)."""
     return [
-        p.detach().clone(memory_format=torch.preserve_format)
+        (p if differentiable else p.detach()).clone(memory_format=torch.preserve_format)
         if isinstance(p, torch.Tensor)
         else None
         for p in leaves_

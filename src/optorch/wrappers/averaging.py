@@ -48,7 +48,7 @@ class EMA(Wrapper):
         _, leaves_, spec = flatten(tree)
         return {
             "inner": self.inner.init(tree),
-            "ema": unflatten(spec, clone_leaves(leaves_)),
+            "ema": unflatten(spec, clone_leaves(leaves_, differentiable=not self.inplace)),
             "count": counter(leaves_),
         }
 
@@ -189,7 +189,7 @@ class Lookahead(Wrapper):
         _, leaves_, spec = flatten(tree)
         return {
             "inner": self.inner.init(tree),
-            "slow": unflatten(spec, clone_leaves(leaves_)),
+            "slow": unflatten(spec, clone_leaves(leaves_, differentiable=not self.inplace)),
             "count": counter(leaves_),
         }
 
