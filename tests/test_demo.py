@@ -183,6 +183,11 @@ def test_compare_torch_curves_match(tmp_path: Path, precision: str) -> None:
             rtol=rtol,
             atol=atol / 10,
         )
+        # the gradient's norm before the step, unscaled in both (under fp16 optorch's
+        # grads come from the scaled loss; torch's are read after GradScaler.unscale_)
+        torch.testing.assert_close(
+            column(name, "grad_norm"), column(f"{name} [torch]", "grad_norm"), rtol=1e-3, atol=0.0
+        )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["optimizer"] for c in summary["comparisons"]] == ["adamw", "sgd"]
     for comparison in summary["comparisons"]:

@@ -1465,7 +1465,69 @@ CLI_CASES: list[tuple[str, Callable[[Path], list[str]], str]] = [
         r"max_lr: -1\.0",
     ),
     ("steps-negative", lambda d: ["--steps", "-1"], r"Invalid --steps: -1"),
+    ("empty-optimizer-name", lambda d: ["--optimizers", "adamw,"], r"an empty name in 'adamw,'"),
+    ("no-optimizer-names", lambda d: ["--optimizers", ""], r"an empty name in ''"),
+    (
+        "recipe-warmup-beyond-steps",
+        lambda d: ["--config", str(EXAMPLES / "recipe_train.yaml"), "--steps", "10"],
+        r"Invalid train\.warmup_steps of --config: 20 \(must be <= --steps 10\)",
+    ),
 ]
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--threads", "0"], r"Invalid --threads: 0 \(must be >= 1\)"),
+        (["--device", "tpu"], r"Invalid --device: 'tpu'"),
+        (["--steps", "0"], r"Invalid --steps: 0 \(must be >= 1\)"),
+        (["--warmup", "-1"], r"Invalid --warmup: -1 \(must be >= 0\)"),
+        (["--sets", "tiny,nope"], r"Invalid --sets: 'nope' in 'tiny,nope'"),
+        (["--impls", "foreach,"], r"Invalid --impls: an empty name in 'foreach,'"),
+        (["--optimizers", "adamw,nope"], r"Invalid --optimizers: 'nope'"),
+        (["--out", "{file}/sub"], r"Invalid --out: '.*a-file/sub' \(Not a directory\)"),
+        (["--out", "{file}"], r"Invalid --out: '.*a-file' \(File exists\)"),
+    ],
+    ids=[
+        "threads",
+        "device",
+        "steps",
+        "warmup",
+        "sets",
+        "impls",
+        "optimizers",
+        "out-under-file",
+        "out-is-file",
+    ],
+)
+def test_bench_checks_its_arguments_before_any_work(
+    argv: list[str], match: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One line, exit 2, before the bandwidth probe or any timing (nothing is printed)."""
+    (tmp_path / "a-file").write_text("in the way")
+    argv = [a.replace("{file}", str(tmp_path / "a-file")) for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "out")]
+    code = cli_main(["bench", "--sets", "tiny", *argv, *out])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "", captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("optorch bench: error: "), captured.err
+    assert re.search(match, lines[0]), lines[0]
+
+
+def test_demo_refuses_an_unwritable_out_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    code = cli_main(["demo", "--optimizers", "sgd", "--steps", "2", "--out", str(blocker)])
+    captured = capsys.readouterr()
+    assert code == 2 and "step" not in captured.out, captured.out
+    assert re.fullmatch(
+        r"optorch demo: error: Invalid --out: '.*a-file' \(File exists\)\n", captured.err
+    )
 
 
 @pytest.mark.parametrize(

@@ -43,8 +43,9 @@ DESCRIPTION = (
     "Time one optimizer step of optorch's implementations (reference, foreach, compiled) "
     "against torch.optim (for-loop, foreach, fused) on the same params in the same run, "
     "in turns (one step of each variant per round). "
-    "Sets: 'gpt' (a GPT-like model, about 51.5M params in 100 tensors) and 'small' "
-    "(2,000 tensors of 4,096). Prints a table with ratios to torch.optim foreach and to "
+    "Sets: 'gpt' (a GPT-like model, 51.3M params in 100 tensors), 'small' (2,000 "
+    "tensors of 4,096) and 'tiny' (20 tensors, about 12K params: a quick check of the "
+    "command). Prints a table with ratios to torch.optim foreach and to "
     "the floor, and writes bench.json, bench.csv, bench.md and bench.png to --out."
     "\n\nExample: optorch bench --optimizers adamw,sgd --sets gpt --steps 10"
 )
@@ -127,19 +128,33 @@ def param_set(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--optimizers", default="adamw,sgd", help="comma-separated registry names, or 'all'"
+        "--optimizers",
+        default="adamw,sgd",
+        help="comma-separated registry names, or 'all' (default: adamw,sgd)",
     )
     parser.add_argument(
-        "--sets", default="gpt,small", help="comma-separated sets: gpt, small, tiny"
+        "--sets", default="gpt,small", help="comma-separated: gpt, small, tiny (default: gpt,small)"
     )
     parser.add_argument(
-        "--impls", default="reference,foreach,compiled", help="optorch impls to time"
+        "--impls",
+        default="reference,foreach,compiled",
+        help="optorch impls to time (default: reference,foreach,compiled)",
     )
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--out", default="bench-out", help="folder for bench.json/csv/png")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per measurement (default: 10)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps after the first (default: 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch.set_num_threads (default: 2)"
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument(
+        "--out",
+        default="bench-out",
+        help="folder for bench.json, bench.csv, bench.md and bench.png (default: bench-out)",
+    )
     parser.add_argument(
         "--compile-scaling",
         action="store_true",
@@ -365,17 +380,12 @@ def _floor_ms(
 
 def run(args: argparse.Namespace) -> int:
     import optorch
+    from optorch.cli import output_folder
 
+    names, impls, sets = _checked_arguments(args)
+    out = output_folder(args.out)
     torch.set_num_threads(args.threads)
     device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but CUDA is not available")
-    names = sorted(optorch.REGISTRY) if args.optimizers == "all" else args.optimizers.split(",")
-    for name in names:
-        if name not in optorch.REGISTRY:
-            raise ValueError(f"unknown optimizer {name!r}; known: {sorted(optorch.REGISTRY)}")
-    impls = [i for i in args.impls.split(",") if i]
-    sets = [s for s in args.sets.split(",") if s]
     bandwidth = bandwidth_gbs(device)
     cache: dict[str, float] = {}
     rows: list[Row] = []
@@ -422,8 +432,48 @@ def run(args: argparse.Namespace) -> int:
     extra = _compile_scaling(device) if args.compile_scaling else {}
     if extra:
         print("\ncompile scaling:", {k: round(v, 2) for k, v in extra.items()})
-    _write(Path(args.out), rows, bandwidth, device_name, extra)
+    _write(out, rows, bandwidth, device_name, extra)
     return 0
+
+
+#: the param sets of :func:`param_set`
+SETS = ("gpt", "small", "tiny")
+
+
+def _checked_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """Every argument checked before any work (``ValueError`` naming the flag); the
+    optimizer names, impls and sets, as lists."""
+    import optorch
+    from optorch.base import IMPLS
+
+    for flag, value, least in (("steps", args.steps, 1), ("warmup", args.warmup, 0)):
+        if value < least:
+            raise ValueError(f"Invalid --{flag}: {value} (must be >= {least})")
+    if args.threads < 1:
+        raise ValueError(f"Invalid --threads: {args.threads} (must be >= 1)")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"Invalid --device: {args.device!r} (cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid --device: {args.device!r} (cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but CUDA is not available")
+    known = sorted(optorch.REGISTRY)
+    names = known if args.optimizers == "all" else _listed("optimizers", args.optimizers, known)
+    impls = _listed("impls", args.impls, [i for i in IMPLS if i != "auto"])
+    sets = _listed("sets", args.sets, list(SETS))
+    return names, impls, sets
+
+
+def _listed(flag: str, text: str, known: list[str]) -> list[str]:
+    """A comma-separated flag value as a list of known names (no empty ones)."""
+    items = [item.strip() for item in text.split(",")]
+    for item in items:
+        if item not in known:
+            what = "an empty name" if not item else repr(item)
+            raise ValueError(f"Invalid --{flag}: {what} in {text!r} (choose from {known})")
+    return items
 
 
 def _print_table(name: str, rows: list[Row], floor_ms: float, bound: str, param_mb: float) -> None:

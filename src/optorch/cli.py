@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "output_folder"]
+
+
+def output_folder(path: str | os.PathLike[str]) -> Path:
+    """``--out`` made (with its parents) and checked writable before any work starts;
+    ``ValueError`` naming it otherwise (a file in the way, no permission, ...)."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise ValueError(f"Invalid --out: {str(folder)!r} ({exc.strerror or exc})") from None
+    return folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner = demo.run if args.command == "demo" else bench.run
     try:
         return int(runner(args) or 0)
-    except (ValueError, FileNotFoundError, TypeError) as exc:
+    except (ValueError, OSError, TypeError) as exc:
+        # OSError: a file or folder the run reads or writes (FileNotFoundError included)
         print(f"optorch {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

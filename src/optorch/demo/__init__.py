@@ -399,18 +399,21 @@ def _scaler_factory(recipe: Recipe | None, device: torch.device) -> Callable[[],
 def run(args: argparse.Namespace) -> int:
     """Run the demo for parsed ``args``; bad input raises ``ValueError``,
     ``FileNotFoundError`` or ``TypeError`` with a one-line message."""
+    from optorch.cli import output_folder
+
     recipe = load_recipe(args.config) if getattr(args, "config", None) else None
     flags = {key: getattr(args, key, None) for key in DEFAULTS}
     s = resolve(flags, recipe)
     device = parse_device(s["device"])
     check_precision(s["precision"], device)
     recipe_names = recipe.optimizer_names if recipe is not None else ()
-    if getattr(args, "optimizers", None):
+    if getattr(args, "optimizers", None) is not None:
         names = parse_optimizer_names(args.optimizers, recipe_names)
     elif recipe is not None:
         names = list(recipe_names)
     else:
         names = parse_optimizer_names(",".join(DEFAULT_OPTIMIZERS))
+    output_folder(args.out)  # before training: a folder that cannot be written fails now
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(s["threads"])
     try:

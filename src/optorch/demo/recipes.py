@@ -138,7 +138,7 @@ def parse_optimizer_names(text: str, recipe_names: tuple[str, ...] = ()) -> list
     for raw in text.split(","):
         name = raw.strip()
         if not name:
-            continue
+            raise ValueError(f"--optimizers: an empty name in {text!r}")
         if name not in recipe_names:
             name = name.lower().replace("-", "_")
         if name in names:

@@ -130,8 +130,13 @@ def _cell(value: Any, digits: int = 3) -> str:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool) -> str:
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows]
+
+        def line(cells: Sequence[str]) -> str:
+            # a "|" inside a cell ("max |d loss|") would end it: escaped
+            return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+        lines = [line(header), "|" + "|".join("---" for _ in header) + "|"]
+        lines += [line(row) for row in rows]
         return "\n".join(lines)
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)

@@ -280,8 +280,15 @@ def resolve(flags: Mapping[str, Any], recipe: Recipe | None) -> dict[str, Any]:
     if settings["warmup_steps"] is None:
         settings["warmup_steps"] = steps // 10
     if settings["warmup_steps"] > steps:
+
+        def named(key: str) -> str:
+            flag = "--" + key.replace("_", "-")
+            given = flags.get(key) is not None or key not in from_recipe
+            return flag if given else f"train.{key} of --config"
+
         raise ValueError(
-            f"Invalid --warmup-steps: {settings['warmup_steps']} (must be <= --steps {steps})"
+            f"Invalid {named('warmup_steps')}: {settings['warmup_steps']} (must be <= "
+            f"{named('steps')} {steps})"
         )
     if settings["d_model"] % settings["n_heads"]:
         raise ValueError(

@@ -400,6 +400,9 @@ def train_optorch(
             inputs, targets = plan.batch(step)
             lrs = lr_values(optimizer, step)
             skipped: torch.Tensor | None = None
+            # the grads of a scaled loss are scaled: their norm is logged unscaled, as the
+            # torch twin's (after GradScaler.unscale_)
+            grad_scale = float(scaler["scale"]) if scaler is not None else 1.0
             with timer.measure(optimizer_step=False):
                 grads, loss = grad_fn(params, inputs, targets)
                 with timer.measure(optimizer_step=True):
@@ -417,7 +420,7 @@ def train_optorch(
                 tokens=(step + 1) * tokens_per_step,
                 train_loss=loss_value,
                 **lrs,
-                grad_norm=float(_global_norm(list(grads.values()))),
+                grad_norm=float(_global_norm(list(grads.values()))) / grad_scale,
                 param_norm=float(_global_norm(list(params.values()))),
                 opt_step_ms=1000.0 * timer.opt_seconds[-1],
             )
