@@ -146,9 +146,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--warmup", type=int, default=2, help="untimed steps after the first (default: 2)"
     )
-    parser.add_argument(
-        "--threads", type=int, default=2, help="torch.set_num_threads (default: 2)"
-    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default: 2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument(
         "--out",
@@ -379,7 +377,6 @@ def _floor_ms(
 
 
 def run(args: argparse.Namespace) -> int:
-    import optorch
     from optorch.cli import output_folder
 
     names, impls, sets = _checked_arguments(args)

@@ -35,7 +35,7 @@ inspection see everything, and each honours ``skip_if`` for its own state too.
 (['inner', 'skipped_consecutive', 'skipped_total'], ['count', 'grad_mean', 'inner'])
 """
 
-from optorch.wrappers._core import GroupsConfig, Wrapper
+from optorch.wrappers._core import GroupsConfig, Wrapper, commit
 from optorch.wrappers.averaging import EMA, Lookahead, ema, ema_params, lookahead
 from optorch.wrappers.control import Accumulate, SkipNonfinite, accumulate, skip_nonfinite
 from optorch.wrappers.grouping import (
@@ -86,6 +86,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_by_norm_per_param",
     "clip_by_value",
+    "commit",
     "decay_mask",
     "ema",
     "ema_params",
