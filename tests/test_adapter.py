@@ -399,3 +399,34 @@ def test_state_dicts_move_between_the_adapter_and_the_torch_twin(
     reference = run(theirs, theirs)
     for first, second in ((ours, theirs), (theirs, ours), (ours, ours)):
         torch.testing.assert_close(run(first, second), reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flags", "impl"),
+    [
+        ({"foreach": True}, "foreach"),
+        ({"foreach": False}, "reference"),
+        ({"fused": True}, "compiled"),
+        ({"capturable": False, "differentiable": False}, "auto"),
+    ],
+)
+def test_torch_implementation_flags_are_accepted(flags: dict[str, Any], impl: str) -> None:
+    """Code that builds ``torch.optim.AdamW(..., foreach=True)`` keeps working: the flag
+    picks optorch's engine, and the run still equals torch's with the same flag."""
+    ours = drive(lambda p: TorchOptimizer(p, "adamw", lr=0.01, weight_decay=0.1, **flags), 10)
+    assert ours[1].functional.config.impl == impl
+    theirs = drive(lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.1, **flags), 10)
+    assert_same_run(ours, theirs, ADAM_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        ({"differentiable": True}, r"differentiable=True is not supported"),
+        ({"fused": True, "foreach": True}, r"cannot both be set"),
+        ({"foreach": True, "impl": "compiled"}, r"impl='compiled' contradicts foreach=True"),
+    ],
+)
+def test_contradictory_implementation_flags_are_refused(flags: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TorchOptimizer([torch.nn.Parameter(torch.ones(2))], "adamw", **flags)

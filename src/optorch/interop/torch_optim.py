@@ -87,6 +87,31 @@ class _Bucket:
     state: dict[str, Any]
 
 
+def _implementation_flags(hyperparams: dict[str, Any]) -> dict[str, Any]:
+    """``hyperparams`` with torch.optim's implementation flags (``foreach``, ``fused``,
+    ``capturable``, ``differentiable``) turned into optorch's ``impl`` or dropped."""
+    out = dict(hyperparams)
+    foreach = out.pop("foreach", None)
+    fused = out.pop("fused", None)
+    out.pop("capturable", None)
+    if out.pop("differentiable", False):
+        raise ValueError(
+            "TorchOptimizer: differentiable=True is not supported (the adapter steps in "
+            "place); differentiate through a pure optorch step (inplace=False) instead"
+        )
+    if fused and foreach:
+        raise ValueError("TorchOptimizer: fused=True and foreach=True cannot both be set")
+    chosen = "compiled" if fused else {True: "foreach", False: "reference"}.get(foreach)
+    if chosen is not None:
+        if out.get("impl", chosen) != chosen:
+            raise ValueError(
+                f"TorchOptimizer: impl={out['impl']!r} contradicts "
+                f"{'fused' if fused else 'foreach'}={fused or foreach!r}"
+            )
+        out["impl"] = chosen
+    return out
+
+
 def _freeze(value: Any) -> Hashable:
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
@@ -104,6 +129,14 @@ class TorchOptimizer(torch.optim.Optimizer):
     supported: param groups take their place). ``hyperparams``: config fields
     (``lr`` or ``max_lr`` for the learning rate), applied to the optimizer's config.
 
+    torch.optim's implementation flags are accepted, so that code constructing a torch
+    optimizer keeps working: ``foreach=True`` selects ``impl="foreach"`` and
+    ``foreach=False`` ``impl="reference"`` (the per-tensor loop), ``fused=True`` selects
+    ``impl="compiled"`` (one generated kernel per chunk of tensors), ``capturable`` has
+    no effect (optorch's steps never read device values to the host), and
+    ``differentiable=True`` is refused (the adapter steps in place; use a pure optorch
+    step, ``inplace=False``, to differentiate through it).
+
     Raises ``ValueError``/``TypeError`` from the config's validation for bad values, at
     construction for the defaults and at each step for group values.
     """
@@ -114,6 +147,7 @@ class TorchOptimizer(torch.optim.Optimizer):
         optimizer: str | Optimizer = "adamw",
         **hyperparams: Any,
     ) -> None:
+        hyperparams = _implementation_flags(hyperparams)
         if "lr" in hyperparams:
             if "max_lr" in hyperparams:
                 raise TypeError("TorchOptimizer: give the learning rate as lr or max_lr, not both")
