@@ -594,6 +594,19 @@ def test_schedule_output_is_checked_before_writing(
     _assert_step_raises(inputs, error, match)
 
 
+@pytest.mark.parametrize("name", REGISTRY_NAMES)
+def test_a_tensor_given_twice_is_refused_in_place(name: str) -> None:
+    """A tied weight listed twice would be updated twice by an in-place step."""
+    opt = optorch.get_optimizer(name)
+    tied = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
+    params = {"layer": {"w": tied}, "b": tied}
+    grads = _grads_like(params)
+    inputs = StepInputs(opt, params, grads, opt.init(params), {}, (params,))
+    _assert_step_raises(
+        inputs, ValueError, r"params at \['b'\] and \['layer'\]\['w'\] are the same memory"
+    )
+
+
 def test_muon_rejects_non_matrix_params() -> None:
     opt = optorch.get_optimizer("muon")
     params = {"w": torch.ones(3, 2), "bias": torch.ones(2)}

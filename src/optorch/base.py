@@ -819,7 +819,33 @@ def _checked_active(
                 )
             _check_state_leaf(rule, config, name, path, param, leaf)
         active.append(i)
+    if config.inplace:
+        _check_no_aliases(rule, text_paths, param_leaves, active)
     return active
+
+
+def _check_no_aliases(
+    rule: Rule, paths: list[str], param_leaves: list[Any], active: list[int]
+) -> None:
+    """In place, one tensor given twice (tied weights listed twice) would be updated
+    twice; two params on the same memory are refused, naming both."""
+    seen: dict[tuple[Any, ...], int] = {}
+    for i in active:
+        param = param_leaves[i]
+        # plain tensors only: a wrapper subclass (FSDP2's DTensor) has no memory of its
+        # own (its data_ptr is 0 for every param)
+        if type(param) not in (torch.Tensor, torch.nn.Parameter) or param.numel() == 0:
+            continue
+        if param.device.type == "meta" or param.data_ptr() == 0:
+            continue
+        key = (param.device, param.data_ptr(), param.shape, param.stride(), param.dtype)
+        first = seen.setdefault(key, i)
+        if first != i:
+            raise ValueError(
+                f"{rule.name}: params at {paths[first]} and {paths[i]} are the same memory "
+                "(a tied weight given twice?): an in-place step would update it twice; "
+                "give each tensor once"
+            )
 
 
 def rule_optional_fields(rule: Rule) -> tuple[str, ...]:
