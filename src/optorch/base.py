@@ -538,6 +538,31 @@ def _check_tensor_pair(
         raise ValueError(
             f"{what} at {path} is on {other.device} but the param is on {param.device}"
         )
+    _check_same_mesh(what, path, param, other)
+
+
+def _is_dtensor(tensor: Any) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def _check_same_mesh(what: str, path: str, param: torch.Tensor, other: torch.Tensor) -> None:
+    """A ``DTensor`` param (FSDP2) needs ``DTensor`` grads and state on its mesh (any
+    placements); a plain tensor next to it fails deep inside torch's dispatch."""
+    if _is_dtensor(param) == _is_dtensor(other):
+        if _is_dtensor(param) and other.device_mesh != param.device_mesh:  # type: ignore[attr-defined]
+            raise ValueError(
+                f"{what} at {path} is a DTensor on mesh {other.device_mesh} but the param's "  # type: ignore[attr-defined]
+                f"mesh is {param.device_mesh}"  # type: ignore[attr-defined]
+            )
+        return
+    if _is_dtensor(param):
+        hint = (
+            "create the state with init() after sharding the model"
+            if what.startswith("state")
+            else "take the grads of the sharded model"
+        )
+        raise ValueError(f"{what} at {path} is a plain tensor but the param is a DTensor; {hint}")
+    raise ValueError(f"{what} at {path} is a DTensor but the param is a plain tensor")
 
 
 def _check_state_leaf(
@@ -558,6 +583,7 @@ def _check_state_leaf(
         )
     if leaf.device != param.device:
         raise ValueError(f"{what} at {path} is on {leaf.device} but the param is on {param.device}")
+    _check_same_mesh(what, path, param, leaf)
 
 
 # --------------------------------------------------------------------------------------
@@ -829,16 +855,22 @@ def _check_no_aliases(
 ) -> None:
     """In place, one tensor given twice (tied weights listed twice) would be updated
     twice; two params on the same memory are refused, naming both."""
+    if torch.compiler.is_compiling():
+        return  # dynamo cannot trace a data pointer; the eager steps have checked
     seen: dict[tuple[Any, ...], int] = {}
     for i in active:
         param = param_leaves[i]
         # plain tensors only: a wrapper subclass (FSDP2's DTensor) has no memory of its
-        # own (its data_ptr is 0 for every param)
+        # own (its data_ptr is 0 for every param), nor has a torch.func-wrapped tensor
         if type(param) not in (torch.Tensor, torch.nn.Parameter) or param.numel() == 0:
             continue
-        if param.device.type == "meta" or param.data_ptr() == 0:
+        try:
+            address = param.data_ptr()
+        except RuntimeError:
             continue
-        key = (param.device, param.data_ptr(), param.shape, param.stride(), param.dtype)
+        if param.device.type == "meta" or address == 0:
+            continue
+        key = (param.device, address, param.shape, param.stride(), param.dtype)
         first = seen.setdefault(key, i)
         if first != i:
             raise ValueError(
