@@ -117,7 +117,14 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("dtensor_pure-adamw-foreach", "adamw", "foreach", parallel="dtensor_pure"),
     Scenario("dtensor_pure-lamb-foreach", "lamb", "foreach", parallel="dtensor_pure"),
     Scenario("example-fsdp_train", "adamw", parallel="example"),
+    Scenario("edges-dtensor", "sgd", parallel="edges"),
 )
+#: The global row of ``pure_params()["w"]`` made non-finite at ``POISON_STEP`` of the
+#: scaler runs: row 3, the first of rank 1's shard (rows 0-2 are rank 0's).
+POISON_ROW, POISON_STEP = 3, 2
+#: Optimizers of the loss-scaler runs on DTensors: elementwise (the local-shard fast
+#: path) and one with norms (DTensor dispatch).
+SCALER_KINDS = ("sgd", "lamb")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp_train.py"
 EXAMPLE_STEPS = 30
 
@@ -210,6 +217,62 @@ def train_pure(
     return initial, params, state
 
 
+def poisoned_grads(step: int) -> dict[str, torch.Tensor]:
+    """``pure_grads``, with one non-finite entry at ``POISON_STEP``."""
+    grads = pure_grads(step)
+    if step == POISON_STEP:
+        grads["w"][POISON_ROW, 0] = float("inf")
+    return grads
+
+
+def train_scaled(
+    kind: str, layout: Callable[[torch.Tensor], torch.Tensor], *, skip_wrapper: bool
+) -> tuple[dict[str, torch.Tensor], Any, list[float]]:
+    """``STEPS`` steps through ``amp.scaled_step`` (or ``skip_nonfinite``) on
+    ``pure_params`` laid out by ``layout``; one grad is non-finite at ``POISON_STEP``.
+    Returns the params, the state and each step's found_inf (or skip count)."""
+    from optorch import amp
+
+    optimizer: Any = make_optimizer(kind, "auto")
+    if skip_wrapper:
+        optimizer = wrappers.skip_nonfinite(optimizer)
+    params = {name: layout(value) for name, value in pure_params().items()}
+    state = optimizer.init(params)
+    scaler = amp.init_grad_scaler(init_scale=2.0**4)
+    flags: list[float] = []
+    for step in range(STEPS):
+        grads = {name: layout(value) for name, value in poisoned_grads(step).items()}
+        if skip_wrapper:
+            params, state = optimizer.step(params, grads, state)
+            flags.append(float(state["skipped_total"]))
+        else:
+            scaled = {name: value * scaler["scale"] for name, value in grads.items()}
+            params, state, scaler, found_inf = amp.scaled_step(
+                optimizer, params, scaled, state, scaler
+            )
+            flags.append(float(found_inf))
+    return params, state, flags
+
+
+def one_row_params() -> dict[str, torch.Tensor]:
+    """A one-row matrix (a ``Linear(h, 1)`` head): Adafactor's column factor has its
+    shape, and along dim 0 only rank 0 holds anything."""
+    return {"head": torch.randn(1, IN_FEATURES, generator=torch.Generator().manual_seed(9))}
+
+
+def train_one_row(
+    inplace: bool, layout: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Any]:
+    optimizer = make_optimizer("adafactor", "auto").replace(inplace=inplace)
+    params = {name: layout(value) for name, value in one_row_params().items()}
+    state = optimizer.init(params)
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(3000 + step)
+        grads = {"head": layout(torch.randn(1, IN_FEATURES, generator=gen))}
+        params, state = optimizer.step(params, grads, state)
+    return params, state
+
+
 def checkpoint_dir(out_dir: str, world_size: int) -> str:
     """Where the DCP scenarios keep the checkpoint written on ``world_size`` ranks."""
     return os.path.join(out_dir, f"checkpoint-{world_size}-ranks")
@@ -290,10 +353,66 @@ def run_pure(scenario: Scenario) -> dict[str, Any]:
     }
 
 
+def _message_of(call: Callable[[], Any]) -> str:
+    try:
+        call()
+    except Exception as exc:  # the error each rank got, for the test to read
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def run_edges(rank: int, out_dir: str) -> dict[str, Any]:
+    """Edge cases of DTensor params, each found broken once: the loss scaler's and
+    skip_nonfinite's decision over sharded grads, Adafactor on a one-row matrix, a
+    checkpoint folder missing on one rank only, state made before sharding, and
+    gather_full of a replicated leaf."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+
+    def rows(t: torch.Tensor) -> torch.Tensor:
+        return distribute_tensor(t, mesh, [Shard(0)])
+
+    out: dict[str, Any] = {}
+    for kind in SCALER_KINDS:
+        for skip_wrapper in (False, True):
+            params, state, flags = train_scaled(kind, rows, skip_wrapper=skip_wrapper)
+            key = f"scaled-{kind}-{'skip_nonfinite' if skip_wrapper else 'scaler'}"
+            out[key] = {"params": gather_full(params), "state": gather_full(state), "flags": flags}
+    for inplace in (True, False):
+        params, state = train_one_row(inplace, rows)
+        out[f"one_row-{'inplace' if inplace else 'pure'}"] = {
+            "params": gather_full(params),
+            "state": gather_full(state),
+            "placements": str(tuple(params["head"].placements)),  # type: ignore[attr-defined]
+        }
+    template = {"optim": make_optimizer("adamw", "auto").init({"w": rows(pure_params()["w"])})}
+    folder = os.path.join(out_dir, "edges-checkpoint")
+    save_sharded(folder, template)
+    here = folder if rank == 0 else os.path.join(out_dir, "edges-not-here")
+    messages: list[Any] = [None] * WORLD_SIZE
+    dist.all_gather_object(messages, _message_of(lambda: load_sharded(here, template)))
+    out["missing_on_one_rank"] = messages
+    plain_state = make_optimizer("adamw", "auto").init(pure_params())
+    sharded = {name: rows(value) for name, value in pure_params().items()}
+    out["state_before_sharding"] = _message_of(
+        lambda: make_optimizer("adamw", "auto").step(
+            sharded, {k: rows(v) for k, v in pure_grads(0).items()}, plain_state
+        )
+    )
+    replicated = distribute_tensor(torch.ones(3), mesh, [Replicate()])
+    snapshot = gather_full({"x": replicated})["x"]
+    replicated.to_local().add_(1.0)
+    out["gathered_replicated"] = snapshot
+    return out
+
+
 def run_scenario(scenario: Scenario, rank: int, out_dir: str) -> dict[str, Any]:
     """Train on this rank's half of each batch; return the gathered results."""
     if scenario.parallel == "example":
         return run_example(out_dir)
+    if scenario.parallel == "edges":
+        return run_edges(rank, out_dir)
     if scenario.parallel == "dtensor_pure":
         return run_pure(scenario)
     inner = make_model(bias=scenario.bias)

@@ -430,3 +430,31 @@ def test_torch_implementation_flags_are_accepted(flags: dict[str, Any], impl: st
 def test_contradictory_implementation_flags_are_refused(flags: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TorchOptimizer([torch.nn.Parameter(torch.ones(2))], "adamw", **flags)
+
+
+@pytest.mark.parametrize("name", ["adamw", "schedule_free_adamw"])
+def test_state_dicts_keyed_by_param_name_load(name: str) -> None:
+    """torch.distributed.checkpoint's get/set_optimizer_state_dict (how FSDP2 and DCP
+    save torch.optim optimizers) key the state by param name, not by integer id; the
+    rule-wide values (Schedule-Free's weight_sum) must still reach their params."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = TorchOptimizer(model.parameters(), name, lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(4, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = get_optimizer_state_dict(model, opt)
+    assert sorted(saved["state"]) == ["bias", "weight"]
+    before = copy.deepcopy(opt.state_dict())
+    resumed = TorchOptimizer(model.parameters(), name, lr=1e-2)
+    set_optimizer_state_dict(model, resumed, saved)
+    after = resumed.state_dict()
+    for index, per_param in before["state"].items():
+        for key, value in per_param.items():
+            assert torch.equal(after["state"][index][key], value), (index, key)

@@ -24,6 +24,8 @@ from _dist_worker import (
     CHECKPOINT_AT,
     CLIP_MAX_NORM,
     EXAMPLE_STEPS,
+    POISON_STEP,
+    SCALER_KINDS,
     SCENARIOS,
     STEPS,
     Scenario,
@@ -32,7 +34,9 @@ from _dist_worker import (
     make_optimizer,
     may_compile,
     train,
+    train_one_row,
     train_pure,
+    train_scaled,
     train_single,
 )
 from conftest import assert_trees_close, assert_trees_equal
@@ -60,6 +64,7 @@ DCP_SAVE = next(s for s in SCENARIOS if s.parallel == "dcp_save")
 DCP_LOAD = next(s for s in SCENARIOS if s.parallel == "dcp_load")
 PURE = [s for s in SCENARIOS if s.parallel == "dtensor_pure"]
 EXAMPLE_SCENARIO = next(s for s in SCENARIOS if s.parallel == "example")
+EDGES = next(s for s in SCENARIOS if s.parallel == "edges")
 #: Optimizers whose step reads whole-tensor norms or means: reduced over the mesh.
 REDUCING = {"lars", "lamb", "adafactor", "clip_adamw"}
 
@@ -317,3 +322,53 @@ _NOT_A_PATH: Any = 3
 def test_bad_arguments(tmp_path: Path, call: Any, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         call(tmp_path)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@pytest.mark.parametrize("kind", SCALER_KINDS)
+@pytest.mark.parametrize("how", ["scaler", "skip_nonfinite"])
+def test_skipped_steps_over_sharded_grads_match_single_process(
+    dist_results: Path, kind: str, how: str
+) -> None:
+    """The loss scaler's found_inf and skip_nonfinite's check over DTensor grads (only
+    rank 1's shard holds the inf) were DTensors, and the step failed on every rank."""
+    got = load_result(dist_results, EDGES)[f"scaled-{kind}-{how}"]
+    params, state, flags = train_scaled(kind, _plain, skip_wrapper=how == "skip_nonfinite")
+    assert got["flags"] == flags
+    assert flags[POISON_STEP] == 1.0 and (how == "skip_nonfinite" or sum(flags) == 1.0)
+    assert_trees_close(got["params"], params, **TOLERANCE, what=f"{kind} {how} params")
+    assert_trees_close(got["state"], state, **TOLERANCE, what=f"{kind} {how} state")
+
+
+@pytest.mark.parametrize("mode", ["inplace", "pure"])
+def test_adafactor_on_a_sharded_one_row_matrix(dist_results: Path, mode: str) -> None:
+    """Its column factor has the matrix's shape; it was sharded along the rows it is a
+    mean over, and the step failed in place (pure mode changed the param's layout)."""
+    got = load_result(dist_results, EDGES)[f"one_row-{mode}"]
+    assert got["placements"] == "(Shard(dim=0),)"
+    params, state = train_one_row(mode == "inplace", _plain)
+    assert_trees_close(got["params"], params, **TOLERANCE, what="params")
+    assert_trees_close(got["state"], state, **TOLERANCE, what="state")
+
+
+def test_a_checkpoint_folder_missing_on_one_rank_fails_on_every_rank(dist_results: Path) -> None:
+    """Both ranks raise at once (the rank that has the folder did wait in dcp.load)."""
+    messages = load_result(dist_results, EDGES)["missing_on_one_rank"]
+    assert messages[0].startswith("FileNotFoundError: load_sharded: the checkpoint folder")
+    assert "missing on 1 rank(s)" in messages[0]
+    assert messages[1].startswith("FileNotFoundError: load_sharded: no checkpoint folder")
+
+
+def test_state_made_before_sharding_is_refused_naming_the_leaf(dist_results: Path) -> None:
+    message = load_result(dist_results, EDGES)["state_before_sharding"]
+    assert message == (
+        "ValueError: state 'exp_avg' at ['b'] is a plain tensor but the param is a DTensor; "
+        "create the state with init() after sharding the model"
+    )
+
+
+def test_gather_full_of_a_replicated_leaf_is_a_copy(dist_results: Path) -> None:
+    assert torch.equal(load_result(dist_results, EDGES)["gathered_replicated"], torch.ones(3))

@@ -298,8 +298,10 @@ class AdafactorRule(Rule):
         return param.shape
 
     def init_field(self, name: str, param: torch.Tensor, config: AdafactorConfig) -> torch.Tensor:
-        # sharded like a DTensor param where the shapes agree (FSDP2)
-        return zeros_laid_out_like(param, self.state_shape(name, param, config))
+        # sharded like a DTensor param where the shapes agree (FSDP2), never along the
+        # dim a factor is a mean over (a one-row matrix's column factor has its shape)
+        reduced = {"row_var": (-1,), "col_var": (-2,)}.get(name, ()) if param.dim() >= 2 else ()
+        return zeros_laid_out_like(param, self.state_shape(name, param, config), reduced)
 
     def leaf_key(self, param: torch.Tensor, config: AdafactorConfig) -> Any:
         # (factored, column mean by row blocks): each pair is a compiled kernel of its

@@ -52,7 +52,7 @@ from typing import Any, NamedTuple, Protocol, TypedDict, cast
 import torch
 
 from optorch.base import transform_active
-from optorch.engine import records_grad
+from optorch.engine import records_grad, whole_flag
 from optorch.tree import PyTree, flatten, format_path, unflatten
 
 __all__ = [
@@ -339,7 +339,8 @@ def unscale_grads(
                 unscaled = list(torch._foreach_mul(members, factor))
             for i, tensor in zip(indices, unscaled, strict=True):
                 out[i] = tensor
-                flags.append(torch.isfinite(tensor).all().logical_not().to(out_device))
+                flag = whole_flag(torch.isfinite(tensor).all().logical_not())
+                flags.append(flag.to(out_device))
     if flags:
         found_inf = torch.stack(flags).any().to(torch.float32)
     else:

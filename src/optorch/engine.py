@@ -63,6 +63,7 @@ __all__ = [
     "scalar_sqrt",
     "select",
     "where",
+    "whole_flag",
     "zeros_laid_out_like",
 ]
 
@@ -324,12 +325,15 @@ def norm_sharing_pass(x: Any, other: Any) -> Any:
     return x.norm()
 
 
-def zeros_laid_out_like(param: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def zeros_laid_out_like(
+    param: torch.Tensor, shape: Sequence[int], reduced: Sequence[int] = ()
+) -> torch.Tensor:
     """Zeros of ``shape`` in ``param``'s dtype and device, laid out like ``param``.
 
     For a ``DTensor`` param, a ``DTensor`` on its mesh that keeps each ``Shard(d)`` of
-    the param where ``shape`` has the param's size along ``d``, and is replicated along
-    the others (e.g. a moment reduced to size 1 along ``d``): each rank allocates only
+    the param where ``shape`` has the param's size along ``d`` and ``d`` is not one of
+    the ``reduced`` dims (a statistic taken over ``d``, of size 1 there even when the
+    param's size is 1 too), and is replicated along the others: each rank allocates only
     its part, and no step has to gather it. For a plain param, plain zeros.
     """
     if not _is_dtensor(param):
@@ -337,9 +341,13 @@ def zeros_laid_out_like(param: torch.Tensor, shape: Sequence[int]) -> torch.Tens
     from torch.distributed.tensor import Replicate, Shard, zeros
 
     same_rank = len(shape) == param.dim()
+    kept = {d % param.dim() for d in reduced} if param.dim() else set()
     placements = [
         p
-        if isinstance(p, Shard) and same_rank and shape[p.dim] == param.shape[p.dim]
+        if isinstance(p, Shard)
+        and same_rank
+        and shape[p.dim] == param.shape[p.dim]
+        and p.dim % param.dim() not in kept
         else Replicate()
         for p in param.placements  # type: ignore[attr-defined]
     ]
@@ -882,7 +890,7 @@ def _copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         return
     if any(_is_dtensor(d) for d, _ in pairs):
         for d, s in pairs:
-            d.copy_(s)
+            d.copy_(_same_layout_as(s, d))
         return
     torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
 
@@ -898,9 +906,25 @@ def _gate(gate: Any, new: Any, old: Any) -> Any:
 
 def _same_dtype(new: Any, old: Any) -> Any:
     """Keep a tensor output in its input's dtype: a 0-d float64 scalar (e.g. an injected
-    learning rate) would otherwise promote a 0-d float32 param and its state."""
+    learning rate) would otherwise promote a 0-d float32 param and its state; and a
+    ``DTensor`` output in its input's placements (see :func:`_same_layout_as`)."""
     if isinstance(new, torch.Tensor) and new.dtype != old.dtype:
-        return new.to(old.dtype)
+        new = new.to(old.dtype)
+    return _same_layout_as(new, old)
+
+
+def _same_layout_as(new: Any, old: Any) -> Any:
+    """A ``DTensor`` result redistributed to its input's placements where DTensor's
+    sharding propagation chose others (a one-row matrix sharded along its rows, whose
+    update broadcasts a factor along that dim, came back replicated), so that an
+    in-place copy and the caller's FSDP params keep their layout."""
+    if (
+        _is_dtensor(new)
+        and _is_dtensor(old)
+        and new.placements != old.placements
+        and new.device_mesh == old.device_mesh
+    ):
+        return new.redistribute(old.device_mesh, old.placements)
     return new
 
 
@@ -939,6 +963,16 @@ def resolve_impl(rule: Any, config: Any) -> str:
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
     return type(tensor).__name__ == "DTensor"
+
+
+def whole_flag(flag: torch.Tensor) -> torch.Tensor:
+    """A 0-d decision (``found_inf``, "all finite") as a plain tensor: over ``DTensor``
+    grads (FSDP2) a reduction is itself a ``DTensor``, and a gate must be a plain tensor
+    to select between the plain local shards the step writes (every rank gets the
+    same value: the reduction over all shards)."""
+    if _is_dtensor(flag):
+        return flag.full_tensor()  # type: ignore[attr-defined]
+    return flag
 
 
 _DTYPE = operator.attrgetter("dtype")

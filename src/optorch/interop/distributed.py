@@ -86,7 +86,12 @@ def gather_full(tree: Any) -> Any:
     """
 
     def full(leaf: Any) -> Any:
-        return leaf.full_tensor() if is_dtensor(leaf) else leaf
+        if not is_dtensor(leaf):
+            return leaf
+        whole = leaf.full_tensor()
+        # a replicated leaf's full tensor is its local buffer, which the next in-place
+        # step writes: a copy, so that what was gathered stays what it was
+        return whole.clone() if whole.data_ptr() == leaf.to_local().data_ptr() else whole
 
     return optree.tree_map(full, tree, none_is_leaf=True)
 
@@ -158,7 +163,21 @@ def load_sharded(
     who = "load_sharded"
     checkpoint_id = _checkpoint_id(who, path)
     _check_state(who, template)
-    if not os.path.isdir(checkpoint_id):
+    found = os.path.isdir(checkpoint_id)
+    if is_distributed():
+        # every rank decides together: one rank raising while the others enter the
+        # collective load would leave those waiting until the group's timeout
+        flag = torch.tensor([0 if found else 1], dtype=torch.int32)
+        if torch.distributed.get_backend(process_group) == "nccl":
+            flag = flag.cuda()
+        torch.distributed.all_reduce(flag, group=process_group)
+        missing_somewhere = int(flag.item())
+        if found and missing_somewhere:
+            raise FileNotFoundError(
+                f"{who}: the checkpoint folder {checkpoint_id!r} is missing on "
+                f"{missing_somewhere} rank(s) (storage not shared between ranks?)"
+            )
+    if not found:
         raise FileNotFoundError(f"{who}: no checkpoint folder at {checkpoint_id!r}")
     with _single_process_quietly():
         dcp.load(

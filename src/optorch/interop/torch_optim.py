@@ -320,9 +320,14 @@ class TorchOptimizer(torch.optim.Optimizer):
         super().load_state_dict(dict(state_dict))
         if not kept:
             return
+        # saved keys are matched to the params by position in the saved groups, as
+        # torch does: integer ids, or the names torch.distributed.checkpoint's
+        # get/set_optimizer_state_dict use
+        saved = [key for group in state_dict["param_groups"] for key in group["params"]]
         ordered = [p for group in self.param_groups for p in group["params"]]
+        position = dict(zip(saved, ordered, strict=False))
         for key, values in kept.items():
-            param = ordered[int(key)]
+            param = position[key]
             for name, value in values.items():
                 self.state[param][name] = value.to(device=param.device)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from optorch.engine import whole_flag
 from optorch.tree import PyTree, flatten, unflatten
 from optorch.wrappers._core import (
     Wrapper,
@@ -197,7 +198,7 @@ def accumulate(optimizer: Any, *, every: int) -> Accumulate:
 def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     if not tensors:
         return torch.ones((), dtype=torch.bool, device=device)
-    return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
+    return torch.stack([whole_flag(torch.isfinite(t).all()).to(device) for t in tensors]).all()
 
 
 class SkipNonfinite(Wrapper):
