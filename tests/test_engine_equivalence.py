@@ -231,3 +231,37 @@ def test_compiled_sends_small_tensors_to_foreach(monkeypatch: pytest.MonkeyPatch
     for key in params:
         torch.testing.assert_close(params[key], reference[key], rtol=1e-6, atol=1e-7)
     assert invoked == []  # no compiled kernel ran: the update above came from foreach
+
+
+@pytest.mark.parametrize("name", ["adam", "lamb"])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+def test_compiled_float16_keeps_the_reference_roundings(
+    monkeypatch: pytest.MonkeyPatch, name: str, inplace: bool
+) -> None:
+    """Eager float16 rounds every op (``(1 - beta2) * g^2`` underflows to 0 for small
+    grads, as in torch.optim, and the step then overflows); the compiled kernel must
+    round the same way, not keep float32 between ops. Measured before it did: Adam's
+    compiled step stayed finite where the reference overflowed, and LAMB's pure
+    compiled step (norm pass and update pass rounding differently) moved params by 2.7
+    at lr 1e-3."""
+    from optorch import engine
+
+    monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 2)  # the compiled kernel runs
+    gen = torch.Generator().manual_seed(0)
+    params0 = {"w": (torch.randn(64, 32, generator=gen) * 0.5).half()}
+    grads = [{"w": torch.randn(64, 32, generator=gen).half()} for _ in range(3)]
+    results = []
+    for impl in ("reference", "compiled"):
+        opt = optorch.get_optimizer(name, impl=impl, inplace=inplace)
+        params = {k: v.clone() for k, v in params0.items()}
+        state = opt.init(params)
+        for g in grads:
+            params, state = opt.step(params, g, state)
+        results.append((params, state))
+    (ref_params, ref_state), (params, state) = results
+    # one float16 rounding (a fused multiply-add, say) is still allowed per element
+    torch.testing.assert_close(params["w"], ref_params["w"], rtol=2e-3, atol=2e-3, equal_nan=True)
+    for field in opt.rule.fields(opt.config):
+        torch.testing.assert_close(
+            state[field]["w"], ref_state[field]["w"], rtol=2e-3, atol=2e-3, equal_nan=True
+        )

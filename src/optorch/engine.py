@@ -1036,12 +1036,19 @@ def _run_reference(
 
 
 def _foreach_chunks(
-    rule: Any, params: list[torch.Tensor], indices: list[int], limit: int | None = None
+    rule: Any,
+    params: list[torch.Tensor],
+    indices: list[int],
+    limit: int | None = None,
+    operands: Sequence[list[torch.Tensor]] = (),
 ) -> list[list[tuple[int, slice | None]]]:
     """Split a group into chunks of about ``limit`` (FOREACH_CHUNK_NUMEL) elements.
 
     Each entry is (tensor index, flat slice or None for the whole tensor); slicing is
-    used only for elementwise rules on contiguous tensors.
+    used only for elementwise rules when the param and every one of its ``operands``
+    (grads, state fields) is contiguous: a flat slice is a view of each of them (a
+    transposed grad or a state loaded in another layout has none; measured, that failed
+    with part of the step already written).
     """
     limit = FOREACH_CHUNK_NUMEL if limit is None else limit
     numels = list(map(torch.Tensor.numel, [params[i] for i in indices]))
@@ -1053,7 +1060,8 @@ def _foreach_chunks(
     for i, n in zip(indices, numels, strict=True):
         if n > limit:
             p = params[i]
-            if rule.elementwise and p.is_contiguous() and not _is_dtensor(p):
+            sliceable = all(column[i].is_contiguous() for column in operands)
+            if rule.elementwise and p.is_contiguous() and sliceable and not _is_dtensor(p):
                 for start in range(0, n, limit):
                     chunks.append([(i, slice(start, min(n, start + limit)))])
                 continue
@@ -1150,7 +1158,7 @@ def _run_foreach(
             # the GPT-like set took 2.05 ms a step unchunked)
             run_chunk(h_group, [(i, None) for i in indices])
             continue
-        chunks = _foreach_chunks(rule, params, indices)
+        chunks = _foreach_chunks(rule, params, indices, operands=[grads, *states])
         may_thread = (
             len(chunks) > 2
             and device.type == "cpu"
@@ -1162,7 +1170,11 @@ def _run_foreach(
         for chunk in chunks:
             if may_thread and _below_grain(params, chunk):
                 whole = [i for i, _ in chunk]
-                small.extend(_foreach_chunks(rule, params, whole, THREADED_CHUNK_NUMEL))
+                small.extend(
+                    _foreach_chunks(
+                        rule, params, whole, THREADED_CHUNK_NUMEL, operands=[grads, *states]
+                    )
+                )
             else:
                 large.append(chunk)
         program: Program | None = None
@@ -1434,6 +1446,14 @@ def _compiled_fn(
         code, chunk_step.__globals__, code.co_name, None, chunk_step.__closure__
     )
     options = {**_inductor_options(device_type), **_known_options(rule.inductor_options)}
+    if dtype in _LOW_PRECISION:
+        # eager ATen rounds each op's result to float16/bfloat16; inductor would keep a
+        # fused expression in float32 and round once. Emulating eager's roundings keeps
+        # the compiled step the reference's (measured without: float16 Adam's 1 - beta2
+        # times a small g^2 underflowed to 0 in the reference and not in the kernel, so
+        # one impl overflowed and the other did not; LAMB's norm pass and update pass
+        # then disagreed and a pure step moved params by 2.7 at lr 1e-3)
+        options = {**options, **_known_options({"emulate_precision_casts": True})}
     if flat and not rule.elementwise and device_type == "cpu":
         options = {**options, **_RECOMPUTE}
     fn = torch.compile(unique, dynamic=True, fullgraph=True, options=options)
