@@ -568,6 +568,23 @@ def test_params_converted_after_a_step_are_checked_again(name: str) -> None:
     )
 
 
+@pytest.mark.parametrize("name", REGISTRY_NAMES)
+def test_state_converted_after_a_step_is_checked_again(name: str) -> None:
+    """A state tensor whose data was swapped for another dtype after a step (the same
+    object, which the step's check cache knows) is refused as a new one would be."""
+    opt, params, grads, state = _base(name)
+    field = _first_field(opt)
+    leaf = state[field]["layer"]["w"]
+    leaf.data = leaf.data.double()
+    inputs = StepInputs(opt, params, grads, state, {}, (params, state))
+    _assert_step_raises(
+        inputs,
+        TypeError,
+        rf"state '{field}' at \['layer'\]\['w'\] has dtype torch\.float64 but the param has "
+        r"dtype torch\.float32",
+    )
+
+
 @pytest.mark.parametrize(
     ("multiplier", "error", "match"),
     [

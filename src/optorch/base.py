@@ -718,6 +718,12 @@ def _fast_active(
     for attribute, known in zip((_SHAPE, _DTYPE, _DEVICE), checked, strict=True):
         if list(map(attribute, params_)) != known or list(map(attribute, grads_)) != known:
             return None
+    # the same holds for the state (``.data`` swapped, say, for another dtype)
+    for name in names:
+        if fields[name]:
+            column = [fields[name][i] for i in active]
+            if list(map(_DTYPE, column)) != checked[1] or list(map(_DEVICE, column)) != checked[2]:
+                return None
     return active
 
 
