@@ -15,6 +15,7 @@ learning rate follows a tensor-friendly cosine schedule.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch._dynamo.utils
 from conftest import assert_trees_close, assert_trees_equal, clone_tree, generator, grad_sequence
 
 import optorch
+import optorch.builder
 
 STEPS = 20
 
@@ -265,3 +267,38 @@ def test_compiled_float16_keeps_the_reference_roundings(
         torch.testing.assert_close(
             state[field]["w"], ref_state[field]["w"], rtol=2e-3, atol=2e-3, equal_nan=True
         )
+
+
+_DECAYING = sorted(
+    name
+    for name in optorch.builder.REGISTRY
+    if name != "muon"  # matrices only
+    and "weight_decay" in {f.name for f in dataclasses.fields(optorch.get_optimizer(name).config)}
+)
+
+
+@pytest.mark.parametrize("name", _DECAYING)
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+def test_a_float64_tensor_hyperparameter_keeps_a_scalar_param_float32(
+    name: str, inplace: bool, impl: str
+) -> None:
+    """A 0-d float32 param (a learnable scale) and a 0-d float64 ``weight_decay`` (a
+    tensor hyperparameter, as ``inject_hyperparams`` makes it) promoted each other to
+    float64 mid-rule, and Adam's lerp into its float32 state failed. The step must
+    equal the one with the same value as a Python float, in float32."""
+    gen = torch.Generator().manual_seed(4)
+    params0 = {"scale": torch.randn((), generator=gen), "w": torch.randn(3, 2, generator=gen)}
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params0.items()} for _ in range(5)]
+    results = []
+    for decay in (0.1, torch.tensor(0.1, dtype=torch.float64)):
+        opt = optorch.get_optimizer(name, weight_decay=decay, impl=impl, inplace=inplace)
+        params = {k: v.clone() for k, v in params0.items()}
+        state = opt.init(params)
+        for g in grads:
+            params, state = opt.step(params, g, state)
+        results.append((params, state))
+    (want, want_state), (got, got_state) = results
+    assert got["scale"].dtype == torch.float32 and got["scale"].shape == ()
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-7, what="params")
+    assert_trees_close(got_state, want_state, rtol=1e-6, atol=1e-7, what="state")

@@ -607,3 +607,19 @@ def test_converges_on_mlp_regression() -> None:
         params, state = optimizer.step(params, gradient(params), state)
     final = float(loss(params))
     assert final < 3e-3, f"loss {start:.3f} -> {final:.5f} after 100 steps"
+
+
+@pytest.mark.parametrize("shape", [(5, 0), (0, 0), (0, 5)])
+@pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+def test_an_empty_matrix_is_left_as_it_is(
+    shape: tuple[int, int], adjust_lr_fn: str | None, impl: str
+) -> None:
+    """Nothing to update, as every optimizer does for empty tensors (the lr factor
+    divided by the column count: ZeroDivisionError for (n, 0))."""
+    opt = optorch.get_optimizer("muon", adjust_lr_fn=adjust_lr_fn, impl=impl)
+    params = {"empty": torch.zeros(shape), "w": torch.ones(4, 3)}
+    state = opt.init(params)
+    params, state = opt.step(params, {"empty": torch.zeros(shape), "w": torch.ones(4, 3)}, state)
+    assert params["empty"].shape == shape and int(state["step"]) == 1
+    assert not torch.equal(params["w"], torch.ones(4, 3))

@@ -1150,3 +1150,25 @@ def test_injected_negative_lr_is_refused_at_the_step() -> None:
     with pytest.raises(ValueError, match=r"max_lr.*-1"):
         opt.step(params, grad_sequence(50, params, 1)[0], state)
     assert_unchanged([params, state], before)
+
+
+def test_a_field_made_on_a_later_step_covers_leaves_without_a_grad_then() -> None:
+    """A field the config adds after init (SGD's momentum injected from 0, AMSGrad
+    turned on) is made on the first step that needs it, for every leaf that carries
+    state: also for a leaf without a gradient on that step, which was refused ever
+    after ('has a gradient but no state')."""
+    opt = wrappers.inject_hyperparams(_sgd(max_lr=0.1, momentum=0.0), names=["momentum"])
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    state = wrappers.set_hyperparam(opt.init(params), "momentum", 0.9)
+    params, state = opt.step(params, {"a": torch.ones(2), "b": None}, state)
+    assert torch.equal(state["inner"]["momentum"]["b"], torch.zeros(2))
+    params, state = opt.step(params, {"a": torch.ones(2), "b": torch.ones(2)}, state)
+    assert torch.equal(params["b"], torch.full((2,), 0.9))  # one plain step of -lr * g
+
+    adam = optorch.get_optimizer("adam", max_lr=0.1)
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    state = adam.init(params)
+    amsgrad = adam.replace(amsgrad=True)
+    params, state = amsgrad.step(params, {"a": torch.ones(2), "b": None}, state)
+    params, state = amsgrad.step(params, {"a": torch.ones(2), "b": torch.ones(2)}, state)
+    assert float(state["max_exp_avg_sq"]["b"][0]) > 0.0

@@ -997,12 +997,25 @@ def apply_step(
 
     new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
     # fields a config needs that the state lacks (seed-style dicts, amsgrad turned on)
+    # A leaf gets the new field where it has state already (another field's leaf), or,
+    # when no field says which leaves carry state, where it is a tensor: also the leaves
+    # without a gradient this step, which would otherwise be refused later for having
+    # none (measured: SGD's momentum injected after init, a param unused on that step)
     with torch.no_grad():
+        existing = [prepared.fields[name] for name in names if prepared.fields[name]]
+        carries = [
+            i in prepared.active
+            or (
+                isinstance(p, torch.Tensor)
+                and (not existing or any(column[i] is not None for column in existing))
+            )
+            for i, p in enumerate(prepared.params)
+        ]
         for name in names:
             if not prepared.fields[name]:
                 leaves_ = [
-                    rule.init_field(name, p.detach(), config) if i in set(prepared.active) else None
-                    for i, p in enumerate(prepared.params)
+                    rule.init_field(name, p.detach(), config) if carried else None
+                    for p, carried in zip(prepared.params, carries, strict=True)
                 ]
                 prepared.fields[name] = leaves_
                 new_state[name] = unflatten(prepared.spec, leaves_)

@@ -1804,6 +1804,8 @@ def run(
             if config.inplace:
                 return list(params), [list(field) for field in states]
             return _as_dtensors(new_p, params), [_as_dtensors(col, params) for col in new_s]
+    if any(p.dim() == 0 for p in params) and not _is_dtensor(params[0]):
+        return _run_as_vectors(rule, config, h, params, grads, states, gate)
     impl = resolve_impl(rule, config)
     tensors = _step_tensors(params, grads, h, gate)
     if impl != "reference" and _under_functorch(tensors):
@@ -1829,3 +1831,47 @@ def run(
     context = torch.no_grad() if config.inplace else nullcontext()
     with context:
         return executor(rule, h, params, grads, states, config.inplace, leaf_keys, gate)
+
+
+def _run_as_vectors(
+    rule: Any,
+    config: Any,
+    h: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    gate: torch.Tensor | None,
+) -> Lists:
+    """:func:`run` with every 0-d operand seen as a 1-element vector (a view: in place,
+    the writes reach the 0-d tensors).
+
+    Two 0-d operands promote to the wider dtype, so a 0-d float32 param (a learnable
+    scale) times a 0-d float64 hyperparameter (``weight_decay`` as a tensor, or
+    injected) became float64 mid-rule, and an op mixing it with the float32 state
+    failed (``lerp``); a vector and a 0-d number keep the vector's dtype.
+    """
+
+    def vector(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(1) if t.dim() == 0 else t
+
+    def back(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return new.reshape(()) if old.dim() == 0 else new
+
+    new_p, new_s = run(
+        rule,
+        config,
+        h,
+        [vector(p) for p in params],
+        [vector(g) for g in grads],
+        [[vector(t) for t in field] for field in states],
+        gate,
+    )
+    if config.inplace:
+        return list(params), [list(field) for field in states]
+    return (
+        [back(n, o) for n, o in zip(new_p, params, strict=True)],
+        [
+            [back(n, o) for n, o in zip(column, field, strict=True)]
+            for column, field in zip(new_s, states, strict=True)
+        ],
+    )

@@ -190,6 +190,8 @@ def lr_scale(shape: Sequence[int], adjust_lr_fn: str | None) -> float:
     rows, cols = shape[0], shape[1]
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
+    if cols == 0:  # an empty matrix: nothing is updated, any factor will do
+        return 1.0
     return math.sqrt(max(1.0, rows / cols))
 
 
