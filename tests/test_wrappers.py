@@ -1172,3 +1172,35 @@ def test_a_field_made_on_a_later_step_covers_leaves_without_a_grad_then() -> Non
     params, state = amsgrad.step(params, {"a": torch.ones(2), "b": None}, state)
     params, state = amsgrad.step(params, {"a": torch.ones(2), "b": torch.ones(2)}, state)
     assert float(state["max_exp_avg_sq"]["b"][0]) > 0.0
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+def test_a_partition_group_without_params_is_left_out_and_compiles(inplace: bool) -> None:
+    """A label that no param gets (no 1-D params in the model, say) has nothing to step:
+    its state stays as it is, eagerly and under torch.compile(fullgraph=True), where its
+    all-None trees failed to trace."""
+
+    def build() -> Any:
+        sgd = optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.9, inplace=inplace)
+        return wrappers.partition(
+            lambda path, p: "matrix" if p.ndim == 2 else "vector", {"matrix": sgd, "vector": sgd}
+        )
+
+    runs = []
+    for compiled in (False, True):
+        opt = build()
+        params = {"w": torch.ones(2, 3), "v": torch.ones(3, 2)}
+        state = opt.init(params)
+        empty_before = clone_tree(state["groups"]["vector"])
+
+        def step(p: Any, g: Any, s: Any, opt: Any = opt) -> Any:
+            return opt.step(p, g, s)
+
+        stepper = torch.compile(step, fullgraph=True) if compiled else step
+        for k in range(3):
+            grads = {name: torch.full_like(value, 0.1 * (k + 1)) for name, value in params.items()}
+            params, state = stepper(params, grads, state)
+        assert_trees_equal(state["groups"]["vector"], empty_before, what="the empty group")
+        runs.append((params, state))
+    assert_trees_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-7, what="params")
+    assert_trees_close(runs[1][1], runs[0][1], rtol=1e-6, atol=1e-7, what="state")

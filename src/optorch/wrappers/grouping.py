@@ -291,12 +291,18 @@ class Partition:
         routed = self._split_overrides(hyper_overrides)
         # every group is checked before any is stepped: an in-place step must not leave
         # some groups updated when a later group's inputs are rejected
-        for label, opt in self.optimizers.items():
+        # a group no param is labelled with has nothing to step (as a torch param group
+        # without params): it is left out, and its state stays as it is (its all-None
+        # trees also failed to trace under torch.compile)
+        chosen_of = {
+            label: [lab == label and x is not None for lab, x in zip(labels, p_leaves, strict=True)]
+            for label in self.optimizers
+        }
+        stepped = {label: opt for label, opt in self.optimizers.items() if any(chosen_of[label])}
+        for label, opt in stepped.items():
             check = getattr(opt, "check", None)
             if check is not None:
-                chosen = [
-                    lab == label and x is not None for lab, x in zip(labels, p_leaves, strict=True)
-                ]
+                chosen = chosen_of[label]
                 check(
                     restricted(p_leaves, chosen, spec),
                     restricted(g_leaves, chosen, spec),
@@ -305,10 +311,8 @@ class Partition:
                 )
         out_leaves = list(p_leaves)
         new_groups: dict[Hashable, Any] = {}
-        for label, opt in self.optimizers.items():
-            chosen = [
-                lab == label and x is not None for lab, x in zip(labels, p_leaves, strict=True)
-            ]
+        for label, opt in stepped.items():
+            chosen = chosen_of[label]
             new_sub, new_groups[label] = opt.step(
                 restricted(p_leaves, chosen, spec),
                 restricted(g_leaves, chosen, spec),
