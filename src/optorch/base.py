@@ -956,6 +956,10 @@ def apply_step(
 
     ``hyper_overrides``: config fields to use for this step instead of the config's
     (floats or 0-d tensors, e.g. an injected ``max_lr``); the config is not modified.
+    With ``impl="compiled"``, a rule's config-only values (``betas``, ``eps``,
+    ``weight_decay``, ...) given as Python floats are constants of the kernel, so a
+    float that changes from step to step compiles a kernel per value: pass values that
+    change as 0-d tensors (as ``inject_hyperparams`` does); ``max_lr`` may be either.
     ``skip_if``: a 0-d bool tensor; where true, params and state (the step count
     included) come back bit-identical, decided on the device without a host sync.
     """

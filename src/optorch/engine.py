@@ -1326,8 +1326,10 @@ def _scalar_pack(
     Returns ``(names, pack, others, constants)``: ``pack[i]`` holds the value named
     ``names[i]``; ``others`` are the non-numeric values; ``constants`` the Python numbers
     named in ``constant_names`` (the rule's ``config_scalars``), which the kernel is
-    built with (see :func:`_compiled_fn`). One tensor input
-    instead of one per value: a change of any value never recompiles, there is a
+    built with (see :func:`_compiled_fn`): a new Python-number value of one of those
+    (a float ``weight_decay`` or ``betas`` changed between steps) builds a new kernel,
+    while 0-d tensors travel in the pack. One tensor input
+    instead of one per value: a change of a packed value never recompiles, there is a
     single argument to guard on, and no 0-d tensor input, which dynamo would trace as
     a symbolic float through ``.item()`` and then restart its analysis to specialize
     (seconds of compile time).
