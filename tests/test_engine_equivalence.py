@@ -235,6 +235,16 @@ def test_compiled_sends_small_tensors_to_foreach(monkeypatch: pytest.MonkeyPatch
     assert invoked == []  # no compiled kernel ran: the update above came from foreach
 
 
+def _steps_from(opt: Any, params0: dict[str, torch.Tensor], grads: list[Any]) -> tuple[Any, Any]:
+    """``opt``'s params and state after one step per entry of ``grads``, from copies of
+    ``params0``."""
+    params = {k: v.clone() for k, v in params0.items()}
+    state = opt.init(params)
+    for g in grads:
+        params, state = opt.step(params, g, state)
+    return params, state
+
+
 @pytest.mark.parametrize("name", ["adam", "lamb"])
 @pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
 def test_compiled_float16_keeps_the_reference_roundings(
@@ -252,15 +262,9 @@ def test_compiled_float16_keeps_the_reference_roundings(
     gen = torch.Generator().manual_seed(0)
     params0 = {"w": (torch.randn(64, 32, generator=gen) * 0.5).half()}
     grads = [{"w": torch.randn(64, 32, generator=gen).half()} for _ in range(3)]
-    results = []
-    for impl in ("reference", "compiled"):
-        opt = optorch.get_optimizer(name, impl=impl, inplace=inplace)
-        params = {k: v.clone() for k, v in params0.items()}
-        state = opt.init(params)
-        for g in grads:
-            params, state = opt.step(params, g, state)
-        results.append((params, state))
-    (ref_params, ref_state), (params, state) = results
+    opt = optorch.get_optimizer(name, impl="reference", inplace=inplace)
+    ref_params, ref_state = _steps_from(opt, params0, grads)
+    params, state = _steps_from(opt.replace(impl="compiled"), params0, grads)
     # one float16 rounding (a fused multiply-add, say) is still allowed per element
     torch.testing.assert_close(params["w"], ref_params["w"], rtol=2e-3, atol=2e-3, equal_nan=True)
     for field in opt.rule.fields(opt.config):
@@ -290,15 +294,10 @@ def test_a_float64_tensor_hyperparameter_keeps_a_scalar_param_float32(
     gen = torch.Generator().manual_seed(4)
     params0 = {"scale": torch.randn((), generator=gen), "w": torch.randn(3, 2, generator=gen)}
     grads = [{k: torch.randn(v.shape, generator=gen) for k, v in params0.items()} for _ in range(5)]
-    results = []
-    for decay in (0.1, torch.tensor(0.1, dtype=torch.float64)):
-        opt = optorch.get_optimizer(name, weight_decay=decay, impl=impl, inplace=inplace)
-        params = {k: v.clone() for k, v in params0.items()}
-        state = opt.init(params)
-        for g in grads:
-            params, state = opt.step(params, g, state)
-        results.append((params, state))
-    (want, want_state), (got, got_state) = results
+    opt = optorch.get_optimizer(name, weight_decay=0.1, impl=impl, inplace=inplace)
+    want, want_state = _steps_from(opt, params0, grads)
+    as_tensor = opt.replace(weight_decay=torch.tensor(0.1, dtype=torch.float64))
+    got, got_state = _steps_from(as_tensor, params0, grads)
     assert got["scale"].dtype == torch.float32 and got["scale"].shape == ()
     assert_trees_close(got, want, rtol=1e-6, atol=1e-7, what="params")
     assert_trees_close(got_state, want_state, rtol=1e-6, atol=1e-7, what="state")
