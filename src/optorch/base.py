@@ -1005,18 +1005,20 @@ def apply_step(
     # when no field says which leaves carry state, where it is a tensor: also the leaves
     # without a gradient this step, which would otherwise be refused later for having
     # none (measured: SGD's momentum injected after init, a param unused on that step)
-    with torch.no_grad():
+    missing = [name for name in names if not prepared.fields[name]]
+    if missing:
         existing = [prepared.fields[name] for name in names if prepared.fields[name]]
+        active = set(prepared.active)
         carries = [
-            i in prepared.active
+            i in active
             or (
                 isinstance(p, torch.Tensor)
                 and (not existing or any(column[i] is not None for column in existing))
             )
             for i, p in enumerate(prepared.params)
         ]
-        for name in names:
-            if not prepared.fields[name]:
+        with torch.no_grad():
+            for name in missing:
                 leaves_ = [
                     rule.init_field(name, p.detach(), config) if carried else None
                     for p, carried in zip(prepared.params, carries, strict=True)
