@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from optorch.base import Hyper, Rule
+from optorch.base import Hyper, Rule, _is_dtensor
 
 __all__ = [
     "CHUNK",
@@ -959,10 +959,6 @@ def resolve_impl(rule: Any, config: Any) -> str:
     if impl == "foreach" and not _any_foreach_leaf(rule):
         return "reference"
     return impl
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
 
 
 def whole_flag(flag: torch.Tensor) -> torch.Tensor:

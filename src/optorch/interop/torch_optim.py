@@ -289,6 +289,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             names = rule.fields(config)
             global_names = tuple(rule.global_fields(config))
             _, new_state = apply_step(rule, config, bucket.params, bucket.grads, bucket.state)
+            nadam = rule.name == "nadam"
+            mu_product = self._mu_product(config, bucket.taken + 1) if nadam else None
             for index, (param, state) in enumerate(zip(bucket.params, bucket.states, strict=True)):
                 state["step"].add_(1)
                 for name in names:
@@ -299,8 +301,8 @@ class TorchOptimizer(torch.optim.Optimizer):
                         state[name] = value if index == 0 else value.clone()
                     else:
                         state[name].copy_(value)
-                if rule.name == "nadam":
-                    state["mu_product"] = self._mu_product(config, bucket.taken + 1)
+                if mu_product is not None:  # one tensor per param, as torch keeps it
+                    state["mu_product"] = mu_product.clone()
                 self.state[param] = state
 
     # ----------------------------------------------------------------------------------

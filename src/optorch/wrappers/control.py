@@ -28,6 +28,7 @@ from optorch.wrappers._core import (
     counter,
     either,
     expect_keys,
+    first_device,
     host_readable,
     params_tree,
 )
@@ -134,13 +135,8 @@ class Accumulate(Wrapper):
         if check is not None:
             check(params, grads, inner_state, hyper_overrides=overrides)
             return
-        skip = torch.ones((), dtype=torch.bool, device=self._device(params))
+        skip = torch.ones((), dtype=torch.bool, device=first_device(flatten(params)[1]))
         self.inner.step(params, grads, inner_state, hyper_overrides=overrides, skip_if=skip)
-
-    @staticmethod
-    def _device(params: PyTree) -> torch.device:
-        first = next((p for p in flatten(params)[1] if isinstance(p, torch.Tensor)), None)
-        return torch.device("cpu") if first is None else first.device
 
     def _state(
         self,
