@@ -372,3 +372,45 @@ def test_steps_never_wait_for_the_device(name: str, impl: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(state["step"]) == 5
+
+
+# CUDA graphs (optorch.graphs) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_graph_replays_equal_plain_compiled_steps(name: str) -> None:
+    """In-place compiled steps replayed as CUDA graphs (new grad tensors every step, an
+    lr schedule, a skip that alternates) equal the same steps without graphs; the
+    replays never wait for the device. Not yet run on a GPU: written without one."""
+    if not torch.device(DEVICE).type == "cuda":
+        pytest.skip("CUDA graphs need a CUDA device (tests/test_graphs.py emulates them)")
+    from optorch import graphs
+    from optorch.schedule import step_decay
+
+    graphs.clear()
+    optimizer = optorch.get_optimizer(
+        name, **HYPER[name], impl="compiled", schedule=step_decay(step_size=5, gamma=0.5)
+    )
+    start = start_params(21, shapes_for(name), torch.float32, DEVICE)
+    plain, graphed = clone_tree(start), clone_tree(start)
+    plain_state, graphed_state = optimizer.init(plain), optimizer.init(graphed)
+    sequence = grad_steps(22, start)
+    before = graphs.stats()
+    for k, grads in enumerate(sequence):
+        grads = on(grads, torch.float32, DEVICE)
+        skip = torch.tensor(k % 7 == 3, device=DEVICE)
+        optimizer.step(plain, grads, plain_state, skip_if=skip)
+        with graphs.enabled():
+            if k >= STEPS - 3:  # recorded, replayed since: no waiting now
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                optimizer.step(graphed, clone_tree(grads), graphed_state, skip_if=skip.clone())
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    after = graphs.stats()
+    assert after["failed"] == before["failed"]
+    assert after["replayed"] - before["replayed"] == STEPS - 1
+    assert_trees_close(graphed, plain, **F32_VS_F32, what=f"{name} params")
+    assert_trees_close(graphed_state, plain_state, **F32_VS_F32, what=f"{name} state")
+    graphs.clear()

@@ -963,19 +963,104 @@ def apply_step(
     ``skip_if``: a 0-d bool tensor; where true, params and state (the step count
     included) come back bit-identical, decided on the device without a host sync.
     """
-    from optorch import engine
+    from optorch import graphs
 
     gate = _check_gate(rule, skip_if)
+    base_config = config
     if hyper_overrides:
         config = _overridden(config, hyper_overrides)
     prepared = prepare(rule, config, params, grads, state)
     _check_transform_mode(rule, config, prepared)
     names = rule.fields(config)
     step = prepared.step
+    if _host_step(step) and int(step) < 0:
+        raise ValueError(f"{rule.name}: state['step'] must not be negative, got {step!r}")
+
+    new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
+    _add_missing_fields(rule, config, prepared, names, new_state)
+
+    def advance(config: Any, prepared: Prepared, gate: torch.Tensor | None) -> Any:
+        return _advance(rule, config, prepared, state, new_state, gate)
+
+    if (
+        graphs.ENABLED
+        and config.inplace
+        and graphs.try_step(rule, base_config, hyper_overrides, prepared, state, gate, advance)
+    ):
+        return params, new_state
+    new_p, new_s = advance(config, prepared, gate)
+    if config.inplace:
+        if not isinstance(new_state, dict):  # a read-only mapping was passed
+            new_state = dict(new_state)
+        return params, new_state
+
+    param_leaves = list(prepared.params)
+    for i, tensor in zip(prepared.active, new_p, strict=True):
+        param_leaves[i] = tensor
+    out_params = unflatten(prepared.spec, param_leaves)
+    for name, tensors in zip(names, new_s, strict=True):
+        leaves_ = list(prepared.fields[name])
+        for i, tensor in zip(prepared.active, tensors, strict=True):
+            leaves_[i] = tensor
+        source = state.get(name)
+        if source is not None:
+            new_state[name] = _rebuild_like(source, prepared, leaves_)
+        else:
+            new_state[name] = unflatten(prepared.spec, leaves_)
+    return out_params, new_state
+
+
+def _add_missing_fields(
+    rule: Rule, config: Any, prepared: Prepared, names: tuple[str, ...], new_state: dict[str, Any]
+) -> None:
+    """Create the fields a config needs that the state lacks (seed-style dicts, amsgrad
+    turned on), in ``prepared`` and ``new_state``.
+
+    A leaf gets the new field where it has state already (another field's leaf), or,
+    when no field says which leaves carry state, where it is a tensor: also the leaves
+    without a gradient this step, which would otherwise be refused later for having
+    none (measured: SGD's momentum injected after init, a param unused on that step).
+    """
+    missing = [name for name in names if not prepared.fields[name]]
+    if not missing:
+        return
+    existing = [prepared.fields[name] for name in names if prepared.fields[name]]
+    active = set(prepared.active)
+    carries = [
+        i in active
+        or (
+            isinstance(p, torch.Tensor)
+            and (not existing or any(column[i] is not None for column in existing))
+        )
+        for i, p in enumerate(prepared.params)
+    ]
+    with torch.no_grad():
+        for name in missing:
+            leaves_ = [
+                rule.init_field(name, p.detach(), config) if carried else None
+                for p, carried in zip(prepared.params, carries, strict=True)
+            ]
+            prepared.fields[name] = leaves_
+            new_state[name] = unflatten(prepared.spec, leaves_)
+
+
+def _advance(
+    rule: Rule,
+    config: Any,
+    prepared: Prepared,
+    state: Mapping[str, Any],
+    new_state: dict[str, Any],
+    gate: torch.Tensor | None,
+) -> Any:
+    """The step itself, on checked inputs: the per-step values, the engine, the global
+    fields and the step count. In place, writes the tensors and (for fields the state
+    did not hold as tensors) ``new_state``; returns the engine's (params, states)."""
+    from optorch import engine
+
+    names = rule.fields(config)
+    step = prepared.step
     host = _host_step(step)
     taken: Any = int(step) if host else step
-    if host and taken < 0:
-        raise ValueError(f"{rule.name}: state['step'] must not be negative, got {step!r}")
     multiplier = config.lr_multiplier(taken)
     lr = config.max_lr * multiplier
     t = taken + 1
@@ -999,37 +1084,10 @@ def apply_step(
         values.update(extra)
     h = Hyper(values, rule.static(config))
 
-    new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
-    # fields a config needs that the state lacks (seed-style dicts, amsgrad turned on)
-    # A leaf gets the new field where it has state already (another field's leaf), or,
-    # when no field says which leaves carry state, where it is a tensor: also the leaves
-    # without a gradient this step, which would otherwise be refused later for having
-    # none (measured: SGD's momentum injected after init, a param unused on that step)
-    missing = [name for name in names if not prepared.fields[name]]
-    if missing:
-        existing = [prepared.fields[name] for name in names if prepared.fields[name]]
-        active = set(prepared.active)
-        carries = [
-            i in active
-            or (
-                isinstance(p, torch.Tensor)
-                and (not existing or any(column[i] is not None for column in existing))
-            )
-            for i, p in enumerate(prepared.params)
-        ]
-        with torch.no_grad():
-            for name in missing:
-                leaves_ = [
-                    rule.init_field(name, p.detach(), config) if carried else None
-                    for p, carried in zip(prepared.params, carries, strict=True)
-                ]
-                prepared.fields[name] = leaves_
-                new_state[name] = unflatten(prepared.spec, leaves_)
-
     p_active = [prepared.params[i] for i in prepared.active]
     g_active = [prepared.grads[i] for i in prepared.active]
     s_active = [[prepared.fields[name][i] for i in prepared.active] for name in names]
-    new_p, new_s = engine.run(rule, config, h, p_active, g_active, s_active, gate)
+    result = engine.run(rule, config, h, p_active, g_active, s_active, gate)
     increment: Any = 1 if gate is None else (~gate).to(torch.int64)
     for name, old in old_globals.items():
         new = torch.as_tensor(new_globals[name], dtype=torch.float64, device=old.device)
@@ -1043,32 +1101,12 @@ def apply_step(
                 old.copy_(new)
         else:
             new_state[name] = new
-
-    if config.inplace:
-        if STEP in state and isinstance(state[STEP], torch.Tensor) and state[STEP] is step:
-            with torch.no_grad():
-                step.add_(increment)
-        else:
-            new_state[STEP] = step + increment
-        if not isinstance(new_state, dict):  # a read-only mapping was passed
-            new_state = dict(new_state)
-        return params, new_state
-
-    param_leaves = list(prepared.params)
-    for i, tensor in zip(prepared.active, new_p, strict=True):
-        param_leaves[i] = tensor
-    out_params = unflatten(prepared.spec, param_leaves)
-    for name, tensors in zip(names, new_s, strict=True):
-        leaves_ = list(prepared.fields[name])
-        for i, tensor in zip(prepared.active, tensors, strict=True):
-            leaves_[i] = tensor
-        source = state.get(name)
-        if source is not None:
-            new_state[name] = _rebuild_like(source, prepared, leaves_)
-        else:
-            new_state[name] = unflatten(prepared.spec, leaves_)
-    new_state[STEP] = step + increment
-    return out_params, new_state
+    if config.inplace and STEP in state and state[STEP] is step:
+        with torch.no_grad():
+            step.add_(increment)
+    else:
+        new_state[STEP] = step + increment
+    return result
 
 
 def _check_gate(rule: Rule, skip_if: Any) -> torch.Tensor | None:

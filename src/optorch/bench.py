@@ -138,7 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--impls",
         default="reference,foreach,compiled",
-        help="optorch impls to time (default: reference,foreach,compiled)",
+        help=(
+            "optorch impls to time: reference, foreach, compiled, and on CUDA 'graphed' "
+            "(compiled, replayed as CUDA graphs: optorch.graphs) "
+            "(default: reference,foreach,compiled)"
+        ),
     )
     parser.add_argument(
         "--steps", type=int, default=10, help="timed steps per measurement (default: 10)"
@@ -322,17 +326,23 @@ def _torch_step(name: str, params: list[torch.Tensor], variant: str) -> Callable
     return optimizer.step
 
 
+#: The bench's own impl: ``impl="compiled"`` replayed as CUDA graphs (optorch.graphs).
+GRAPHED = "graphed"
+
+
 def _optorch_step(name: str, params: list[torch.Tensor], impl: str) -> Callable[[], None]:
     import optorch
+    from optorch import graphs
 
     kwargs = dict(_OPTORCH_KW.get(name, {}))
-    opt = optorch.get_optimizer(name, impl=impl, **kwargs)
+    opt = optorch.get_optimizer(name, impl="compiled" if impl == GRAPHED else impl, **kwargs)
     tensors = [p.clone() for p in params]
     grads = [torch.randn_like(t) * 1e-3 for t in tensors]
     box = {"state": opt.init(tensors)}
 
     def step() -> None:
-        _, box["state"] = opt.step(tensors, grads, box["state"])
+        with graphs.enabled(impl == GRAPHED):
+            _, box["state"] = opt.step(tensors, grads, box["state"])
 
     return step
 
@@ -458,7 +468,9 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], 
         raise ValueError("--device cuda requested but CUDA is not available")
     known = sorted(optorch.REGISTRY)
     names = known if args.optimizers == "all" else _listed("optimizers", args.optimizers, known)
-    impls = _listed("impls", args.impls, [i for i in IMPLS if i != "auto"])
+    impls = _listed("impls", args.impls, [*(i for i in IMPLS if i != "auto"), GRAPHED])
+    if GRAPHED in impls and device.type != "cuda":
+        raise ValueError(f"Invalid --impls: {GRAPHED!r} (CUDA graphs) needs --device cuda")
     sets = _listed("sets", args.sets, list(SETS))
     return names, impls, sets
 

@@ -454,7 +454,9 @@ def _foreach_mul_exact_(tensors: list[torch.Tensor], other: Any) -> None:
         and tensors
         and tensors[0].dtype in _LOW_PRECISION
     ):
-        other = torch.tensor(float(other), dtype=torch.float32, device=tensors[0].device)
+        # a fill, not a copy from pageable host memory (no wait for the device, and
+        # nothing a CUDA graph would replay from freed host memory)
+        other = torch.full((), float(other), dtype=torch.float32, device=tensors[0].device)
     torch._foreach_mul_(tensors, other)
 
 
@@ -1361,6 +1363,17 @@ def _pack_values(numbers: list[Any], device: torch.device) -> torch.Tensor:
     the device are put in place there; values that autograd records keep the plain path.
     """
     tensors = [v for v in numbers if isinstance(v, torch.Tensor)]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # being recorded as a CUDA graph (optorch.graphs): a copy from pinned memory
+        # would be replayed from that host memory, long since reused; a fill kernel
+        # holds its number itself (host numbers here are the config's constants)
+        pack = torch.empty(len(numbers), dtype=torch.float64, device=device)
+        for index, value in enumerate(numbers):
+            if isinstance(value, torch.Tensor):
+                pack[index].copy_(value.reshape(()))
+            else:
+                pack[index].fill_(float(value))
+        return pack
     if device.type != "cuda" or any(t.requires_grad for t in tensors):
         if tensors:
             return torch.stack(

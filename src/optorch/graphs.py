@@ -1,0 +1,350 @@
+"""CUDA-graph replay of in-place compiled steps (opt-in; not yet measured on a GPU).
+
+On a GPU, an optimizer step over a model's hundred-odd tensors is bound by host time:
+dynamo's guards, the compiled wrappers, one kernel launch per tensor and the per-step
+values cost milliseconds while the kernels run for a fraction of one (measured on an
+H200: compiled AdamW 5.0 ms a step, 0.57 ms of it on the device; see
+``docs/benchmarks.md``). A CUDA graph records a step's kernels once and replays them
+with one launch.
+
+With graphs on (``OPTORCH_CUDA_GRAPHS=1`` in the environment, ``graphs.ENABLED = True``
+or ``with graphs.enabled():``), an in-place step with ``impl="compiled"`` on CUDA
+params is run the normal way the first time it is seen (which also warms the kernels
+up), recorded as a graph, and from then on replayed:
+
+* params and state are the tensors the graph was recorded on: the same tensors in
+  place, step after step, as in any training loop. A param or state tensor replaced
+  (a loaded checkpoint, ``.data`` swapped, a new state dict) records a new graph;
+* grads may be new tensors each step (``zero_grad(set_to_none=True)``): a grad not at
+  the recorded address is copied into the recorded one (one foreach copy), so the
+  graph keeps the first step's grads alive (one grad's worth of memory);
+* ``skip_if`` and ``hyper_overrides`` given as tensors are copied into the graph's own
+  0-d tensors each step; an override given as a Python number is a constant of the
+  kernels, and such a step is not graphed;
+* every per-step value is computed inside the graph from the step count, which lives
+  on the device; a ``schedule`` must be one of :mod:`optorch.schedule`'s (a function of
+  the step alone) for a step to be graphed: a callable of the user's may return
+  something else each step, which a replay would not see;
+* the config is compared field by field each step; a changed field records anew;
+* the inputs are checked every step as without graphs (``Optimizer.check`` errors,
+  nothing changed).
+
+A step that cannot be recorded (something in it waits for the device, say) runs the
+normal way from then on, with one warning naming the reason; so do the steps of a
+config that keeps recording (more than :data:`MAX_RECORDINGS` graphs in a row without
+a replay). :func:`clear` drops every graph and the tensors it holds.
+
+Whether replay reaches the speed above has not been measured yet (the sessions that
+wrote this had no GPU); CPU tests run the same bookkeeping with an emulated graph
+that replays the recorded step on the recorded tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import enum
+import functools
+import itertools
+import operator
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["ENABLED", "MAX_RECORDINGS", "clear", "enabled", "stats"]
+
+#: Whether in-place compiled steps on CUDA are replayed as CUDA graphs.
+ENABLED = os.environ.get("OPTORCH_CUDA_GRAPHS", "") == "1"
+#: Graphs recorded in a row for one (rule, config) without a replay before its steps
+#: stop being graphed.
+MAX_RECORDINGS = 4
+#: Graphs kept (least recently used dropped first); each holds its tensors and a pool.
+MAX_GRAPHS = 8
+
+
+@contextlib.contextmanager
+def enabled(flag: bool = True) -> Iterator[None]:
+    """Turn graph replay on (or off) inside the block."""
+    global ENABLED
+    before = ENABLED
+    ENABLED = flag
+    try:
+        yield
+    finally:
+        ENABLED = before
+
+
+class _NotGraphable(Exception):
+    """A config value whose changes a graph could not see."""
+
+
+_PLAIN = (int, float, bool, str, type(None), enum.Enum, torch.dtype, torch.device)
+
+
+def _pure_schedule(value: Any) -> bool:
+    """Whether ``value`` is one of optorch.schedule's schedules (a function of the step)."""
+    if not isinstance(value, functools.partial) or value.args:
+        return False
+    if getattr(value.func, "__module__", None) != "optorch.schedule":
+        return False
+    return all(_signature_of(v) is not None for v in value.keywords.values())
+
+
+def _signature_of(value: Any) -> Any:
+    """A hashable stand-in for a config value, equal exactly when a graph recorded with
+    one would compute the same as with the other; None when there is none."""
+    if isinstance(value, _PLAIN):
+        return (type(value), value)
+    if isinstance(value, tuple):
+        parts = tuple(_signature_of(v) for v in value)
+        return None if any(p is None for p in parts) else ("tuple", parts)
+    if isinstance(value, torch.Tensor):
+        # read by the graph from its memory: the same tensor, still at that memory
+        if type(value) is not torch.Tensor or value.requires_grad:
+            return None
+        return ("tensor", id(value), value.data_ptr(), value.dtype, value.shape, value.stride())
+    if isinstance(value, functools.partial) and _pure_schedule(value):
+        return ("schedule", id(value))
+    return None
+
+
+def _config_signature(config: Any) -> tuple[Any, ...]:
+    parts = []
+    for field in dataclasses.fields(config):
+        part = _signature_of(getattr(config, field.name))
+        if part is None:
+            raise _NotGraphable(field.name)
+        parts.append((field.name, part))
+    return (type(config), tuple(parts))
+
+
+@dataclasses.dataclass
+class _Graph:
+    """One recorded step and the tensors it reads and writes."""
+
+    replay: Callable[[], None]
+    pointers: tuple[int, ...]  # params, state, step count and global fields
+    holds: list[torch.Tensor]  # keeps the recorded memory alive
+    grads: list[torch.Tensor]
+    grad_pointers: list[int]
+    grad_strides: list[tuple[int, ...]]
+    overrides: dict[str, torch.Tensor]
+    gate: torch.Tensor | None
+    replays: int = 0
+
+
+_GRAPHS: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
+#: per (rule, config signature): graphs recorded since the last replay
+_RECORDINGS: dict[Any, int] = {}
+#: (rule, config signature)s whose steps are no longer graphed
+_OFF: set[Any] = set()
+_STATS = {"recorded": 0, "replayed": 0, "grad_copies": 0, "failed": 0}
+
+
+def clear() -> None:
+    """Drop every recorded graph (and the tensors it keeps alive)."""
+    _GRAPHS.clear()
+    _RECORDINGS.clear()
+    _OFF.clear()
+
+
+def stats() -> dict[str, int]:
+    """Counts since import: graphs ``recorded``, steps ``replayed``, grads copied into
+    recorded ones (``grad_copies``), recordings that ``failed``."""
+    return dict(_STATS)
+
+
+class _CudaRecorder:
+    """Records with ``torch.cuda.CUDAGraph``: the step runs first on a side stream (the
+    warm-up CUDA graphs need), then is recorded there."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, Any] = {}
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def record(
+        self, device: torch.device, run: Callable[[], None], body: Callable[[], None]
+    ) -> Callable[[], None]:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        current = torch.cuda.current_stream(device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            run()
+        current.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream):
+            body()
+        return graph.replay
+
+    def capturing(self, device: torch.device) -> bool:
+        return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_RECORDER: Any = _CudaRecorder()
+
+
+_DATA_PTR = operator.methodcaller("data_ptr")
+_STRIDE = operator.methodcaller("stride")
+_PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+
+
+def _plain_on(tensors: list[Any], device: torch.device) -> bool:
+    return all(type(t) in _PLAIN_TYPES and t.device == device for t in tensors)
+
+
+def try_step(
+    rule: Any,
+    base_config: Any,
+    overrides: Mapping[str, Any] | None,
+    prepared: Any,
+    state: Any,
+    gate: torch.Tensor | None,
+    advance: Callable[[Any, Any, torch.Tensor | None], Any],
+) -> bool:
+    """Run an in-place step as a graph replay (recording it first when new).
+
+    ``advance(config, prepared, gate)`` runs the step the normal way. False when this
+    step cannot be graphed: the caller then runs it itself.
+    """
+    from optorch.base import STEP, _overridden
+    from optorch.engine import resolve_impl
+
+    step = prepared.step
+    device = step.device
+    if not _RECORDER.supports(device) or _RECORDER.capturing(device):
+        return False
+    if torch.compiler.is_compiling() or not isinstance(state, dict) or state.get(STEP) is not step:
+        return False
+    if resolve_impl(rule, base_config) != "compiled" or not prepared.active:
+        return False
+    if overrides and not all(
+        isinstance(v, torch.Tensor) and type(v) is torch.Tensor and not v.requires_grad
+        for v in overrides.values()
+    ):
+        return False
+    if gate is not None and gate.device != device:
+        return False
+    globals_ = [state.get(name) for name in rule.global_fields(base_config)]
+    if not all(isinstance(g, torch.Tensor) and g.device == device for g in globals_):
+        return False
+    active = prepared.active
+    params = [prepared.params[i] for i in active]
+    grads = [prepared.grads[i] for i in active]
+    if not _PLAIN_TYPES.issuperset(map(type, grads)):
+        return False
+    columns = [[column[i] for i in active] for column in prepared.fields.values()]
+    try:
+        family = (id(rule), _config_signature(base_config))
+    except _NotGraphable:
+        return False
+    if family in _OFF:
+        return False
+    kept = [*params, *itertools.chain.from_iterable(columns), step, *globals_]
+    key = (
+        family,
+        tuple(sorted((k, v.dtype, v.device, v.shape) for k, v in (overrides or {}).items())),
+        None if gate is None else (gate.dtype, gate.shape),
+        tuple(active),
+        tuple(map(id, kept)),
+    )
+    pointers = tuple(map(_DATA_PTR, kept))
+    graph = _GRAPHS.get(key)
+    if graph is not None and graph.pointers == pointers:
+        _GRAPHS.move_to_end(key)
+        _load(graph, grads, overrides, gate)
+        graph.replay()
+        graph.replays += 1
+        _RECORDINGS[family] = 0
+        _STATS["replayed"] += 1
+        return True
+
+    # new: run the step the normal way, then record it on tensors of its own for the
+    # values that change from step to step (grads are the ones given now). (A replay
+    # needs no such check: prepare() holds grads to their params' device and dtype, and
+    # the tensors it reads are the ones checked here, at the same memory.)
+    if not _plain_on([*kept, *grads], device):
+        return False
+    static_overrides = {k: v.clone() for k, v in (overrides or {}).items()}
+    static_gate = None if gate is None else gate.clone()
+    config = _overridden(base_config, static_overrides) if static_overrides else base_config
+    real_config = _overridden(base_config, overrides) if overrides else base_config
+    _GRAPHS.pop(key, None)
+    done: list[bool] = []
+
+    def run() -> None:
+        advance(real_config, prepared, gate)
+        done.append(True)
+
+    try:
+        replay = _RECORDER.record(device, run, lambda: advance(config, prepared, static_gate))
+    except Exception as error:
+        if not done:
+            raise  # the step itself failed: the caller sees its error
+        # recorded badly (something in the step waits for the device, ...): the step is
+        # done; this config runs without graphs from now on
+        _STATS["failed"] += 1
+        _OFF.add(family)
+        warnings.warn(
+            f"optorch.graphs: {rule.name}'s step could not be recorded as a CUDA graph "
+            f"({type(error).__name__}: {error}); its steps run without graphs from now on",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return True
+    _STATS["recorded"] += 1
+    _GRAPHS[key] = _Graph(
+        replay=replay,
+        pointers=pointers,
+        holds=kept,
+        grads=list(grads),
+        grad_pointers=list(map(_DATA_PTR, grads)),
+        grad_strides=list(map(_STRIDE, grads)),
+        overrides=static_overrides,
+        gate=static_gate,
+    )
+    while len(_GRAPHS) > MAX_GRAPHS:
+        _GRAPHS.popitem(last=False)
+    recorded = _RECORDINGS.get(family, 0) + 1
+    _RECORDINGS[family] = recorded
+    if recorded > MAX_RECORDINGS:
+        _OFF.add(family)
+        for stale in [k for k in _GRAPHS if k[0] == family]:
+            del _GRAPHS[stale]
+        warnings.warn(
+            f"optorch.graphs: {rule.name}'s step was recorded {recorded} times in a row "
+            "without a replay (new param or state tensors every step?); its steps run "
+            "without graphs from now on",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    return True
+
+
+def _load(
+    graph: _Graph,
+    grads: list[torch.Tensor],
+    overrides: Mapping[str, Any] | None,
+    gate: torch.Tensor | None,
+) -> None:
+    """Copy this step's grads, overrides and gate into the graph's tensors."""
+    pointers, strides = list(map(_DATA_PTR, grads)), list(map(_STRIDE, grads))
+    if pointers != graph.grad_pointers or strides != graph.grad_strides:
+        moved = [
+            i
+            for i, (pointer, stride) in enumerate(zip(pointers, strides, strict=True))
+            if pointer != graph.grad_pointers[i] or stride != graph.grad_strides[i]
+        ]
+        torch._foreach_copy_([graph.grads[i] for i in moved], [grads[i] for i in moved])
+        _STATS["grad_copies"] += len(moved)
+    for name, tensor in graph.overrides.items():
+        tensor.copy_(overrides[name])  # type: ignore[index]
+    if graph.gate is not None:
+        graph.gate.copy_(gate)  # type: ignore[arg-type]

@@ -1,0 +1,313 @@
+"""optorch.graphs' bookkeeping, on the CPU, with an emulated graph.
+
+A CUDA graph replays the kernels it recorded on the memory it recorded them on; nothing
+of the Python code that ran during the recording runs again. The emulation below keeps
+that contract for memory: a replay runs the recorded step on the recorded tensors (the
+grads, overrides and gate of the recording, into which each new step's values must have
+been copied). What it cannot emulate (a recording that fails on the device) is covered
+by the failure tests here and by tests/test_cuda.py on a GPU.
+
+The step count lives on the device on CUDA, so every per-step value is a tensor computed
+from it; the fixture makes the CPU do the same (``base._host_step`` returns False), and
+graphed steps are compared bit for bit with ungraphed ones that also run that way.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_trees_equal, clone_tree
+
+import optorch
+from optorch import base, graphs
+from optorch.schedule import step_decay
+
+STEPS = 12
+
+
+class EmulatedRecorder:
+    """Records by keeping the step's closure; a replay runs it again."""
+
+    def __init__(self) -> None:
+        self.recordings = 0
+        self.fail_with: Exception | None = None
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def capturing(self, device: torch.device) -> bool:
+        return False
+
+    def record(
+        self, device: torch.device, run: Callable[[], None], body: Callable[[], None]
+    ) -> Callable[[], None]:
+        run()
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.recordings += 1
+        return body
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedRecorder]:
+    emulated = EmulatedRecorder()
+    monkeypatch.setattr(graphs, "_RECORDER", emulated)
+    monkeypatch.setattr(base, "_host_step", lambda step: False)
+    graphs.clear()
+    yield emulated
+    graphs.clear()
+
+
+def params_of(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "w": torch.randn(24, 16, generator=generator),
+        "b": torch.randn(16, generator=generator),
+        "s": torch.randn((), generator=generator),
+    }
+
+
+def grads_for(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(p.shape, generator=generator) for k, p in params.items()}
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    "adam": {"amsgrad": True, "weight_decay": 0.05},
+    "adamw": {"weight_decay": 0.1},
+    "decoupled_adam": {"weight_decay": 0.05},
+    "lars": {"weight_decay": 0.01},
+    "lion": {"weight_decay": 0.1},
+    "lamb": {"weight_decay": 0.01},
+    "adafactor": {"weight_decay": 0.01},
+    "muon": {"weight_decay": 0.1},
+    "rmsprop": {"momentum": 0.9, "centered": True},
+    "adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
+    "adamax": {"weight_decay": 0.01},
+    "nadam": {"decoupled_weight_decay": True, "weight_decay": 0.05},
+    "radam": {"decoupled_weight_decay": True, "weight_decay": 0.05},
+    "schedule_free_adamw": {"warmup_steps": 3, "weight_decay": 0.01},
+}
+
+
+def test_cases_cover_the_registry() -> None:
+    assert sorted(CASES) == sorted(optorch.REGISTRY)
+
+
+def run_pair(
+    optimizer: optorch.Optimizer,
+    steps: int = STEPS,
+    *,
+    params: dict[str, torch.Tensor] | None = None,
+    between: Callable[[int, dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+    step_kwargs: Callable[[int], dict[str, Any]] = lambda k: {},
+) -> tuple[Any, Any, Any, Any]:
+    """``steps`` steps without graphs and the same steps with them (new grad tensors
+    every step); returns (plain params, plain state, graphed params, graphed state)."""
+    start = params if params is not None else params_of(0)
+    plain_p, graphed_p = clone_tree(start), clone_tree(start)
+    plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
+    for k in range(steps):
+        grads = grads_for(start, 100 + k)
+        optimizer.step(plain_p, grads, plain_s, **step_kwargs(k))
+        with graphs.enabled():
+            optimizer.step(graphed_p, clone_tree(grads), graphed_s, **step_kwargs(k))
+        if between is not None:
+            plain_s = between(k, plain_p, plain_s)
+            graphed_s = between(k, graphed_p, graphed_s)
+    return plain_p, plain_s, graphed_p, graphed_s
+
+
+def assert_same_run(plain_p: Any, plain_s: Any, graphed_p: Any, graphed_s: Any) -> None:
+    assert_trees_equal(graphed_p, plain_p, what="params")
+    assert_trees_equal(graphed_s, plain_s, what="state")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_replayed_steps_equal_plain_steps(name: str, recorder: EmulatedRecorder) -> None:
+    """Every optimizer, with an lr schedule: one recording, then replays that read each
+    step's grads (new tensors every step, copied in) and compute each step's values."""
+    params = params_of(1)
+    if name == "muon":
+        params = {"w": params["w"], "v": torch.randn(16, 24)}
+    optimizer = optorch.get_optimizer(
+        name, impl="compiled", schedule=step_decay(step_size=4, gamma=0.5), **CASES[name]
+    )
+    before = graphs.stats()
+    run = run_pair(optimizer, params=params)
+    assert_same_run(*run)
+    after = graphs.stats()
+    assert recorder.recordings == 1
+    assert after["replayed"] - before["replayed"] == STEPS - 1
+    assert after["grad_copies"] - before["grad_copies"] == (STEPS - 1) * len(params)
+    assert int(run[3]["step"]) == STEPS
+
+
+def test_compiled_kernels_replay_too(recorder: EmulatedRecorder) -> None:
+    """A param large enough for the compiled kernel (the small ones run as foreach)."""
+    params = {"big": torch.randn(256, 257), "b": torch.randn(7)}
+    optimizer = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.1)
+    assert_same_run(*run_pair(optimizer, 6, params=params))
+    assert recorder.recordings == 1
+
+
+def test_grads_updated_in_place_are_not_copied(recorder: EmulatedRecorder) -> None:
+    optimizer = optorch.get_optimizer("adam", impl="compiled")
+    params, reference = params_of(2), params_of(2)
+    grads = grads_for(params, 0)
+    state, reference_state = optimizer.init(params), optimizer.init(reference)
+    before = graphs.stats()
+    for k in range(6):
+        new = grads_for(params, k)
+        for name in grads:
+            grads[name].copy_(new[name])
+        with graphs.enabled():
+            optimizer.step(params, grads, state)
+        optimizer.step(reference, new, reference_state)
+    assert graphs.stats()["grad_copies"] == before["grad_copies"]
+    assert graphs.stats()["replayed"] - before["replayed"] == 5
+    assert_same_run(reference, reference_state, params, state)
+
+
+def test_skip_if_and_tensor_overrides_are_read_each_step(recorder: EmulatedRecorder) -> None:
+    """A gate that alternates and an injected lr that changes every step: both copied
+    into the graph's own tensors before each replay."""
+    optimizer = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.1)
+
+    def kwargs(k: int) -> dict[str, Any]:
+        return {
+            "skip_if": torch.tensor(k % 3 == 1),
+            "hyper_overrides": {"max_lr": torch.tensor(1e-2 / (k + 1), dtype=torch.float64)},
+        }
+
+    run = run_pair(optimizer, step_kwargs=kwargs)
+    assert_same_run(*run)
+    assert int(run[3]["step"]) == STEPS - len([k for k in range(STEPS) if k % 3 == 1])
+    assert recorder.recordings == 1
+
+
+@pytest.mark.parametrize(
+    ("what", "build", "kwargs"),
+    [
+        ("float override", {}, lambda k: {"hyper_overrides": {"max_lr": 1e-3 * (k + 1)}}),
+        ("user schedule", {"schedule": lambda step: 0.5}, lambda k: {}),
+    ],
+)
+def test_steps_a_replay_could_not_follow_are_not_graphed(
+    what: str, build: dict[str, Any], kwargs: Callable[[int], dict[str, Any]], recorder: Any
+) -> None:
+    optimizer = optorch.get_optimizer("adamw", impl="compiled", **build)
+    assert_same_run(*run_pair(optimizer, 5, step_kwargs=kwargs))
+    assert recorder.recordings == 0, what
+
+
+def test_other_impls_and_pure_steps_are_not_graphed(recorder: EmulatedRecorder) -> None:
+    for options in ({"impl": "foreach"}, {"impl": "compiled", "inplace": False}):
+        optimizer = optorch.get_optimizer("adamw", **options)
+        params = params_of(3)
+        state = optimizer.init(params)
+        with graphs.enabled():
+            for k in range(3):
+                params, state = optimizer.step(params, grads_for(params, k), state)
+    assert recorder.recordings == 0
+
+
+def test_new_state_tensors_record_anew(recorder: EmulatedRecorder) -> None:
+    """A state replaced by a copy (a loaded checkpoint) is recorded again; the old
+    graph, which writes the old tensors, is never replayed on it."""
+
+    def reload(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        return copy.deepcopy(state) if k == 5 else state
+
+    optimizer = optorch.get_optimizer("nadam", impl="compiled")
+    assert_same_run(*run_pair(optimizer, between=reload))
+    assert recorder.recordings == 2
+
+
+def test_param_memory_swapped_records_anew(recorder: EmulatedRecorder) -> None:
+    def swap(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        if k == 4:
+            params["w"].data = params["w"].data.clone()
+        return state
+
+    optimizer = optorch.get_optimizer("rmsprop", impl="compiled", momentum=0.9)
+    assert_same_run(*run_pair(optimizer, between=swap))
+    assert recorder.recordings == 2
+
+
+def test_config_changed_in_place_records_anew(recorder: EmulatedRecorder) -> None:
+    optimizer = optorch.get_optimizer("sgd", impl="compiled", momentum=0.9)
+
+    def retune(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        if k == 3 and params is not None:
+            optimizer.config.max_lr = 0.05  # both runs step with the new lr from here
+        return state
+
+    plain_p, graphed_p = params_of(4), params_of(4)
+    plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
+    for k in range(8):
+        grads = grads_for(plain_p, k)
+        optimizer.step(plain_p, grads, plain_s)
+        with graphs.enabled():
+            optimizer.step(graphed_p, clone_tree(grads), graphed_s)
+        retune(k, plain_p, plain_s)
+    assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
+    assert recorder.recordings == 2
+
+
+def test_a_failed_recording_warns_once_and_steps_run_plainly(
+    recorder: EmulatedRecorder,
+) -> None:
+    recorder.fail_with = RuntimeError("operation not permitted when stream is capturing")
+    optimizer = optorch.get_optimizer("lion", impl="compiled")
+    with pytest.warns(RuntimeWarning, match="could not be recorded.*operation not permitted"):
+        run = run_pair(optimizer, 6)
+    assert_same_run(*run)  # the step that was being recorded was taken once
+    assert recorder.recordings == 0
+
+
+def test_a_step_that_records_every_time_stops_being_graphed(
+    recorder: EmulatedRecorder,
+) -> None:
+    """New state tensors every step: after MAX_RECORDINGS recordings in a row without
+    a replay, one warning, and the steps run plainly."""
+
+    def fresh(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        return copy.deepcopy(state)
+
+    optimizer = optorch.get_optimizer("adagrad", impl="compiled")
+    with pytest.warns(RuntimeWarning, match="recorded 5 times in a row"):
+        run = run_pair(optimizer, 9, between=fresh)
+    assert_same_run(*run)
+    assert recorder.recordings == graphs.MAX_RECORDINGS + 1
+
+
+def test_bad_input_is_refused_before_anything_changes(recorder: EmulatedRecorder) -> None:
+    optimizer = optorch.get_optimizer("adamw", impl="compiled")
+    params = params_of(5)
+    state = optimizer.init(params)
+    with graphs.enabled():
+        for k in range(3):
+            optimizer.step(params, grads_for(params, k), state)
+        kept_p, kept_s = clone_tree(params), clone_tree(state)
+        bad = grads_for(params, 9)
+        bad["w"] = bad["w"][:3]
+        with pytest.raises(ValueError, match="w"):
+            optimizer.step(params, bad, state)
+    assert_trees_equal(params, kept_p, what="params")
+    assert_trees_equal(state, kept_s, what="state")
+
+
+def test_graphs_are_off_unless_turned_on(recorder: EmulatedRecorder) -> None:
+    assert graphs.ENABLED is False  # the default (OPTORCH_CUDA_GRAPHS unset in tests)
+    optimizer = optorch.get_optimizer("adamw", impl="compiled")
+    params = params_of(6)
+    state = optimizer.init(params)
+    for k in range(3):
+        optimizer.step(params, grads_for(params, k), state)
+    assert recorder.recordings == 0
