@@ -380,7 +380,8 @@ def test_steps_never_wait_for_the_device(name: str, impl: str) -> None:
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
 def test_graph_replays_equal_plain_compiled_steps(name: str) -> None:
     """In-place compiled steps replayed as CUDA graphs (new grad tensors every step, an
-    lr schedule, a skip that alternates) equal the same steps without graphs; the
+    lr schedule, an injected lr, a skip that alternates) equal the same steps without
+    graphs; the
     replays never wait for the device. Not yet run on a GPU: written without one."""
     if not torch.device(DEVICE).type == "cuda":
         pytest.skip("CUDA graphs need a CUDA device (tests/test_graphs.py emulates them)")
@@ -399,13 +400,20 @@ def test_graph_replays_equal_plain_compiled_steps(name: str) -> None:
     for k, grads in enumerate(sequence):
         grads = on(grads, torch.float32, DEVICE)
         skip = torch.tensor(k % 7 == 3, device=DEVICE)
-        optimizer.step(plain, grads, plain_state, skip_if=skip)
+        lr = {"max_lr": torch.tensor(HYPER[name]["max_lr"] / (1 + k % 4), device=DEVICE)}
+        optimizer.step(plain, grads, plain_state, skip_if=skip, hyper_overrides=lr)
         with graphs.enabled():
             if k >= STEPS - 3:  # recorded, replayed since: no waiting now
                 torch.cuda.synchronize()
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                optimizer.step(graphed, clone_tree(grads), graphed_state, skip_if=skip.clone())
+                optimizer.step(
+                    graphed,
+                    clone_tree(grads),
+                    graphed_state,
+                    skip_if=skip.clone(),
+                    hyper_overrides={"max_lr": lr["max_lr"].clone()},
+                )
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     after = graphs.stats()

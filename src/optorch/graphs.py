@@ -18,9 +18,11 @@ up), recorded as a graph, and from then on replayed:
 * grads may be new tensors each step (``zero_grad(set_to_none=True)``): a grad not at
   the recorded address is copied into the recorded one (one foreach copy), so the
   graph keeps the first step's grads alive (one grad's worth of memory);
-* ``skip_if`` and ``hyper_overrides`` given as tensors are copied into the graph's own
-  0-d tensors each step; an override given as a Python number is a constant of the
-  kernels, and such a step is not graphed;
+* ``skip_if``, ``hyper_overrides`` given as tensors on the params' device, and the
+  config's ``max_lr`` and ``lr_schedule_value`` (:data:`PER_STEP_FIELDS`, which a
+  training loop may set each step) are copied into the graph's own 0-d tensors each
+  step; another override given as a Python number is a constant of the kernels, and
+  such a step is not graphed;
 * every per-step value is computed inside the graph from the step count, which lives
   on the device; a ``schedule`` must be one of :mod:`optorch.schedule`'s (a function of
   the step alone) for a step to be graphed: a callable of the user's may return
@@ -85,41 +87,88 @@ class _NotGraphable(Exception):
 _PLAIN = (int, float, bool, str, type(None), enum.Enum, torch.dtype, torch.device)
 
 
-def _pure_schedule(value: Any) -> bool:
+def _pure_schedule(value: Any, device: torch.device) -> bool:
     """Whether ``value`` is one of optorch.schedule's schedules (a function of the step)."""
     if not isinstance(value, functools.partial) or value.args:
         return False
     if getattr(value.func, "__module__", None) != "optorch.schedule":
         return False
-    return all(_signature_of(v) is not None for v in value.keywords.values())
+    return all(_signature_of(v, device) is not None for v in value.keywords.values())
 
 
-def _signature_of(value: Any) -> Any:
+def _signature_of(value: Any, device: torch.device) -> Any:
     """A hashable stand-in for a config value, equal exactly when a graph recorded with
-    one would compute the same as with the other; None when there is none."""
+    one would compute the same as with the other; None when there is none (a tensor on
+    another device than the params': a CPU scalar is read when the kernel is recorded)."""
     if isinstance(value, _PLAIN):
         return (type(value), value)
     if isinstance(value, tuple):
-        parts = tuple(_signature_of(v) for v in value)
+        parts = tuple(_signature_of(v, device) for v in value)
         return None if any(p is None for p in parts) else ("tuple", parts)
     if isinstance(value, torch.Tensor):
         # read by the graph from its memory: the same tensor, still at that memory
-        if type(value) is not torch.Tensor or value.requires_grad:
+        if type(value) is not torch.Tensor or value.requires_grad or value.device != device:
             return None
         return ("tensor", id(value), value.data_ptr(), value.dtype, value.shape, value.stride())
-    if isinstance(value, functools.partial) and _pure_schedule(value):
+    if isinstance(value, functools.partial) and _pure_schedule(value, device):
         return ("schedule", id(value))
     return None
 
 
-def _config_signature(config: Any) -> tuple[Any, ...]:
+def _config_signature(
+    config: Any, skip: Mapping[str, Any], device: torch.device
+) -> tuple[Any, ...]:
+    """Every config field's :func:`_signature_of`, but those in ``skip`` (per-step
+    values, copied into the graph each step)."""
     parts = []
     for field in dataclasses.fields(config):
-        part = _signature_of(getattr(config, field.name))
+        if field.name in skip:
+            continue
+        part = _signature_of(getattr(config, field.name), device)
         if part is None:
             raise _NotGraphable(field.name)
         parts.append((field.name, part))
     return (type(config), tuple(parts))
+
+
+#: Config fields a training loop may change every step (the seed's loops set
+#: ``lr_schedule_value`` on the config before each step): given as numbers, they are
+#: copied into the graph each step like tensor overrides, not recorded as constants.
+PER_STEP_FIELDS = ("max_lr", "lr_schedule_value")
+
+
+def _step_inputs(
+    config: Any, overrides: Mapping[str, Any] | None, device: torch.device
+) -> dict[str, Any] | None:
+    """The values a replay takes from each step: the config's :data:`PER_STEP_FIELDS`
+    that hold numbers, and ``hyper_overrides``. None when a step cannot be graphed: an
+    override that is a Python number (other than those fields; a constant of the
+    kernels), or a tensor that is not a plain one on the params' device (a CPU scalar
+    would be read when the kernel is recorded, and never again)."""
+    inputs: dict[str, Any] = {}
+    for name in PER_STEP_FIELDS:
+        value: Any = getattr(config, name, None)
+        if _is_number(value):
+            inputs[name] = float(value)
+    for name, value in (overrides or {}).items():
+        if _is_number(value) and name in PER_STEP_FIELDS:
+            inputs[name] = float(value)
+        elif type(value) is torch.Tensor and value.device == device and not value.requires_grad:
+            inputs[name] = value
+        else:
+            return None
+    return inputs
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind(value: Any) -> Any:
+    """What a per-step value's tensor in the graph must be: a float64 for a number."""
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.shape)
+    return "number"
 
 
 @dataclasses.dataclass
@@ -132,7 +181,7 @@ class _Graph:
     grads: list[torch.Tensor]
     grad_pointers: list[int]
     grad_strides: list[tuple[int, ...]]
-    overrides: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]  # per-step values (see _step_inputs)
     gate: torch.Tensor | None
     replays: int = 0
 
@@ -225,10 +274,8 @@ def try_step(
         return False
     if resolve_impl(rule, base_config) != "compiled" or not prepared.active:
         return False
-    if overrides and not all(
-        isinstance(v, torch.Tensor) and type(v) is torch.Tensor and not v.requires_grad
-        for v in overrides.values()
-    ):
+    inputs = _step_inputs(base_config, overrides, device)
+    if inputs is None:
         return False
     if gate is not None and gate.device != device:
         return False
@@ -242,7 +289,7 @@ def try_step(
         return False
     columns = [[column[i] for i in active] for column in prepared.fields.values()]
     try:
-        family = (id(rule), _config_signature(base_config))
+        family = (id(rule), _config_signature(base_config, inputs, device))
     except _NotGraphable:
         return False
     if family in _OFF:
@@ -250,7 +297,7 @@ def try_step(
     kept = [*params, *itertools.chain.from_iterable(columns), step, *globals_]
     key = (
         family,
-        tuple(sorted((k, v.dtype, v.device, v.shape) for k, v in (overrides or {}).items())),
+        tuple(sorted((k, _kind(v)) for k, v in inputs.items())),
         None if gate is None else (gate.dtype, gate.shape),
         tuple(active),
         tuple(map(id, kept)),
@@ -259,7 +306,7 @@ def try_step(
     graph = _GRAPHS.get(key)
     if graph is not None and graph.pointers == pointers:
         _GRAPHS.move_to_end(key)
-        _load(graph, grads, overrides, gate)
+        _load(graph, grads, inputs, gate)
         graph.replay()
         graph.replays += 1
         _RECORDINGS[family] = 0
@@ -272,9 +319,14 @@ def try_step(
     # the tensors it reads are the ones checked here, at the same memory.)
     if not _plain_on([*kept, *grads], device):
         return False
-    static_overrides = {k: v.clone() for k, v in (overrides or {}).items()}
+    static_inputs = {
+        k: v.clone()
+        if isinstance(v, torch.Tensor)
+        else torch.tensor(v, dtype=torch.float64, device=device)
+        for k, v in inputs.items()
+    }
     static_gate = None if gate is None else gate.clone()
-    config = _overridden(base_config, static_overrides) if static_overrides else base_config
+    config = _overridden(base_config, static_inputs) if static_inputs else base_config
     real_config = _overridden(base_config, overrides) if overrides else base_config
     _GRAPHS.pop(key, None)
     done: list[bool] = []
@@ -307,7 +359,7 @@ def try_step(
         grads=list(grads),
         grad_pointers=list(map(_DATA_PTR, grads)),
         grad_strides=list(map(_STRIDE, grads)),
-        overrides=static_overrides,
+        inputs=static_inputs,
         gate=static_gate,
     )
     while len(_GRAPHS) > MAX_GRAPHS:
@@ -320,7 +372,8 @@ def try_step(
             del _GRAPHS[stale]
         warnings.warn(
             f"optorch.graphs: {rule.name}'s step was recorded {recorded} times in a row "
-            "without a replay (new param or state tensors every step?); its steps run "
+            "without a replay (new param or state tensors, or a config field other than "
+            f"{' or '.join(PER_STEP_FIELDS)} changed, every step?); its steps run "
             "without graphs from now on",
             RuntimeWarning,
             stacklevel=4,
@@ -331,10 +384,10 @@ def try_step(
 def _load(
     graph: _Graph,
     grads: list[torch.Tensor],
-    overrides: Mapping[str, Any] | None,
+    inputs: Mapping[str, Any],
     gate: torch.Tensor | None,
 ) -> None:
-    """Copy this step's grads, overrides and gate into the graph's tensors."""
+    """Copy this step's grads, per-step values and gate into the graph's tensors."""
     pointers, strides = list(map(_DATA_PTR, grads)), list(map(_STRIDE, grads))
     if pointers != graph.grad_pointers or strides != graph.grad_strides:
         moved = [
@@ -344,7 +397,11 @@ def _load(
         ]
         torch._foreach_copy_([graph.grads[i] for i in moved], [grads[i] for i in moved])
         _STATS["grad_copies"] += len(moved)
-    for name, tensor in graph.overrides.items():
-        tensor.copy_(overrides[name])  # type: ignore[index]
+    for name, tensor in graph.inputs.items():
+        value = inputs[name]
+        if isinstance(value, torch.Tensor):
+            tensor.copy_(value)
+        else:
+            tensor.fill_(value)  # a kernel that holds the number: no copy, no wait
     if graph.gate is not None:
         graph.gate.copy_(gate)  # type: ignore[arg-type]
