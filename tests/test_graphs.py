@@ -16,6 +16,8 @@ rounding: see ``REPLAY_VS_PLAIN``).
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -342,3 +344,32 @@ def test_graphs_are_off_unless_turned_on(recorder: EmulatedRecorder) -> None:
     for k in range(3):
         optimizer.step(params, grads_for(params, k), state)
     assert recorder.recordings == 0
+
+
+class NoReplayRecorder(EmulatedRecorder):
+    """Records like a CUDA graph does as far as memory goes: the replay holds no
+    reference to the step's tensors."""
+
+    def record(
+        self, device: torch.device, run: Callable[[], None], body: Callable[[], None]
+    ) -> Callable[[], None]:
+        super().record(device, run, body)
+        return lambda: None
+
+
+def test_a_graph_is_dropped_with_its_params(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph never keeps a model alive, and is never replayed onto memory its params
+    or state no longer own."""
+    monkeypatch.setattr(graphs, "_RECORDER", NoReplayRecorder())
+    graphs.clear()
+    optimizer = optorch.get_optimizer("adamw", impl="compiled")
+    params = params_of(8)
+    state = optimizer.init(params)
+    with graphs.enabled():
+        optimizer.step(params, grads_for(params, 0), state)
+    assert len(graphs._GRAPHS) == 1
+    watched = weakref.ref(params["w"])
+    del params, state
+    gc.collect()
+    assert watched() is None
+    assert len(graphs._GRAPHS) == 0

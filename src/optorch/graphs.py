@@ -34,7 +34,8 @@ up), recorded as a graph, and from then on replayed:
 A step that cannot be recorded (something in it waits for the device, say) runs the
 normal way from then on, with one warning naming the reason; so do the steps of a
 config that keeps recording (more than :data:`MAX_RECORDINGS` graphs in a row without
-a replay). :func:`clear` drops every graph and the tensors it holds.
+a replay). A graph is dropped when one of the params or state tensors it was recorded
+on is freed; :func:`clear` drops every graph (and the grads it holds).
 
 Whether replay reaches the speed above has not been measured yet (the sessions that
 wrote this had no GPU); CPU tests run the same bookkeeping with an emulated graph
@@ -52,6 +53,7 @@ import itertools
 import operator
 import os
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -64,7 +66,7 @@ ENABLED = os.environ.get("OPTORCH_CUDA_GRAPHS", "") == "1"
 #: Graphs recorded in a row for one (rule, config) without a replay before its steps
 #: stop being graphed.
 MAX_RECORDINGS = 4
-#: Graphs kept (least recently used dropped first); each holds its tensors and a pool.
+#: Graphs kept (least recently used dropped first); each holds its grads and a pool.
 MAX_GRAPHS = 8
 
 
@@ -177,7 +179,10 @@ class _Graph:
 
     replay: Callable[[], None]
     pointers: tuple[int, ...]  # params, state, step count and global fields
-    holds: list[torch.Tensor]  # keeps the recorded memory alive
+    # weak references to the params, state, step count and global fields: a graph is
+    # dropped with the first of them (it would write memory that is no longer theirs),
+    # and never keeps a model's tensors alive (the grads, inputs and gate are its own)
+    watchers: list[Any]
     grads: list[torch.Tensor]
     grad_pointers: list[int]
     grad_strides: list[tuple[int, ...]]
@@ -352,16 +357,22 @@ def try_step(
         )
         return True
     _STATS["recorded"] += 1
-    _GRAPHS[key] = _Graph(
+    entry = _GRAPHS[key] = _Graph(
         replay=replay,
         pointers=pointers,
-        holds=kept,
+        watchers=[],
         grads=list(grads),
         grad_pointers=list(map(_DATA_PTR, grads)),
         grad_strides=list(map(_STRIDE, grads)),
         inputs=static_inputs,
         gate=static_gate,
     )
+
+    def forget(_: Any) -> None:
+        if _GRAPHS.get(key) is entry:
+            del _GRAPHS[key]
+
+    entry.watchers = [weakref.ref(t, forget) for t in kept]
     while len(_GRAPHS) > MAX_GRAPHS:
         _GRAPHS.popitem(last=False)
     recorded = _RECORDINGS.get(family, 0) + 1
