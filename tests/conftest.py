@@ -24,6 +24,25 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 }
 
 #: A dict pytree of a few shapes: a matrix, a 1-D bias, a 0-d scalar, a 3-D tensor.
+#: Non-default options so that every branch with a hyperparameter is exercised.
+NON_DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
+    "adam": {"weight_decay": 0.01, "amsgrad": True},
+    "adamw": {"weight_decay": 0.1},
+    "decoupled_adam": {"weight_decay": 0.01},
+    "lion": {"weight_decay": 0.1},
+    "adamax": {"weight_decay": 0.01},
+    "lars": {"weight_decay": 0.01},
+    "lamb": {"weight_decay": 0.01},
+    "adafactor": {"weight_decay": 0.01, "beta1": 0.9},
+    "muon": {"weight_decay": 0.01},
+    "rmsprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.01},
+    "adagrad": {"lr_decay": 0.01, "weight_decay": 0.01},
+    "nadam": {"weight_decay": 0.01},
+    "radam": {"weight_decay": 0.01},
+    "schedule_free_adamw": {"weight_decay": 0.01, "warmup_steps": 3},
+}
+
 DEFAULT_SHAPES: dict[str, tuple[int, ...]] = {
     "layer.weight": (4, 3),
     "layer.bias": (4,),

@@ -20,6 +20,7 @@ from typing import Any
 import optree
 import pytest
 import torch
+from conftest import NON_DEFAULT_OPTIONS
 
 import optorch
 
@@ -31,25 +32,6 @@ _INT_VIEW = {
     torch.float32: torch.int32,
     torch.bfloat16: torch.int16,
     torch.float16: torch.int16,
-}
-
-#: Non-default options so that every branch with a hyperparameter is exercised.
-OPTIONS: dict[str, dict[str, Any]] = {
-    "sgd": {"momentum": 0.9, "weight_decay": 0.01, "nesterov": True},
-    "adam": {"weight_decay": 0.01, "amsgrad": True},
-    "adamw": {"weight_decay": 0.1},
-    "decoupled_adam": {"weight_decay": 0.01},
-    "lion": {"weight_decay": 0.1},
-    "adamax": {"weight_decay": 0.01},
-    "lars": {"weight_decay": 0.01},
-    "lamb": {"weight_decay": 0.01},
-    "adafactor": {"weight_decay": 0.01, "beta1": 0.9},
-    "muon": {"weight_decay": 0.01},
-    "rmsprop": {"momentum": 0.5, "centered": True, "weight_decay": 0.01},
-    "adagrad": {"lr_decay": 0.01, "weight_decay": 0.01},
-    "nadam": {"weight_decay": 0.01},
-    "radam": {"weight_decay": 0.01},
-    "schedule_free_adamw": {"weight_decay": 0.01, "warmup_steps": 3},
 }
 
 
@@ -87,7 +69,7 @@ def _trajectory(
 ) -> tuple[Any, Any]:
     """Params and state after STEPS steps from a fresh state (inputs from ``seed``)."""
     opt = optorch.get_optimizer(
-        name, impl=impl, inplace=inplace, max_lr=0.01, **OPTIONS.get(name, {})
+        name, impl=impl, inplace=inplace, max_lr=0.01, **NON_DEFAULT_OPTIONS.get(name, {})
     )
     gen = torch.Generator().manual_seed(seed)
     params = {k: torch.randn(s, generator=gen).to(dtype) for k, s in _shapes(name).items()}
@@ -140,7 +122,7 @@ def test_momentum_multiply_keeps_the_scalar_exact(
 def test_a_param_does_not_depend_on_its_neighbours(name: str, impl: str) -> None:
     """Stepping ``w`` alone or among other params (another grouping into foreach lists
     and chunks) gives the same bits for ``w`` and its state."""
-    opt = optorch.get_optimizer(name, impl=impl, max_lr=0.01, **OPTIONS[name])
+    opt = optorch.get_optimizer(name, impl=impl, max_lr=0.01, **NON_DEFAULT_OPTIONS[name])
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(6, 5, generator=gen)
     others = {"a": torch.randn(7, generator=gen), "b": torch.randn(2, 3, generator=gen)}

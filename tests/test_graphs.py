@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_trees_close, assert_trees_equal, clone_tree
+from conftest import NON_DEFAULT_OPTIONS, assert_trees_close, assert_trees_equal, clone_tree
 
 import optorch
 from optorch import base, graphs
@@ -79,27 +79,8 @@ def grads_for(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Ten
     return {k: torch.randn(p.shape, generator=generator) for k, p in params.items()}
 
 
-CASES: dict[str, dict[str, Any]] = {
-    "sgd": {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
-    "adam": {"amsgrad": True, "weight_decay": 0.05},
-    "adamw": {"weight_decay": 0.1},
-    "decoupled_adam": {"weight_decay": 0.05},
-    "lars": {"weight_decay": 0.01},
-    "lion": {"weight_decay": 0.1},
-    "lamb": {"weight_decay": 0.01},
-    "adafactor": {"weight_decay": 0.01},
-    "muon": {"weight_decay": 0.1},
-    "rmsprop": {"momentum": 0.9, "centered": True},
-    "adagrad": {"lr_decay": 0.01, "initial_accumulator_value": 0.1},
-    "adamax": {"weight_decay": 0.01},
-    "nadam": {"decoupled_weight_decay": True, "weight_decay": 0.05},
-    "radam": {"decoupled_weight_decay": True, "weight_decay": 0.05},
-    "schedule_free_adamw": {"warmup_steps": 3, "weight_decay": 0.01},
-}
-
-
 def test_cases_cover_the_registry() -> None:
-    assert sorted(CASES) == sorted(optorch.REGISTRY)
+    assert sorted(NON_DEFAULT_OPTIONS) == sorted(optorch.REGISTRY)
 
 
 def run_pair(
@@ -138,16 +119,16 @@ def assert_same_run(plain_p: Any, plain_s: Any, graphed_p: Any, graphed_s: Any) 
     assert int(graphed_s["step"]) == int(plain_s["step"])
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(NON_DEFAULT_OPTIONS))
 def test_replayed_steps_equal_plain_steps(name: str, recorder: EmulatedRecorder) -> None:
     """Every optimizer, with an lr schedule: one recording, then replays that read each
     step's grads (new tensors every step, copied in) and compute each step's values."""
     params = params_of(1)
     if name == "muon":
         params = {"w": params["w"], "v": torch.randn(16, 24)}
-    optimizer = optorch.get_optimizer(
-        name, impl="compiled", schedule=step_decay(step_size=4, gamma=0.5), **CASES[name]
-    )
+    schedule = step_decay(step_size=4, gamma=0.5)
+    options = NON_DEFAULT_OPTIONS[name]
+    optimizer = optorch.get_optimizer(name, impl="compiled", schedule=schedule, **options)
     before = graphs.stats()
     run = run_pair(optimizer, params=params)
     assert_same_run(*run)
