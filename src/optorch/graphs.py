@@ -234,7 +234,11 @@ class _CudaRecorder:
             run()
         current.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.device(device), torch.cuda.graph(graph, stream=stream):
+        # "thread_local": a call that waits for the device in this step fails the
+        # recording, while other threads (a DataLoader's pin-memory thread) go on
+        # undisturbed ("global", the default, would fail their calls instead)
+        recording = torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
+        with torch.cuda.device(device), recording:
             body()
         return graph.replay
 
