@@ -35,7 +35,7 @@ fi
 start=$(date +%s)
 if [ "$bench_seconds" -gt 0 ]; then
     timeout "$bench_seconds" python3 -m optorch bench --device cuda --optimizers "$optimizers" \
-        --sets "$sets" --impls foreach,compiled,graphed --steps 20 --warmup 3 --out "$out/bench" \
+        --sets "$sets" --impls foreach,compiled,graphed,graphed-foreach --steps 20 --warmup 3 --out "$out/bench" \
         > "$out/bench.txt" 2>&1
     echo "bench: exit $? after $(( $(date +%s) - start )) s"
     rm -f "$out/bench/bench.png" "$out/bench/bench.csv"

@@ -377,9 +377,10 @@ def test_steps_never_wait_for_the_device(name: str, impl: str) -> None:
 # CUDA graphs (optorch.graphs) ------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", ["compiled", "foreach"])
 @pytest.mark.parametrize("name", [c[0] for c in CASES])
-def test_graph_replays_equal_plain_compiled_steps(name: str) -> None:
-    """In-place compiled steps replayed as CUDA graphs (new grad tensors every step, an
+def test_graph_replays_equal_plain_steps(name: str, impl: str) -> None:
+    """In-place steps replayed as CUDA graphs (new grad tensors every step, an
     lr schedule, an injected lr, a skip that alternates) equal the same steps without
     graphs; the
     replays never wait for the device. Not yet run on a GPU: written without one."""
@@ -390,7 +391,7 @@ def test_graph_replays_equal_plain_compiled_steps(name: str) -> None:
 
     graphs.clear()
     optimizer = optorch.get_optimizer(
-        name, **HYPER[name], impl="compiled", schedule=step_decay(step_size=5, gamma=0.5)
+        name, **HYPER[name], impl=impl, schedule=step_decay(step_size=5, gamma=0.5)
     )
     start = start_params(21, shapes_for(name), torch.float32, DEVICE)
     plain, graphed = clone_tree(start), clone_tree(start)

@@ -220,14 +220,20 @@ def test_steps_a_replay_could_not_follow_are_not_graphed(
     assert recorder.recordings == 0, what
 
 
-def test_other_impls_and_pure_steps_are_not_graphed(recorder: EmulatedRecorder) -> None:
-    for options in ({"impl": "foreach"}, {"impl": "compiled", "inplace": False}):
-        optimizer = optorch.get_optimizer("adamw", **options)
-        params = params_of(3)
-        state = optimizer.init(params)
-        with graphs.enabled():
-            for k in range(3):
-                params, state = optimizer.step(params, grads_for(params, k), state)
+@pytest.mark.parametrize("impl", ["reference", "foreach", "auto"])
+def test_every_impl_replays(impl: str, recorder: EmulatedRecorder) -> None:
+    optimizer = optorch.get_optimizer("nadam", impl=impl, decoupled_weight_decay=True)
+    assert_same_run(*run_pair(optimizer, 6))
+    assert recorder.recordings == 1
+
+
+def test_pure_steps_are_not_graphed(recorder: EmulatedRecorder) -> None:
+    optimizer = optorch.get_optimizer("adamw", impl="compiled", inplace=False)
+    params = params_of(3)
+    state = optimizer.init(params)
+    with graphs.enabled():
+        for k in range(3):
+            params, state = optimizer.step(params, grads_for(params, k), state)
     assert recorder.recordings == 0
 
 

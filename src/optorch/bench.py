@@ -139,8 +139,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--impls",
         default="reference,foreach,compiled",
         help=(
-            "optorch impls to time: reference, foreach, compiled, and on CUDA 'graphed' "
-            "(compiled, replayed as CUDA graphs: optorch.graphs) "
+            "optorch impls to time: reference, foreach, compiled, and on CUDA 'graphed' and "
+            "'graphed-foreach' (compiled or foreach, replayed as CUDA graphs: "
+            "optorch.graphs) "
             "(default: reference,foreach,compiled)"
         ),
     )
@@ -326,8 +327,8 @@ def _torch_step(name: str, params: list[torch.Tensor], variant: str) -> Callable
     return optimizer.step
 
 
-#: The bench's own impl: ``impl="compiled"`` replayed as CUDA graphs (optorch.graphs).
-GRAPHED = "graphed"
+#: The bench's own impls: an optorch impl replayed as CUDA graphs (optorch.graphs).
+GRAPHED = {"graphed": "compiled", "graphed-foreach": "foreach"}
 
 
 def _optorch_step(name: str, params: list[torch.Tensor], impl: str) -> Callable[[], None]:
@@ -335,13 +336,13 @@ def _optorch_step(name: str, params: list[torch.Tensor], impl: str) -> Callable[
     from optorch import graphs
 
     kwargs = dict(_OPTORCH_KW.get(name, {}))
-    opt = optorch.get_optimizer(name, impl="compiled" if impl == GRAPHED else impl, **kwargs)
+    opt = optorch.get_optimizer(name, impl=GRAPHED.get(impl, impl), **kwargs)
     tensors = [p.clone() for p in params]
     grads = [torch.randn_like(t) * 1e-3 for t in tensors]
     box = {"state": opt.init(tensors)}
 
     def step() -> None:
-        with graphs.enabled(impl == GRAPHED):
+        with graphs.enabled(impl in GRAPHED):
             _, box["state"] = opt.step(tensors, grads, box["state"])
 
     return step
@@ -468,9 +469,10 @@ def _checked_arguments(args: argparse.Namespace) -> tuple[list[str], list[str], 
         raise ValueError("--device cuda requested but CUDA is not available")
     known = sorted(optorch.REGISTRY)
     names = known if args.optimizers == "all" else _listed("optimizers", args.optimizers, known)
-    impls = _listed("impls", args.impls, [*(i for i in IMPLS if i != "auto"), GRAPHED])
-    if GRAPHED in impls and device.type != "cuda":
-        raise ValueError(f"Invalid --impls: {GRAPHED!r} (CUDA graphs) needs --device cuda")
+    impls = _listed("impls", args.impls, [*(i for i in IMPLS if i != "auto"), *GRAPHED])
+    graphed = [i for i in impls if i in GRAPHED]
+    if graphed and device.type != "cuda":
+        raise ValueError(f"Invalid --impls: {graphed[0]!r} (CUDA graphs) needs --device cuda")
     sets = _listed("sets", args.sets, list(SETS))
     return names, impls, sets
 

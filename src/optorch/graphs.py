@@ -1,4 +1,4 @@
-"""CUDA-graph replay of in-place compiled steps (opt-in; not yet measured on a GPU).
+"""CUDA-graph replay of in-place steps (opt-in; not yet measured on a GPU).
 
 On a GPU, an optimizer step over a model's hundred-odd tensors is bound by host time:
 dynamo's guards, the compiled wrappers, one kernel launch per tensor and the per-step
@@ -8,9 +8,10 @@ H200: compiled AdamW 5.0 ms a step, 0.57 ms of it on the device; see
 with one launch.
 
 With graphs on (``OPTORCH_CUDA_GRAPHS=1`` in the environment, ``graphs.ENABLED = True``
-or ``with graphs.enabled():``), an in-place step with ``impl="compiled"`` on CUDA
-params is run the normal way the first time it is seen (which also warms the kernels
-up), recorded as a graph, and from then on replayed:
+or ``with graphs.enabled():``), an in-place step on CUDA params (any ``impl``;
+``"compiled"`` has the fewest kernels to replay) is run the normal way the first time it
+is seen (which also warms the kernels up), recorded as a graph, and from then on
+replayed:
 
 * params and state are the tensors the graph was recorded on: the same tensors in
   place, step after step, as in any training loop. A param or state tensor replaced
@@ -29,7 +30,10 @@ up), recorded as a graph, and from then on replayed:
   something else each step, which a replay would not see;
 * the config is compared field by field each step; a changed field records anew;
 * the inputs are checked every step as without graphs (``Optimizer.check`` errors,
-  nothing changed).
+  nothing changed);
+* memory: the temporaries of the recorded step stay reserved for its replays (the
+  compiled kernels make next to none; the foreach engine on a GPU, which runs a group
+  in one call, up to two param-sized buffers).
 
 A step that cannot be recorded (something in it waits for the device, say) runs the
 normal way from then on, with one warning naming the reason; so do the steps of a
@@ -61,7 +65,7 @@ import torch
 
 __all__ = ["ENABLED", "MAX_RECORDINGS", "clear", "enabled", "stats"]
 
-#: Whether in-place compiled steps on CUDA are replayed as CUDA graphs.
+#: Whether in-place steps on CUDA are replayed as CUDA graphs.
 ENABLED = os.environ.get("OPTORCH_CUDA_GRAPHS", "") == "1"
 #: Graphs recorded in a row for one (rule, config) without a replay before its steps
 #: stop being graphed.
@@ -273,7 +277,6 @@ def try_step(
     step cannot be graphed: the caller then runs it itself.
     """
     from optorch.base import STEP, _overridden
-    from optorch.engine import resolve_impl
 
     step = prepared.step
     device = step.device
@@ -281,7 +284,7 @@ def try_step(
         return False
     if torch.compiler.is_compiling() or not isinstance(state, dict) or state.get(STEP) is not step:
         return False
-    if resolve_impl(rule, base_config) != "compiled" or not prepared.active:
+    if not prepared.active:
         return False
     inputs = _step_inputs(base_config, overrides, device)
     if inputs is None:
