@@ -30,6 +30,9 @@ from optorch import base, graphs
 from optorch.schedule import step_decay
 
 STEPS = 12
+#: Recordings when every step gives new grad tensors: on the caller's first grads, then,
+#: once they moved, on grads of the graph's own (the caller's are never written)
+NEW_GRADS_RECORDINGS = 2
 
 
 class EmulatedRecorder:
@@ -121,7 +124,7 @@ def assert_same_run(plain_p: Any, plain_s: Any, graphed_p: Any, graphed_s: Any) 
 
 @pytest.mark.parametrize("name", sorted(NON_DEFAULT_OPTIONS))
 def test_replayed_steps_equal_plain_steps(name: str, recorder: EmulatedRecorder) -> None:
-    """Every optimizer, with an lr schedule: one recording, then replays that read each
+    """Every optimizer, with an lr schedule: recorded, then replays that read each
     step's grads (new tensors every step, copied in) and compute each step's values."""
     params = params_of(1)
     if name == "muon":
@@ -133,9 +136,10 @@ def test_replayed_steps_equal_plain_steps(name: str, recorder: EmulatedRecorder)
     run = run_pair(optimizer, params=params)
     assert_same_run(*run)
     after = graphs.stats()
-    assert recorder.recordings == 1
-    assert after["replayed"] - before["replayed"] == STEPS - 1
-    assert after["grad_copies"] - before["grad_copies"] == (STEPS - 1) * len(params)
+    assert recorder.recordings == NEW_GRADS_RECORDINGS
+    replays = STEPS - NEW_GRADS_RECORDINGS
+    assert after["replayed"] - before["replayed"] == replays
+    assert after["grad_copies"] - before["grad_copies"] == replays * len(params)
     assert int(run[3]["step"]) == STEPS
 
 
@@ -144,7 +148,7 @@ def test_compiled_kernels_replay_too(recorder: EmulatedRecorder) -> None:
     params = {"big": torch.randn(256, 257), "b": torch.randn(7)}
     optimizer = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.1)
     assert_same_run(*run_pair(optimizer, 6, params=params))
-    assert recorder.recordings == 1
+    assert recorder.recordings == NEW_GRADS_RECORDINGS
 
 
 def test_grads_updated_in_place_are_not_copied(recorder: EmulatedRecorder) -> None:
@@ -179,7 +183,7 @@ def test_skip_if_and_tensor_overrides_are_read_each_step(recorder: EmulatedRecor
     run = run_pair(optimizer, step_kwargs=kwargs)
     assert_same_run(*run)
     assert int(run[3]["step"]) == STEPS - len([k for k in range(STEPS) if k % 3 == 1])
-    assert recorder.recordings == 1
+    assert recorder.recordings == NEW_GRADS_RECORDINGS
 
 
 def test_per_step_config_numbers_are_copied_in(recorder: EmulatedRecorder) -> None:
@@ -196,8 +200,8 @@ def test_per_step_config_numbers_are_copied_in(recorder: EmulatedRecorder) -> No
         optimizer.step(plain_p, grads, plain_s, hyper_overrides=overrides)
         with graphs.enabled():
             optimizer.step(graphed_p, clone_tree(grads), graphed_s, hyper_overrides=overrides)
-    assert recorder.recordings == 1
-    assert graphs.stats()["replayed"] - before["replayed"] == STEPS - 1
+    assert recorder.recordings == NEW_GRADS_RECORDINGS
+    assert graphs.stats()["replayed"] - before["replayed"] == STEPS - NEW_GRADS_RECORDINGS
     assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
 
 
@@ -224,7 +228,7 @@ def test_steps_a_replay_could_not_follow_are_not_graphed(
 def test_every_impl_replays(impl: str, recorder: EmulatedRecorder) -> None:
     optimizer = optorch.get_optimizer("nadam", impl=impl, decoupled_weight_decay=True)
     assert_same_run(*run_pair(optimizer, 6))
-    assert recorder.recordings == 1
+    assert recorder.recordings == NEW_GRADS_RECORDINGS
 
 
 def test_pure_steps_are_not_graphed(recorder: EmulatedRecorder) -> None:
@@ -246,7 +250,7 @@ def test_new_state_tensors_record_anew(recorder: EmulatedRecorder) -> None:
 
     optimizer = optorch.get_optimizer("nadam", impl="compiled")
     assert_same_run(*run_pair(optimizer, between=reload))
-    assert recorder.recordings == 2
+    assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
 
 
 def test_param_memory_swapped_records_anew(recorder: EmulatedRecorder) -> None:
@@ -257,7 +261,7 @@ def test_param_memory_swapped_records_anew(recorder: EmulatedRecorder) -> None:
 
     optimizer = optorch.get_optimizer("rmsprop", impl="compiled", momentum=0.9)
     assert_same_run(*run_pair(optimizer, between=swap))
-    assert recorder.recordings == 2
+    assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
 
 
 def test_config_changed_in_place_records_anew(recorder: EmulatedRecorder) -> None:
@@ -277,7 +281,7 @@ def test_config_changed_in_place_records_anew(recorder: EmulatedRecorder) -> Non
             optimizer.step(graphed_p, clone_tree(grads), graphed_s)
         retune(k, plain_p, plain_s)
     assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
-    assert recorder.recordings == 2
+    assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
 
 
 def test_a_failed_recording_warns_once_and_steps_run_plainly(
@@ -360,3 +364,77 @@ def test_a_graph_is_dropped_with_its_params(monkeypatch: pytest.MonkeyPatch) -> 
     gc.collect()
     assert watched() is None
     assert len(graphs._GRAPHS) == 0
+
+
+def test_the_callers_grads_are_never_written(recorder: EmulatedRecorder) -> None:
+    """New grads every step are copied into grads the graph owns, never into the
+    caller's first ones (which the caller may still hold)."""
+    optimizer = optorch.get_optimizer("adamw", impl="compiled")
+    params = params_of(9)
+    state = optimizer.init(params)
+    given = []
+    with graphs.enabled():
+        for k in range(5):
+            grads = grads_for(params, k)
+            given.append((grads, clone_tree(grads)))
+            optimizer.step(params, grads, state)
+    for k, (grads, copy_) in enumerate(given):
+        assert_trees_equal(grads, copy_, what=f"grads of step {k}")
+
+
+def test_schedules_are_compared_by_value(recorder: EmulatedRecorder) -> None:
+    """An equal schedule (another object) replays; another schedule records anew."""
+    optimizer = optorch.get_optimizer("adam", impl="compiled", schedule=step_decay(step_size=3))
+
+    def reschedule(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        # after each run's step k, so both runs take the new schedule from step k + 1
+        if k == 4:
+            optimizer.config.schedule = step_decay(step_size=3)
+        if k == 7:
+            optimizer.config.schedule = step_decay(step_size=1, gamma=0.5)
+        return state
+
+    assert_same_run(*run_pair(optimizer, between=reschedule))
+    assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
+
+
+def test_a_config_value_changing_every_step_stops_being_graphed(
+    recorder: EmulatedRecorder,
+) -> None:
+    """A config field other than max_lr and lr_schedule_value, a new tensor every step:
+    each step is another graph; after MAX_RECORDINGS in a row, no more."""
+    optimizer = optorch.get_optimizer("adamw", impl="compiled")
+
+    def retune(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        optimizer.config.weight_decay = torch.tensor(0.01 * (k + 1), dtype=torch.float64)
+        return state
+
+    with pytest.warns(RuntimeWarning, match="recorded 5 times in a row"):
+        run = run_pair(optimizer, 9, between=retune)
+    assert_same_run(*run)
+    assert recorder.recordings == graphs.MAX_RECORDINGS + 1
+
+
+def test_new_params_every_step_stop_the_rule_being_graphed(recorder: EmulatedRecorder) -> None:
+    optimizer = optorch.get_optimizer("lion", impl="compiled")
+    params = params_of(11)
+    state = optimizer.init(params)
+    limit = graphs._RULE_RECORDINGS
+    with graphs.enabled(), pytest.warns(RuntimeWarning, match=f"recorded {limit + 1} times"):
+        for k in range(limit + 3):
+            params, state = clone_tree(params), clone_tree(state)
+            optimizer.step(params, grads_for(params, k), state)
+    assert recorder.recordings == limit + 1
+
+
+def test_scratch_tensors_are_never_replaced() -> None:
+    """A graph recorded with the compiled engine's padding tensors reads and writes
+    them at every replay: asking for more keeps the ones handed out."""
+    from optorch import engine
+
+    key = ("test-scratch", torch.float32)
+    first = engine._scratch(key, 2, torch.float32, torch.device("cpu"))
+    more = engine._scratch(key, 5, torch.float32, torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, more[:2], strict=False))
+    assert len(more) == 5
+    del engine._SCRATCH[key]

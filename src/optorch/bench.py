@@ -351,12 +351,13 @@ def _optorch_step(name: str, params: list[torch.Tensor], impl: str) -> Callable[
 def _compile_scaling(device: str) -> dict[str, float]:
     """First-step time of compiled AdamW for 100 and 1,000 tensors (fresh kernels)."""
     import optorch
-    from optorch import engine
+    from optorch import engine, graphs
 
     result: dict[str, float] = {}
     for count in (100, 1000):
         torch._dynamo.reset()
         engine._COMPILED.clear()
+        graphs.clear()  # a graph would launch the kernels this drops
         params = [torch.randn(1024 + 16 * i, device=device) for i in range(count)]
         grads = [torch.randn_like(p) for p in params]
         opt = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.01)

@@ -1499,10 +1499,10 @@ _RECOMPUTE = {"realize_cpu_opcount_threshold": 10_000, "realize_reads_threshold"
 def _scratch(
     key: tuple[Any, ...], count: int, dtype: torch.dtype, device: torch.device
 ) -> list[torch.Tensor]:
-    cached = _SCRATCH.get(key)
-    if cached is None or len(cached) < count:
-        cached = [torch.zeros(2, dtype=dtype, device=device) for _ in range(count)]
-        _SCRATCH[key] = cached
+    cached = _SCRATCH.setdefault(key, [])
+    # grown in place, never replaced: a CUDA graph (optorch.graphs) recorded with some
+    # of these reads and writes them at every replay, so they must stay allocated
+    cached.extend(torch.zeros(2, dtype=dtype, device=device) for _ in range(count - len(cached)))
     return cached[:count]
 
 

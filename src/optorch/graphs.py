@@ -16,9 +16,11 @@ replayed:
 * params and state are the tensors the graph was recorded on: the same tensors in
   place, step after step, as in any training loop. A param or state tensor replaced
   (a loaded checkpoint, ``.data`` swapped, a new state dict) records a new graph;
-* grads may be new tensors each step (``zero_grad(set_to_none=True)``): a grad not at
-  the recorded address is copied into the recorded one (one foreach copy), so the
-  graph keeps the first step's grads alive (one grad's worth of memory);
+* grads may be new tensors each step (``zero_grad(set_to_none=True)``,
+  ``torch.func.grad``): the first time they move, the step is recorded once more, on
+  grads of the graph's own (one grad's worth of memory), into which each step's grads
+  are then copied (one foreach copy). Grads given as the same tensors every step are
+  read where they are. The caller's grads are never written;
 * ``skip_if``, ``hyper_overrides`` given as tensors on the params' device, and the
   config's ``max_lr`` and ``lr_schedule_value`` (:data:`PER_STEP_FIELDS`, which a
   training loop may set each step) are copied into the graph's own 0-d tensors each
@@ -117,7 +119,9 @@ def _signature_of(value: Any, device: torch.device) -> Any:
             return None
         return ("tensor", id(value), value.data_ptr(), value.dtype, value.shape, value.stride())
     if isinstance(value, functools.partial) and _pure_schedule(value, device):
-        return ("schedule", id(value))
+        # by value: an id could be a freed schedule's, reused by another
+        keywords = tuple(sorted((k, _signature_of(v, device)) for k, v in value.keywords.items()))
+        return ("schedule", value.func, keywords)
     return None
 
 
@@ -187,7 +191,10 @@ class _Graph:
     # dropped with the first of them (it would write memory that is no longer theirs),
     # and never keeps a model's tensors alive (the grads, inputs and gate are its own)
     watchers: list[Any]
+    # the grads it reads: the caller's first ones, or (``owns_grads``) its own, into
+    # which each step's grads are copied (the caller's are never written)
     grads: list[torch.Tensor]
+    owns_grads: bool
     grad_pointers: list[int]
     grad_strides: list[tuple[int, ...]]
     inputs: dict[str, torch.Tensor]  # per-step values (see _step_inputs)
@@ -196,10 +203,18 @@ class _Graph:
 
 
 _GRAPHS: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
-#: per (rule, config signature): graphs recorded since the last replay
+#: per (rule, params) and per rule: graphs recorded since the last replay, whatever the
+#: config or state tensors (one that changes every step records a graph per step)
 _RECORDINGS: dict[Any, int] = {}
-#: (rule, config signature)s whose steps are no longer graphed
+_MAX_TRACKED = 1024
+#: Recordings of one rule in a row without a replay of it before the rule's steps stop
+#: being graphed (for steps that give new params every step)
+_RULE_RECORDINGS = 4 * MAX_RECORDINGS
+#: (rule, config signature)s whose recording failed, and (rule, params) and rules that
+#: kept recording: their steps are no longer graphed
 _OFF: set[Any] = set()
+#: (rule, params) whose grads were new tensors at some step: recorded on grads of their own
+_MOVING_GRADS: set[Any] = set()
 _STATS = {"recorded": 0, "replayed": 0, "grad_copies": 0, "failed": 0}
 
 
@@ -208,6 +223,7 @@ def clear() -> None:
     _GRAPHS.clear()
     _RECORDINGS.clear()
     _OFF.clear()
+    _MOVING_GRADS.clear()
 
 
 def stats() -> dict[str, int]:
@@ -234,16 +250,27 @@ class _CudaRecorder:
             stream = self._streams[device] = torch.cuda.Stream(device)
         current = torch.cuda.current_stream(device)
         stream.wait_stream(current)
-        with torch.cuda.stream(stream):
-            run()
-        current.wait_stream(stream)
+        try:
+            with torch.cuda.stream(stream):
+                run()
+        finally:
+            current.wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(device)
+        # begun and ended here rather than through torch.cuda.graph, whose exit skips
+        # restoring the current stream when ending a failed capture raises.
         # "thread_local": a call that waits for the device in this step fails the
         # recording, while other threads (a DataLoader's pin-memory thread) go on
         # undisturbed ("global", the default, would fail their calls instead)
-        recording = torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
-        with torch.cuda.device(device), recording:
-            body()
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                body()
+            except BaseException:
+                with contextlib.suppress(Exception):  # an invalidated capture fails to end
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         return graph.replay
 
     def capturing(self, device: torch.device) -> bool:
@@ -304,8 +331,6 @@ def try_step(
         family = (id(rule), _config_signature(base_config, inputs, device))
     except _NotGraphable:
         return False
-    if family in _OFF:
-        return False
     kept = [*params, *itertools.chain.from_iterable(columns), step, *globals_]
     key = (
         family,
@@ -314,21 +339,32 @@ def try_step(
         tuple(active),
         tuple(map(id, kept)),
     )
+    lineage = _lineage(key)
+    if family in _OFF or lineage in _OFF or id(rule) in _OFF:
+        return False
     pointers = tuple(map(_DATA_PTR, kept))
     graph = _GRAPHS.get(key)
+    own = lineage in _MOVING_GRADS
     if graph is not None and graph.pointers == pointers:
-        _GRAPHS.move_to_end(key)
-        _load(graph, grads, inputs, gate)
-        graph.replay()
-        graph.replays += 1
-        _RECORDINGS[family] = 0
-        _STATS["replayed"] += 1
-        return True
+        if _load(graph, grads, inputs, gate):
+            _GRAPHS.move_to_end(key)
+            graph.replay()
+            graph.replays += 1
+            _RECORDINGS[lineage] = _RECORDINGS[id(rule)] = 0
+            _STATS["replayed"] += 1
+            return True
+        # new grad tensors, and the graph reads the caller's first ones, which it must
+        # not overwrite: recorded anew on grads of its own, copied into from now on
+        # (and so are later recordings for these params)
+        own = True
+        if len(_MOVING_GRADS) > _MAX_TRACKED:
+            _MOVING_GRADS.clear()
+        _MOVING_GRADS.add(lineage)
 
-    # new: run the step the normal way, then record it on tensors of its own for the
-    # values that change from step to step (grads are the ones given now). (A replay
-    # needs no such check: prepare() holds grads to their params' device and dtype, and
-    # the tensors it reads are the ones checked here, at the same memory.)
+    # new: run the step, then record it, on tensors of the graph's own for the values
+    # that change from step to step. (A replay needs no type or device check: prepare()
+    # holds grads to their params' device and dtype, and the tensors it reads are the
+    # ones checked here, at the same memory.)
     if not _plain_on([*kept, *grads], device):
         return False
     static_inputs = {
@@ -339,12 +375,19 @@ def try_step(
     }
     static_gate = None if gate is None else gate.clone()
     config = _overridden(base_config, static_inputs) if static_inputs else base_config
-    real_config = _overridden(base_config, overrides) if overrides else base_config
+    static_grads = [g.clone() for g in grads] if own else list(grads)
+    if own:
+        leaves = list(prepared.grads)
+        for i, grad in zip(active, static_grads, strict=True):
+            leaves[i] = grad
+        prepared = dataclasses.replace(prepared, grads=leaves)
     _GRAPHS.pop(key, None)
     done: list[bool] = []
 
     def run() -> None:
-        advance(real_config, prepared, gate)
+        # the step itself, with the values the replays will take (the same kernels
+        # warmed up as the recording launches)
+        advance(config, prepared, static_gate)
         done.append(True)
 
     try:
@@ -368,9 +411,11 @@ def try_step(
         replay=replay,
         pointers=pointers,
         watchers=[],
-        grads=list(grads),
-        grad_pointers=list(map(_DATA_PTR, grads)),
-        grad_strides=list(map(_STRIDE, grads)),
+        grads=static_grads,
+        owns_grads=own,
+        # where the graph reads its grads: a grad given anywhere else is copied there
+        grad_pointers=list(map(_DATA_PTR, static_grads)),
+        grad_strides=list(map(_STRIDE, static_grads)),
         inputs=static_inputs,
         gate=static_gate,
     )
@@ -382,11 +427,18 @@ def try_step(
     entry.watchers = [weakref.ref(t, forget) for t in kept]
     while len(_GRAPHS) > MAX_GRAPHS:
         _GRAPHS.popitem(last=False)
-    recorded = _RECORDINGS.get(family, 0) + 1
-    _RECORDINGS[family] = recorded
-    if recorded > MAX_RECORDINGS:
-        _OFF.add(family)
-        for stale in [k for k in _GRAPHS if k[0] == family]:
+    if len(_RECORDINGS) > _MAX_TRACKED:
+        _RECORDINGS.clear()
+    recorded = _RECORDINGS[lineage] = _RECORDINGS.get(lineage, 0) + 1
+    in_rule = _RECORDINGS[id(rule)] = _RECORDINGS.get(id(rule), 0) + 1
+    # these params keep recording (new state tensors, or a config field other than the
+    # per-step ones, every step), or the rule does (new params every step)
+    off = lineage if recorded > MAX_RECORDINGS else None
+    if off is None and in_rule > _RULE_RECORDINGS:
+        off, recorded = id(rule), in_rule
+    if off is not None:
+        _OFF.add(off)
+        for stale in [k for k in _GRAPHS if off in (k[0][0], _lineage(k))]:
             del _GRAPHS[stale]
         warnings.warn(
             f"optorch.graphs: {rule.name}'s step was recorded {recorded} times in a row "
@@ -399,15 +451,25 @@ def try_step(
     return True
 
 
+def _lineage(key: Any) -> Any:
+    """A graph key's (rule, active leaves, params): the same params, whatever the config
+    and the state tensors."""
+    family, _, _, active, ids = key
+    return (family[0], active, ids[: len(active)])
+
+
 def _load(
     graph: _Graph,
     grads: list[torch.Tensor],
     inputs: Mapping[str, Any],
     gate: torch.Tensor | None,
-) -> None:
-    """Copy this step's grads, per-step values and gate into the graph's tensors."""
+) -> bool:
+    """Copy this step's grads, per-step values and gate into the graph's tensors. False
+    (nothing copied) when grads moved and the graph reads the caller's own."""
     pointers, strides = list(map(_DATA_PTR, grads)), list(map(_STRIDE, grads))
     if pointers != graph.grad_pointers or strides != graph.grad_strides:
+        if not graph.owns_grads:
+            return False
         moved = [
             i
             for i, (pointer, stride) in enumerate(zip(pointers, strides, strict=True))
@@ -423,3 +485,4 @@ def _load(
             tensor.fill_(value)  # a kernel that holds the number: no copy, no wait
     if graph.gate is not None:
         graph.gate.copy_(gate)  # type: ignore[arg-type]
+    return True
