@@ -611,6 +611,18 @@ def test_schedule_output_is_checked_before_writing(
     _assert_step_raises(inputs, error, match)
 
 
+def test_a_refused_step_adds_no_field_to_the_state() -> None:
+    """A state that lacks a field the config needs (a seed-style dict, momentum turned
+    on) gets it when the step runs; a step refused on the way (its schedule's output)
+    leaves the dict without it."""
+    opt = optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.9, schedule=lambda step: NAN)
+    params = _params_for("sgd")
+    state = {"step": torch.tensor(1)}
+    inputs = StepInputs(opt, params, _grads_like(params), state, {}, (params, state))
+    _assert_step_raises(inputs, ValueError, r"SGDConfig\.schedule\(1\): nan")
+    assert sorted(state) == ["step"]
+
+
 @pytest.mark.parametrize("name", REGISTRY_NAMES)
 def test_a_tensor_given_twice_is_refused_in_place(name: str) -> None:
     """A tied weight listed twice would be updated twice by an in-place step."""

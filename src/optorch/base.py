@@ -977,7 +977,9 @@ def apply_step(
         raise ValueError(f"{rule.name}: state['step'] must not be negative, got {step!r}")
 
     new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
-    _add_missing_fields(rule, config, prepared, names, new_state)
+    # into the state once the step has run: a step refused on the way (a schedule
+    # returning NaN) leaves the caller's state as it was
+    created = _missing_fields(rule, config, prepared, names)
 
     def advance(config: Any, prepared: Prepared, gate: torch.Tensor | None) -> Any:
         return _advance(rule, config, prepared, state, new_state, gate)
@@ -987,11 +989,13 @@ def apply_step(
         and config.inplace
         and graphs.try_step(rule, base_config, hyper_overrides, prepared, state, gate, advance)
     ):
+        new_state.update(created)
         return params, new_state
     new_p, new_s = advance(config, prepared, gate)
     if config.inplace:
         if not isinstance(new_state, dict):  # a read-only mapping was passed
             new_state = dict(new_state)
+        new_state.update(created)
         return params, new_state
 
     param_leaves = list(prepared.params)
@@ -1010,11 +1014,11 @@ def apply_step(
     return out_params, new_state
 
 
-def _add_missing_fields(
-    rule: Rule, config: Any, prepared: Prepared, names: tuple[str, ...], new_state: dict[str, Any]
-) -> None:
+def _missing_fields(
+    rule: Rule, config: Any, prepared: Prepared, names: tuple[str, ...]
+) -> dict[str, Any]:
     """Create the fields a config needs that the state lacks (seed-style dicts, amsgrad
-    turned on), in ``prepared`` and ``new_state``.
+    turned on): in ``prepared``, and returned as trees for the new state.
 
     A leaf gets the new field where it has state already (another field's leaf), or,
     when no field says which leaves carry state, where it is a tensor: also the leaves
@@ -1023,7 +1027,7 @@ def _add_missing_fields(
     """
     missing = [name for name in names if not prepared.fields[name]]
     if not missing:
-        return
+        return {}
     existing = [prepared.fields[name] for name in names if prepared.fields[name]]
     active = set(prepared.active)
     carries = [
@@ -1034,6 +1038,7 @@ def _add_missing_fields(
         )
         for i, p in enumerate(prepared.params)
     ]
+    created = {}
     with torch.no_grad():
         for name in missing:
             leaves_ = [
@@ -1041,7 +1046,8 @@ def _add_missing_fields(
                 for p, carried in zip(prepared.params, carries, strict=True)
             ]
             prepared.fields[name] = leaves_
-            new_state[name] = unflatten(prepared.spec, leaves_)
+            created[name] = unflatten(prepared.spec, leaves_)
+    return created
 
 
 def _advance(
