@@ -24,6 +24,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import NON_DEFAULT_OPTIONS, assert_trees_close, assert_trees_equal, clone_tree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 import optorch
 from optorch import base, graphs
@@ -415,16 +417,24 @@ def test_a_config_value_changing_every_step_stops_being_graphed(
     assert recorder.recordings == graphs.MAX_RECORDINGS + 1
 
 
-def test_new_params_every_step_stop_the_rule_being_graphed(recorder: EmulatedRecorder) -> None:
+def test_new_params_every_step_stop_the_rule_being_graphed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each step's graph is dropped with its params before a replay; after
+    ``_RULE_RECORDINGS`` of them, the rule's steps are no longer recorded."""
+    recorder = NoReplayRecorder()
+    monkeypatch.setattr(graphs, "_RECORDER", recorder)
+    graphs.clear()
     optimizer = optorch.get_optimizer("lion", impl="compiled")
     params = params_of(11)
     state = optimizer.init(params)
     limit = graphs._RULE_RECORDINGS
-    with graphs.enabled(), pytest.warns(RuntimeWarning, match=f"recorded {limit + 1} times"):
+    with graphs.enabled(), pytest.warns(RuntimeWarning, match=f"recorded {limit} times"):
         for k in range(limit + 3):
             params, state = clone_tree(params), clone_tree(state)
             optimizer.step(params, grads_for(params, k), state)
-    assert recorder.recordings == limit + 1
+    assert recorder.recordings == limit
+    graphs.clear()
 
 
 def test_scratch_tensors_are_never_replaced() -> None:
@@ -438,3 +448,207 @@ def test_scratch_tensors_are_never_replaced() -> None:
     assert all(a is b for a, b in zip(first, more[:2], strict=False))
     assert len(more) == 5
     del engine._SCRATCH[key]
+
+
+# a recorder that keeps a CUDA graph's contract for values too ---------------------------
+
+
+def _written(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors an ATen op writes (its mutable arguments)."""
+    out = []
+    for i, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        if argument.kwarg_only or i >= len(args):
+            value = kwargs.get(argument.name)
+        else:
+            value = args[i]
+        flat, _ = tree_flatten(value)
+        out.extend(t for t in flat if isinstance(t, torch.Tensor))
+    return out
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records every ATen op with its arguments as they were (Python numbers fixed,
+    tensors by object, so by memory) and what it wrote before, so that the writes can
+    be undone: a CUDA capture executes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[Any, tuple[Any, ...], dict[str, Any], Any, str]] = []
+        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = str(func)
+        if "_local_scalar_dense" in name or name.startswith(("aten.is_nonzero", "aten.equal")):
+            raise RuntimeError(f"emulated capture: {name} would wait for the device")
+        written = _written(func, args, kwargs)
+        for tensor in written:
+            base = tensor._base if tensor._base is not None else tensor
+            if base.numel():
+                self.before.setdefault(id(base), (base, base.detach().clone()))
+        out = func(*args, **kwargs)
+        returns = func._schema.returns
+        if written:
+            kind = "write"
+        elif returns and all(r.alias_info is not None for r in returns):
+            kind = "view"
+        else:
+            kind = "fresh"
+        self.ops.append((func, args, kwargs, out, kind))
+        return out
+
+
+class FaithfulRecorder(EmulatedRecorder):
+    """Replays the recorded ATen ops on the recorded tensors, with the recorded Python
+    numbers, running none of the step's Python: a value the step computed on the host
+    while it was recorded stays what it was then, as in a CUDA graph. (Compiled kernels
+    do not dispatch through ATen: steps here use tensors small enough for the foreach
+    engine.)"""
+
+    def record(
+        self, device: torch.device, run: Callable[[], None], body: Callable[[], None]
+    ) -> Callable[[], None]:
+        run()
+        recording = _OpRecorder()
+        try:
+            with recording, torch.no_grad():
+                body()
+        finally:
+            with torch.no_grad():
+                for base, before in recording.before.values():
+                    base.copy_(before)
+        self.recordings += 1
+        ops = recording.ops
+
+        def replay() -> None:
+            with torch.no_grad():
+                for func, args, kwargs, out, kind in ops:
+                    if kind == "view":
+                        continue  # the view recorded still looks at the same memory
+                    new = func(*args, **kwargs)
+                    if kind == "fresh":  # into the recorded output's memory
+                        pairs = zip(tree_flatten(out)[0], tree_flatten(new)[0], strict=True)
+                        for old, value in pairs:
+                            if isinstance(old, torch.Tensor) and old is not value:
+                                old.copy_(value)
+
+        return replay
+
+
+@pytest.fixture
+def faithful(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaithfulRecorder]:
+    from optorch import engine
+
+    recorder_ = FaithfulRecorder()
+    monkeypatch.setattr(graphs, "_RECORDER", recorder_)
+    monkeypatch.setattr(base, "_host_step", lambda step: False)
+    # every 0-d tensor taken as a device one, as on CUDA (no host read of a scalar)
+    monkeypatch.setattr(
+        engine, "_device_scalar", lambda v: isinstance(v, torch.Tensor) and v.dim() == 0
+    )
+    graphs.clear()
+    yield recorder_
+    graphs.clear()
+
+
+@pytest.mark.parametrize("impl", ["foreach", "reference"])
+@pytest.mark.parametrize("name", sorted(NON_DEFAULT_OPTIONS))
+def test_replays_of_fixed_ops_equal_plain_steps(
+    name: str, impl: str, faithful: FaithfulRecorder
+) -> None:
+    """No value of a step is fixed when it is recorded that should change from step to
+    step: replaying the recorded ops alone equals running every step (with an lr
+    schedule, an injected lr, a skip every fourth step, new grads every step)."""
+    params = params_of(12)
+    if name == "muon":
+        params = {"w": params["w"], "v": torch.randn(16, 24)}
+    options = NON_DEFAULT_OPTIONS[name]
+    schedule = step_decay(step_size=3, gamma=0.5)
+    optimizer = optorch.get_optimizer(name, impl=impl, schedule=schedule, **options)
+
+    def kwargs(k: int) -> dict[str, Any]:
+        lr = torch.tensor(0.02 / (1 + k % 5), dtype=torch.float64)
+        return {"skip_if": torch.tensor(k % 4 == 2), "hyper_overrides": {"max_lr": lr}}
+
+    assert_same_run(*run_pair(optimizer, params=params, step_kwargs=kwargs))
+    assert faithful.recordings == NEW_GRADS_RECORDINGS
+
+
+def test_the_faithful_recorder_fixes_what_the_host_computed() -> None:
+    """The property the test above relies on: a number the step's Python computes
+    while it is recorded is replayed as it was then (the recording itself changes
+    nothing), and a tensor it reads is read anew."""
+    recorder = FaithfulRecorder()
+    x, y = torch.zeros(3), torch.ones(3)
+    numbers = iter(range(1, 100))
+    replay = recorder.record(
+        torch.device("cpu"), lambda: None, lambda: x.add_(y, alpha=float(next(numbers)))
+    )
+    assert torch.equal(x, torch.zeros(3))
+    replay()
+    y.fill_(10.0)
+    replay()
+    assert torch.equal(x, torch.full((3,), 11.0))  # 1 x 1, then 1 x 10: alpha stayed 1
+
+
+def test_many_param_sets_of_one_rule_each_replay(recorder: EmulatedRecorder) -> None:
+    """Ten groups stepped in turn (partition with ten labels, one optimizer per layer):
+    a graph each, all replayed; none dropped for another."""
+    optimizer = optorch.get_optimizer("adam", impl="compiled")
+    groups = [params_of(20 + g) for g in range(10)]
+    states = [optimizer.init(p) for p in groups]
+    with graphs.enabled():
+        for k in range(4):
+            for params, state in zip(groups, states, strict=True):
+                grads = grads_for(params, k)
+                for name in grads:  # the same grad tensors every step
+                    params[name].grad = params[name].grad if k else grads[name]
+                    params[name].grad.copy_(grads[name])
+                optimizer.step(params, {n: p.grad for n, p in params.items()}, state)
+    assert recorder.recordings == 10
+    assert len(graphs._GRAPHS) == 10
+
+
+def test_a_param_reshaped_in_place_records_anew(recorder: EmulatedRecorder) -> None:
+    """The same memory under another shape (``p.data = p.data.view(...)``, the state
+    reshaped alike) is another step for rules that read shapes: recorded again."""
+
+    def reshape(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        if k == 4:
+            params["w"].data = params["w"].data.view(16, 24)
+            state["momentum"]["w"].data = state["momentum"]["w"].data.view(16, 24)
+        return state
+
+    optimizer = optorch.get_optimizer("muon", impl="compiled")
+    start = {"w": torch.randn(24, 16, generator=torch.Generator().manual_seed(3))}
+    plain_p, graphed_p = clone_tree(start), clone_tree(start)
+    plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
+    for k in range(8):
+        grads = grads_for(plain_p, k)
+        optimizer.step(plain_p, grads, plain_s)
+        with graphs.enabled():
+            optimizer.step(graphed_p, clone_tree(grads), graphed_s)
+        reshape(k, plain_p, plain_s)
+        reshape(k, graphed_p, graphed_s)
+    assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
+    assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
+
+
+def test_grads_with_autograd_history_are_not_kept_with_it(recorder: EmulatedRecorder) -> None:
+    """Grads from ``autograd.grad(create_graph=True)``: the graph's own grads carry no
+    history (a chain of copies would keep every step's autograd graph alive)."""
+    optimizer = optorch.get_optimizer("sgd", impl="compiled", momentum=0.9)
+    params = params_of(13)
+    state = optimizer.init(params)
+    leaf = torch.ones((), requires_grad=True)
+    with graphs.enabled():
+        for k in range(4):
+            grads = {n: g * leaf for n, g in grads_for(params, k).items()}
+            optimizer.step(params, grads, state)
+    (graph,) = graphs._GRAPHS.values()
+    assert graph.owns_grads
+    assert not any(g.requires_grad for g in graph.grads)

@@ -72,8 +72,9 @@ ENABLED = os.environ.get("OPTORCH_CUDA_GRAPHS", "") == "1"
 #: Graphs recorded in a row for one (rule, config) without a replay before its steps
 #: stop being graphed.
 MAX_RECORDINGS = 4
-#: Graphs kept (least recently used dropped first); each holds its grads and a pool.
-MAX_GRAPHS = 8
+#: Graphs kept, one per set of params (least recently used dropped first); each holds
+#: its pool, and its grads when it owns them.
+MAX_GRAPHS = 64
 
 
 @contextlib.contextmanager
@@ -185,8 +186,9 @@ def _kind(value: Any) -> Any:
 class _Graph:
     """One recorded step and the tensors it reads and writes."""
 
+    key: Any  # what the step was recorded for (see try_step)
     replay: Callable[[], None]
-    pointers: tuple[int, ...]  # params, state, step count and global fields
+    layout: Any  # memory, shapes and strides of its params, state, step count, globals
     # weak references to the params, state, step count and global fields: a graph is
     # dropped with the first of them (it would write memory that is no longer theirs),
     # and never keeps a model's tensors alive (the grads, inputs and gate are its own)
@@ -202,28 +204,39 @@ class _Graph:
     replays: int = 0
 
 
+#: (rule, active leaves, params) -> its graph: one per set of params, the latest
+#: recorded (least recently used dropped past MAX_GRAPHS)
 _GRAPHS: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
-#: per (rule, params) and per rule: graphs recorded since the last replay, whatever the
-#: config or state tensors (one that changes every step records a graph per step)
+#: per (rule, active leaves, params): graphs recorded since its last replay, whatever
+#: the config or state tensors (one that changes every step records a graph per step)
 _RECORDINGS: dict[Any, int] = {}
-_MAX_TRACKED = 1024
-#: Recordings of one rule in a row without a replay of it before the rule's steps stop
-#: being graphed (for steps that give new params every step)
+#: per rule: graphs dropped with their params before any replay, since the rule's last
+#: replay (new params every step)
+_UNREPLAYED: dict[int, int] = {}
+#: Graphs of one rule dropped unreplayed in a row before the rule's steps stop being
+#: graphed
 _RULE_RECORDINGS = 4 * MAX_RECORDINGS
-#: (rule, config signature)s whose recording failed, and (rule, params) and rules that
-#: kept recording: their steps are no longer graphed
+#: (rule, config signature)s whose recording failed, (rule, active leaves, params) that
+#: kept recording, and rules whose params kept changing: no longer graphed
 _OFF: set[Any] = set()
-#: (rule, params) whose grads were new tensors at some step: recorded on grads of their own
+#: (rule, active leaves, params) whose grads were new tensors at some step: recorded on
+#: grads of their own
 _MOVING_GRADS: set[Any] = set()
+#: (rule, active leaves, params) -> weak references to its params, which forget it (in
+#: the sets above) when one of them is freed
+_WATCHED: dict[Any, list[Any]] = {}
 _STATS = {"recorded": 0, "replayed": 0, "grad_copies": 0, "failed": 0}
 
 
 def clear() -> None:
-    """Drop every recorded graph (and the tensors it keeps alive)."""
+    """Drop every recorded graph (and the grads it holds), and forget which steps were
+    not to be graphed."""
     _GRAPHS.clear()
     _RECORDINGS.clear()
+    _UNREPLAYED.clear()
     _OFF.clear()
     _MOVING_GRADS.clear()
+    _WATCHED.clear()
 
 
 def stats() -> dict[str, int]:
@@ -281,6 +294,7 @@ _RECORDER: Any = _CudaRecorder()
 
 
 _DATA_PTR = operator.methodcaller("data_ptr")
+_SHAPE = operator.attrgetter("shape")
 _STRIDE = operator.methodcaller("stride")
 _PLAIN_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
 
@@ -332,56 +346,60 @@ def try_step(
     except _NotGraphable:
         return False
     kept = [*params, *itertools.chain.from_iterable(columns), step, *globals_]
+    lineage = (id(rule), tuple(active), tuple(map(id, params)))
     key = (
         family,
         tuple(sorted((k, _kind(v)) for k, v in inputs.items())),
         None if gate is None else (gate.dtype, gate.shape),
-        tuple(active),
         tuple(map(id, kept)),
     )
-    lineage = _lineage(key)
     if family in _OFF or lineage in _OFF or id(rule) in _OFF:
         return False
-    pointers = tuple(map(_DATA_PTR, kept))
-    graph = _GRAPHS.get(key)
+    layout = (tuple(map(_DATA_PTR, kept)), tuple(map(_SHAPE, kept)), tuple(map(_STRIDE, kept)))
+    graph = _GRAPHS.get(lineage)
     own = lineage in _MOVING_GRADS
-    if graph is not None and graph.pointers == pointers:
-        if _load(graph, grads, inputs, gate):
-            _GRAPHS.move_to_end(key)
+    if graph is not None and graph.key == key and graph.layout == layout:
+        with torch.no_grad():
+            loaded = _load(graph, grads, inputs, gate)
+        if loaded:
+            _GRAPHS.move_to_end(lineage)
             graph.replay()
             graph.replays += 1
-            _RECORDINGS[lineage] = _RECORDINGS[id(rule)] = 0
+            _RECORDINGS[lineage] = _UNREPLAYED[id(rule)] = 0
             _STATS["replayed"] += 1
             return True
         # new grad tensors, and the graph reads the caller's first ones, which it must
         # not overwrite: recorded anew on grads of its own, copied into from now on
         # (and so are later recordings for these params)
         own = True
-        if len(_MOVING_GRADS) > _MAX_TRACKED:
-            _MOVING_GRADS.clear()
         _MOVING_GRADS.add(lineage)
 
     # new: run the step, then record it, on tensors of the graph's own for the values
     # that change from step to step. (A replay needs no type or device check: prepare()
     # holds grads to their params' device and dtype, and the tensors it reads are the
-    # ones checked here, at the same memory.)
+    # ones checked here, with the same memory and layout.)
     if not _plain_on([*kept, *grads], device):
         return False
-    static_inputs = {
-        k: v.clone()
-        if isinstance(v, torch.Tensor)
-        else torch.tensor(v, dtype=torch.float64, device=device)
-        for k, v in inputs.items()
-    }
-    static_gate = None if gate is None else gate.clone()
+    if _UNREPLAYED.get(id(rule), 0) >= _RULE_RECORDINGS:
+        _turn_off(id(rule), rule, _UNREPLAYED[id(rule)], "new params every step?")
+        return False
+    _GRAPHS.pop(lineage, None)  # one graph per set of params: the latest
+    _watch(lineage, params)
+    with torch.no_grad():  # the graph's tensors carry no autograd history
+        static_inputs = {
+            k: v.detach().clone()
+            if isinstance(v, torch.Tensor)
+            else torch.tensor(v, dtype=torch.float64, device=device)
+            for k, v in inputs.items()
+        }
+        static_gate = None if gate is None else gate.detach().clone()
+        static_grads = [g.detach().clone() if own else g.detach() for g in grads]
     config = _overridden(base_config, static_inputs) if static_inputs else base_config
-    static_grads = [g.clone() for g in grads] if own else list(grads)
     if own:
         leaves = list(prepared.grads)
         for i, grad in zip(active, static_grads, strict=True):
             leaves[i] = grad
         prepared = dataclasses.replace(prepared, grads=leaves)
-    _GRAPHS.pop(key, None)
     done: list[bool] = []
 
     def run() -> None:
@@ -407,9 +425,10 @@ def try_step(
         )
         return True
     _STATS["recorded"] += 1
-    entry = _GRAPHS[key] = _Graph(
+    entry = _GRAPHS[lineage] = _Graph(
+        key=key,
         replay=replay,
-        pointers=pointers,
+        layout=layout,
         watchers=[],
         grads=static_grads,
         owns_grads=own,
@@ -419,43 +438,58 @@ def try_step(
         inputs=static_inputs,
         gate=static_gate,
     )
+    rule_id = id(rule)
 
-    def forget(_: Any) -> None:
-        if _GRAPHS.get(key) is entry:
-            del _GRAPHS[key]
+    def forget(_: Any) -> None:  # may run inside garbage collection: no iteration here
+        if _GRAPHS.get(lineage) is entry:
+            _GRAPHS.pop(lineage, None)
+            if entry.replays == 0:
+                _UNREPLAYED[rule_id] = _UNREPLAYED.get(rule_id, 0) + 1
 
     entry.watchers = [weakref.ref(t, forget) for t in kept]
     while len(_GRAPHS) > MAX_GRAPHS:
         _GRAPHS.popitem(last=False)
-    if len(_RECORDINGS) > _MAX_TRACKED:
-        _RECORDINGS.clear()
     recorded = _RECORDINGS[lineage] = _RECORDINGS.get(lineage, 0) + 1
-    in_rule = _RECORDINGS[id(rule)] = _RECORDINGS.get(id(rule), 0) + 1
-    # these params keep recording (new state tensors, or a config field other than the
-    # per-step ones, every step), or the rule does (new params every step)
-    off = lineage if recorded > MAX_RECORDINGS else None
-    if off is None and in_rule > _RULE_RECORDINGS:
-        off, recorded = id(rule), in_rule
-    if off is not None:
-        _OFF.add(off)
-        for stale in [k for k in _GRAPHS if off in (k[0][0], _lineage(k))]:
-            del _GRAPHS[stale]
-        warnings.warn(
-            f"optorch.graphs: {rule.name}'s step was recorded {recorded} times in a row "
-            "without a replay (new param or state tensors, or a config field other than "
-            f"{' or '.join(PER_STEP_FIELDS)} changed, every step?); its steps run "
-            "without graphs from now on",
-            RuntimeWarning,
-            stacklevel=4,
+    if recorded > MAX_RECORDINGS:
+        # these params keep recording: new state tensors, or a config field other than
+        # the per-step ones, every step
+        _turn_off(
+            lineage,
+            rule,
+            recorded,
+            "new state tensors, or a config field other "
+            f"than {' or '.join(PER_STEP_FIELDS)} changed, every step?",
         )
     return True
 
 
-def _lineage(key: Any) -> Any:
-    """A graph key's (rule, active leaves, params): the same params, whatever the config
-    and the state tensors."""
-    family, _, _, active, ids = key
-    return (family[0], active, ids[: len(active)])
+def _turn_off(what: Any, rule: Any, recorded: int, why: str) -> None:
+    """Stop graphing ``what`` (a set of params, or a rule), with one warning."""
+    _OFF.add(what)
+    for lineage in list(_GRAPHS):
+        if what in (lineage, lineage[0]):
+            _GRAPHS.pop(lineage, None)
+    warnings.warn(
+        f"optorch.graphs: {rule.name}'s step was recorded {recorded} times in a row "
+        f"without a replay ({why}); its steps run without graphs from now on",
+        RuntimeWarning,
+        stacklevel=5,
+    )
+
+
+def _watch(lineage: Any, params: list[torch.Tensor]) -> None:
+    """Forget ``lineage`` (whether it is graphed, how often it recorded) once one of
+    its params is freed: a new param could be given its id."""
+    if lineage in _WATCHED:
+        return
+
+    def forget(_: Any) -> None:  # may run inside garbage collection: no iteration here
+        _WATCHED.pop(lineage, None)
+        _RECORDINGS.pop(lineage, None)
+        _MOVING_GRADS.discard(lineage)
+        _OFF.discard(lineage)
+
+    _WATCHED[lineage] = [weakref.ref(p, forget) for p in params]
 
 
 def _load(
