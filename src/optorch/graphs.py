@@ -417,6 +417,10 @@ def try_step(
         # done; this config runs without graphs from now on
         _STATS["failed"] += 1
         _OFF.add(family)
+        for other in list(_GRAPHS):  # never replayed again: their memory goes too
+            found = _GRAPHS.get(other)
+            if found is not None and found.key[0] == family:
+                _GRAPHS.pop(other, None)
         warnings.warn(
             f"optorch.graphs: {rule.name}'s step could not be recorded as a CUDA graph "
             f"({type(error).__name__}: {error}); its steps run without graphs from now on",
