@@ -60,14 +60,18 @@ class EmulatedRecorder:
         return body
 
 
-@pytest.fixture
-def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedRecorder]:
-    emulated = EmulatedRecorder()
-    monkeypatch.setattr(graphs, "_RECORDER", emulated)
+def _installed(monkeypatch: pytest.MonkeyPatch, recorder_: Any) -> Iterator[Any]:
+    """``recorder_`` in place of CUDA's, and the step counter read as on a device."""
+    monkeypatch.setattr(graphs, "_RECORDER", recorder_)
     monkeypatch.setattr(base, "_host_step", lambda step: False)
     graphs.clear()
-    yield emulated
+    yield recorder_
     graphs.clear()
+
+
+@pytest.fixture
+def recorder(monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatedRecorder]:
+    yield from _installed(monkeypatch, EmulatedRecorder())
 
 
 def params_of(seed: int) -> dict[str, torch.Tensor]:
@@ -102,7 +106,7 @@ def run_pair(
     plain_p, graphed_p = clone_tree(start), clone_tree(start)
     plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
     for k in range(steps):
-        grads = grads_for(start, 100 + k)
+        grads = grads_for(plain_p, 100 + k)
         optimizer.step(plain_p, grads, plain_s, **step_kwargs(k))
         with graphs.enabled():
             optimizer.step(graphed_p, clone_tree(grads), graphed_s, **step_kwargs(k))
@@ -270,19 +274,11 @@ def test_config_changed_in_place_records_anew(recorder: EmulatedRecorder) -> Non
     optimizer = optorch.get_optimizer("sgd", impl="compiled", momentum=0.9)
 
     def retune(k: int, params: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
-        if k == 3 and params is not None:
-            optimizer.config.momentum = 0.5  # both runs step with it from here
+        if k == 3:  # after each run's step 3: both step with it from step 4
+            optimizer.config.momentum = 0.5
         return state
 
-    plain_p, graphed_p = params_of(4), params_of(4)
-    plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
-    for k in range(8):
-        grads = grads_for(plain_p, k)
-        optimizer.step(plain_p, grads, plain_s)
-        with graphs.enabled():
-            optimizer.step(graphed_p, clone_tree(grads), graphed_s)
-        retune(k, plain_p, plain_s)
-    assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
+    assert_same_run(*run_pair(optimizer, 8, params=params_of(4), between=retune))
     assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
 
 
@@ -543,16 +539,11 @@ class FaithfulRecorder(EmulatedRecorder):
 def faithful(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaithfulRecorder]:
     from optorch import engine
 
-    recorder_ = FaithfulRecorder()
-    monkeypatch.setattr(graphs, "_RECORDER", recorder_)
-    monkeypatch.setattr(base, "_host_step", lambda step: False)
     # every 0-d tensor taken as a device one, as on CUDA (no host read of a scalar)
     monkeypatch.setattr(
         engine, "_device_scalar", lambda v: isinstance(v, torch.Tensor) and v.dim() == 0
     )
-    graphs.clear()
-    yield recorder_
-    graphs.clear()
+    yield from _installed(monkeypatch, FaithfulRecorder())
 
 
 @pytest.mark.parametrize("impl", ["foreach", "reference"])
@@ -625,16 +616,7 @@ def test_a_param_reshaped_in_place_records_anew(recorder: EmulatedRecorder) -> N
 
     optimizer = optorch.get_optimizer("muon", impl="compiled")
     start = {"w": torch.randn(24, 16, generator=torch.Generator().manual_seed(3))}
-    plain_p, graphed_p = clone_tree(start), clone_tree(start)
-    plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
-    for k in range(8):
-        grads = grads_for(plain_p, k)
-        optimizer.step(plain_p, grads, plain_s)
-        with graphs.enabled():
-            optimizer.step(graphed_p, clone_tree(grads), graphed_s)
-        reshape(k, plain_p, plain_s)
-        reshape(k, graphed_p, graphed_s)
-    assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
+    assert_same_run(*run_pair(optimizer, 8, params=start, between=reshape))
     assert recorder.recordings == NEW_GRADS_RECORDINGS + 1
 
 
