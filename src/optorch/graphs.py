@@ -38,14 +38,17 @@ replayed:
   in one call, up to two param-sized buffers).
 
 A step that cannot be recorded (something in it waits for the device, say) runs the
-normal way from then on, with one warning naming the reason; so do the steps of a
-config that keeps recording (more than :data:`MAX_RECORDINGS` graphs in a row without
-a replay). A graph is dropped when one of the params or state tensors it was recorded
-on is freed; :func:`clear` drops every graph (and the grads it holds).
+normal way from then on, with one warning naming the reason; so do the steps of
+params that keep recording (more than :data:`MAX_RECORDINGS` graphs in a row without
+a replay), and of a rule whose graphs keep being dropped with their params before a
+replay (new params every step). One graph is kept per set of params, the latest (up
+to :data:`MAX_GRAPHS`); it is dropped when one of the params or state tensors it was
+recorded on is freed; :func:`clear` drops every graph (and the grads it holds).
 
 Whether replay reaches the speed above has not been measured yet (the sessions that
-wrote this had no GPU); CPU tests run the same bookkeeping with an emulated graph
-that replays the recorded step on the recorded tensors.
+wrote this had no GPU). CPU tests (tests/test_graphs.py) run it against two stand-ins
+for a CUDA graph: one replays the recorded step on the recorded tensors, the other
+only the ATen ops recorded, with the numbers they were given then.
 """
 
 from __future__ import annotations
