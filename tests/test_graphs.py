@@ -15,6 +15,7 @@ rounding: see ``REPLAY_VS_PLAIN``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -634,3 +635,83 @@ def test_grads_with_autograd_history_are_not_kept_with_it(recorder: EmulatedReco
     (graph,) = graphs._GRAPHS.values()
     assert graph.owns_grads
     assert not any(g.requires_grad for g in graph.grads)
+
+
+def test_a_first_step_under_inference_mode(recorder: EmulatedRecorder) -> None:
+    """The graph's own tensors are plain ones even when the step that recorded them
+    ran under ``torch.inference_mode`` (later steps write them outside it)."""
+    optimizer = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.1)
+
+    def kwargs(k: int) -> dict[str, Any]:
+        return {"skip_if": torch.tensor(k == 5), "hyper_overrides": {"max_lr": 1e-2 / (k + 1)}}
+
+    plain_p, graphed_p = params_of(14), params_of(14)
+    plain_s, graphed_s = optimizer.init(plain_p), optimizer.init(graphed_p)
+    grads = grads_for(plain_p, 0)  # the same tensors every step: the first graph replays
+    for k in range(8):
+        for name, new in grads_for(plain_p, k).items():
+            grads[name].copy_(new)
+        mode = torch.inference_mode() if k == 0 else contextlib.nullcontext()
+        with mode:
+            optimizer.step(plain_p, grads, plain_s, **kwargs(k))
+            with graphs.enabled():
+                optimizer.step(graphed_p, grads, graphed_s, **kwargs(k))
+    assert_same_run(plain_p, plain_s, graphed_p, graphed_s)
+    assert recorder.recordings == 1
+
+
+def test_a_changing_set_of_params_with_grads_is_bounded(recorder: EmulatedRecorder) -> None:
+    """Experts that get no tokens on some steps: another set of grads every step records
+    every step; after MAX_RECORDINGS in a row for those params, no more (one graph at a
+    time is kept for them, and nothing else grows)."""
+    optimizer = optorch.get_optimizer("adam", impl="compiled")
+    generator = torch.Generator().manual_seed(0)
+    experts = {f"e{i}": torch.randn(8, generator=generator) for i in range(6)}
+    state = optimizer.init(experts)
+    with graphs.enabled(), pytest.warns(RuntimeWarning, match="recorded 5 times in a row"):
+        for _ in range(40):
+            used = torch.rand(6, generator=generator) < 0.5
+            used[0] = True
+            grads = {n: torch.randn(8) if used[i] else None for i, n in enumerate(experts)}
+            optimizer.step(experts, grads, state)
+            assert len(graphs._GRAPHS) <= 1
+    assert recorder.recordings == graphs.MAX_RECORDINGS + 1
+    assert len(graphs._RECORDINGS) <= 1 and len(graphs._WATCHED) <= 1
+
+
+def test_a_replaced_graph_is_freed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No reference cycle keeps a dropped graph (its pool and grads on a GPU) until the
+    cycle collector runs."""
+    recorder_ = NoReplayRecorder()
+    monkeypatch.setattr(graphs, "_RECORDER", recorder_)
+    graphs.clear()
+    optimizer = optorch.get_optimizer("sgd", impl="compiled", momentum=0.9)
+    params = params_of(15)
+    state = optimizer.init(params)
+    gc.disable()
+    try:
+        with graphs.enabled():
+            optimizer.step(params, grads_for(params, 0), state)
+            (first,) = graphs._GRAPHS.values()
+            watched = weakref.ref(first)
+            del first
+            state = copy.deepcopy(state)  # a loaded state: recorded anew
+            optimizer.step(params, grads_for(params, 1), state)
+        assert recorder_.recordings == 2
+        assert watched() is None
+    finally:
+        gc.enable()
+        graphs.clear()
+
+
+def test_the_torch_optim_adapter_is_not_graphed(recorder: EmulatedRecorder) -> None:
+    """Its steps make a new step-count tensor per bucket every step: a graph of them
+    could never be replayed, and recording would only cost."""
+    params = [torch.nn.Parameter(p) for p in params_of(16).values()]
+    adapter = optorch.TorchOptimizer(params, "adamw", lr=1e-2)
+    with graphs.enabled():
+        for k in range(4):
+            for p, g in zip(params, grads_for(dict(enumerate(params)), k).values(), strict=True):
+                p.grad = g
+            adapter.step()
+    assert recorder.recordings == 0

@@ -76,8 +76,9 @@ ENABLED = os.environ.get("OPTORCH_CUDA_GRAPHS", "") == "1"
 #: stop being graphed.
 MAX_RECORDINGS = 4
 #: Graphs kept, one per set of params (least recently used dropped first); each holds
-#: its pool, and its grads when it owns them.
-MAX_GRAPHS = 64
+#: its pool, and its grads when it owns them (a graph goes with its params, so what is
+#: kept is bounded by the live param sets too).
+MAX_GRAPHS = 1024
 
 
 @contextlib.contextmanager
@@ -213,8 +214,8 @@ _GRAPHS: collections.OrderedDict[Any, _Graph] = collections.OrderedDict()
 #: per (rule, active leaves, params): graphs recorded since its last replay, whatever
 #: the config or state tensors (one that changes every step records a graph per step)
 _RECORDINGS: dict[Any, int] = {}
-#: per rule: graphs dropped with their params before any replay, since the rule's last
-#: replay (new params every step)
+#: per rule: sets of params freed with a recording never replayed, since the rule's
+#: last replay (new params every step)
 _UNREPLAYED: dict[int, int] = {}
 #: Graphs of one rule dropped unreplayed in a row before the rule's steps stop being
 #: graphed
@@ -349,11 +350,14 @@ def try_step(
     except _NotGraphable:
         return False
     kept = [*params, *itertools.chain.from_iterable(columns), step, *globals_]
-    lineage = (id(rule), tuple(active), tuple(map(id, params)))
+    # the same params (all of them: which have a grad is part of the key), whatever
+    # the config and state tensors
+    lineage = (id(rule), tuple(map(id, prepared.params)))
     key = (
         family,
         tuple(sorted((k, _kind(v)) for k, v in inputs.items())),
         None if gate is None else (gate.dtype, gate.shape),
+        tuple(active),
         tuple(map(id, kept)),
     )
     if family in _OFF or lineage in _OFF or id(rule) in _OFF:
@@ -387,8 +391,10 @@ def try_step(
         _turn_off(id(rule), rule, _UNREPLAYED[id(rule)], "new params every step?")
         return False
     _GRAPHS.pop(lineage, None)  # one graph per set of params: the latest
-    _watch(lineage, params)
-    with torch.no_grad():  # the graph's tensors carry no autograd history
+    _watch(lineage, [p for p in prepared.params if isinstance(p, torch.Tensor)])
+    # the graph's tensors: no autograd history, and plain ones even when this step runs
+    # under torch.inference_mode (later steps write them outside it)
+    with torch.no_grad(), torch.inference_mode(False):
         static_inputs = {
             k: v.detach().clone()
             if isinstance(v, torch.Tensor)
@@ -445,13 +451,12 @@ def try_step(
         inputs=static_inputs,
         gate=static_gate,
     )
-    rule_id = id(rule)
+    held = weakref.ref(entry)  # not the entry itself: no cycle keeps a dropped graph
 
     def forget(_: Any) -> None:  # may run inside garbage collection: no iteration here
-        if _GRAPHS.get(lineage) is entry:
+        graph = held()
+        if graph is not None and _GRAPHS.get(lineage) is graph:
             _GRAPHS.pop(lineage, None)
-            if entry.replays == 0:
-                _UNREPLAYED[rule_id] = _UNREPLAYED.get(rule_id, 0) + 1
 
     entry.watchers = [weakref.ref(t, forget) for t in kept]
     while len(_GRAPHS) > MAX_GRAPHS:
@@ -491,8 +496,11 @@ def _watch(lineage: Any, params: list[torch.Tensor]) -> None:
         return
 
     def forget(_: Any) -> None:  # may run inside garbage collection: no iteration here
-        _WATCHED.pop(lineage, None)
-        _RECORDINGS.pop(lineage, None)
+        if _WATCHED.pop(lineage, None) is None:
+            return  # another of its params went first
+        if _RECORDINGS.pop(lineage, 0):  # its last recording was never replayed
+            rule = lineage[0]
+            _UNREPLAYED[rule] = _UNREPLAYED.get(rule, 0) + 1
         _MOVING_GRADS.discard(lineage)
         _OFF.discard(lineage)
 

@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from optorch import graphs
 from optorch.base import Optimizer, apply_step, prepare
 
 __all__ = ["TorchOptimizer"]
@@ -288,7 +289,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             config = bucket.config
             names = rule.fields(config)
             global_names = tuple(rule.global_fields(config))
-            _, new_state = apply_step(rule, config, bucket.params, bucket.grads, bucket.state)
+            # never graphed (optorch.graphs): each step's count is a new tensor here,
+            # so a graph of this step could never be replayed
+            with graphs.enabled(False):
+                _, new_state = apply_step(rule, config, bucket.params, bucket.grads, bucket.state)
             nadam = rule.name == "nadam"
             mu_product = self._mu_product(config, bucket.taken + 1) if nadam else None
             for index, (param, state) in enumerate(zip(bucket.params, bucket.states, strict=True)):
