@@ -205,7 +205,6 @@ class _Graph:
     grad_strides: list[tuple[int, ...]]
     inputs: dict[str, torch.Tensor]  # per-step values (see _step_inputs)
     gate: torch.Tensor | None
-    replays: int = 0
 
 
 #: (rule, active leaves, params) -> its graph: one per set of params, the latest
@@ -371,7 +370,6 @@ def try_step(
         if loaded:
             _GRAPHS.move_to_end(lineage)
             graph.replay()
-            graph.replays += 1
             _RECORDINGS[lineage] = _UNREPLAYED[id(rule)] = 0
             _STATS["replayed"] += 1
             return True
