@@ -916,6 +916,54 @@ WRAPPER_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
     ),
 ]
 
+
+def _without_ema(state: Any) -> Any:
+    """A partition state whose wrapped 'vec' group lost its EMA."""
+    groups = dict(state["groups"])
+    groups["vec"] = {k: v for k, v in groups["vec"].items() if k != "ema"}
+    return {**state, "groups": groups}
+
+
+# partitions whose groups include wrappers (which have no ``check``): a group that rejects
+# its inputs must do so before any other group is written, whatever the groups' order
+PARTITION_GROUPS: dict[str, Callable[[], dict[str, Any]]] = {
+    "optimizer-then-wrapper": lambda: {
+        "mat": optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.9),
+        "vec": wrappers.ema(_adamw(), 0.9),
+    },
+    "wrapper-then-wrapper": lambda: {
+        "mat": wrappers.lookahead(optorch.get_optimizer("sgd", max_lr=0.1), sync_period=2),
+        "vec": wrappers.ema(_adamw(), 0.9),
+    },
+}
+
+
+@pytest.mark.parametrize("groups", sorted(PARTITION_GROUPS))
+@pytest.mark.parametrize(
+    ("perturb", "error", "match"),
+    [
+        pytest.param(
+            lambda s: (s, {"hyper_overrides": {"vec/max_lr": -1.0}}),
+            ValueError,
+            r"max_lr: -1\.0",
+            id="override",
+        ),
+        pytest.param(lambda s: (_without_ema(s), {}), ValueError, r"lacks \['ema'\]", id="state"),
+    ],
+)
+def test_partition_with_wrapped_groups_rejects_before_writing(
+    groups: str, perturb: Callable[[Any], Any], error: type[BaseException], match: str
+) -> None:
+    opt, params, grads, state = _wrapped(
+        lambda: wrappers.partition(
+            lambda path, t: "mat" if t.dim() == 2 else "vec", PARTITION_GROUPS[groups]()
+        )
+    )
+    bad_state, kwargs = perturb(state)
+    inputs = StepInputs(opt, params, grads, bad_state, kwargs, (params, grads, state))
+    _assert_step_raises(inputs, error, match)
+
+
 # masked ignores the gradients of the leaves it does not select ('b' here): by design
 _MASKED_IGNORES = {("masked", "grad-dtype"), ("masked", "grad-meta-device")}
 

@@ -213,6 +213,27 @@ def first_device(leaves: Sequence[Any]) -> torch.device:
     return torch.device("cpu")
 
 
+def check_step(
+    optimizer: Any,
+    params: PyTree,
+    grads: PyTree,
+    state: Any,
+    hyper_overrides: Mapping[str, Any] | None,
+) -> None:
+    """Raise what ``optimizer.step`` would raise on these inputs, changing nothing.
+
+    Through the optimizer's ``check`` where it has one (optimizers do); else (wrappers)
+    its step with ``skip_if=True``, which leaves params and state bit-identical and
+    returns before any arithmetic where the gate is readable on the host.
+    """
+    check = getattr(optimizer, "check", None)
+    if check is not None:
+        check(params, grads, state, hyper_overrides=hyper_overrides)
+        return
+    skip = torch.ones((), dtype=torch.bool, device=first_device(flatten(params)[1]))
+    optimizer.step(params, grads, state, hyper_overrides=hyper_overrides, skip_if=skip)
+
+
 def counter(leaves: Sequence[Any], value: int = 0) -> torch.Tensor:
     """A 0-d int64 tensor on the params' device."""
     return torch.full((), value, dtype=torch.int64, device=first_device(leaves))

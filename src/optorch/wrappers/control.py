@@ -24,11 +24,11 @@ from optorch.wrappers._core import (
     check_count,
     check_counter,
     check_grads,
+    check_step,
     commit,
     counter,
     either,
     expect_keys,
-    first_device,
     host_readable,
     params_tree,
 )
@@ -98,7 +98,7 @@ class Accumulate(Wrapper):
             # eager fast path: no inner call (and no wasted compute) before the k-th call
             if int(taken) < self.every:
                 if hyper_overrides:
-                    self._check_overrides(params, mean_grads, state["inner"], hyper_overrides)
+                    check_step(self.inner, params, mean_grads, state["inner"], hyper_overrides)
                 kept = commit(old_mean, new_mean, inplace=inplace, skip=None)
                 return params, self._state(state, state["inner"], kept, mean_spec, taken)
             params, inner_state = self.inner.step(
@@ -123,20 +123,6 @@ class Accumulate(Wrapper):
         if gate is not None:
             new_count = torch.where(gate, count, new_count)
         return params, self._state(state, inner_state, kept, mean_spec, new_count)
-
-    def _check_overrides(
-        self, params: PyTree, grads: PyTree, inner_state: Any, overrides: Mapping[str, Any]
-    ) -> None:
-        """Reject bad ``hyper_overrides`` on a call that does not step, as the device
-        path (which always runs the inner step, gated off) does: through the inner
-        optimizer's ``check`` where it has one, else its step with ``skip_if=True``,
-        which leaves params and state bit-identical."""
-        check = getattr(self.inner, "check", None)
-        if check is not None:
-            check(params, grads, inner_state, hyper_overrides=overrides)
-            return
-        skip = torch.ones((), dtype=torch.bool, device=first_device(flatten(params)[1]))
-        self.inner.step(params, grads, inner_state, hyper_overrides=overrides, skip_if=skip)
 
     def _state(
         self,
