@@ -17,6 +17,7 @@ Tables:
 
 from __future__ import annotations
 
+import collections
 import math
 import re
 import subprocess
@@ -298,6 +299,7 @@ def _field_leaf(opt: Any, state: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return _with_field(opt, state, {"layer": {"w": fn(field["layer"]["w"])}, "b": field["b"]})
 
 
+_ONE = torch.ones(2)
 _W = r"\['layer'\]\['w'\]"
 _B = r"\['b'\]"
 
@@ -320,6 +322,12 @@ STEP_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
         lambda o, p, g, s: (p, [g["layer"]["w"], g["b"]], s, {}),
         ValueError,
         r"grads do not match params \(at <root>: dict vs list\)",
+    ),
+    (
+        "grads-ordereddict-vs-dict",
+        lambda o, p, g, s: (p, collections.OrderedDict(g), s, {}),
+        ValueError,
+        r"grads do not match params \(at <root>: dict vs OrderedDict\)",
     ),
     (
         "grads-nested-mismatch",
@@ -494,7 +502,25 @@ STEP_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
         "state-step-float-tensor",
         lambda o, p, g, s: (p, g, {**s, "step": torch.tensor(2.5)}, {}),
         ValueError,
-        r"state\['step'\] must be an integer tensor .*got dtype torch\.float32",
+        r"state\['step'\] must be an int64 \(or int32\) tensor .*got dtype torch\.float32",
+    ),
+    (
+        "state-step-uint8",
+        lambda o, p, g, s: (p, g, {**s, "step": torch.tensor(255, dtype=torch.uint8)}, {}),
+        ValueError,
+        r"state\['step'\] must be an int64 \(or int32\) tensor .*got dtype torch\.uint8",
+    ),
+    (
+        "state-step-int8",
+        lambda o, p, g, s: (p, g, {**s, "step": torch.tensor(127, dtype=torch.int8)}, {}),
+        ValueError,
+        r"state\['step'\] must be an int64 \(or int32\) tensor .*got dtype torch\.int8",
+    ),
+    (
+        "state-step-on-another-device",
+        lambda o, p, g, s: (p, g, {**s, "step": torch.tensor(1, device="meta")}, {}),
+        ValueError,
+        r"state\['step'\] is on meta, a device none of the params is on",
     ),
     (
         "state-step-vector",
@@ -962,6 +988,111 @@ def test_partition_with_wrapped_groups_rejects_before_writing(
     bad_state, kwargs = perturb(state)
     inputs = StepInputs(opt, params, grads, bad_state, kwargs, (params, grads, state))
     _assert_step_raises(inputs, error, match)
+
+
+Pair = collections.namedtuple("Pair", ["first", "second"])
+
+
+@pytest.mark.parametrize(
+    ("params", "grads", "where"),
+    [
+        pytest.param(
+            [_ONE, [_ONE, _ONE]], [_ONE, (_ONE, _ONE)], r"\[1\]: list vs tuple", id="list"
+        ),
+        pytest.param((_ONE, _ONE), Pair(_ONE, _ONE), r"<root>: tuple vs Pair", id="namedtuple"),
+    ],
+)
+@pytest.mark.parametrize("stepper", ["adam", "clip+adam"])
+def test_a_container_of_another_type_is_named(
+    params: Any, grads: Any, where: str, stepper: str
+) -> None:
+    opt = optorch.get_optimizer("adam", max_lr=0.1)
+    if stepper == "clip+adam":
+        opt = wrappers.chain(wrappers.clip_by_global_norm(1.0), opt)
+    params = optree.tree_map(torch.clone, params)
+    state = opt.init(params)
+    inputs = StepInputs(opt, params, grads, state, {}, (params, state))
+    _assert_step_raises(inputs, ValueError, rf"grads do not match params \(at {where}\)")
+
+
+@pytest.mark.parametrize(("name", "config"), [("adamw", "SGDConfig"), ("sgd", "LARSConfig")])
+def test_a_config_of_another_optimizer_is_a_type_error(name: str, config: str) -> None:
+    from optorch import builder
+
+    step = builder.OPTIMIZER_STEP[name]
+    wrong = {"SGDConfig": optorch.sgd.SGDConfig, "LARSConfig": optorch.lars.LARSConfig}[config]
+    params = _params_for(name)
+    state = builder.DEFAULT_OPTIMIZER_STATES[name](params)
+    inputs = StepInputs(
+        type("Seed", (), {"step": staticmethod(lambda p, g, s: step(p, g, s, wrong()))})(),
+        params,
+        _grads_like(params),
+        state,
+        {},
+        (params, state),
+    )
+    expected = builder.REGISTRY[name].rule.config_type.__name__
+    _assert_step_raises(inputs, TypeError, rf"the config must be of type {expected}, got {config}")
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+def test_a_state_field_swapped_for_another_shape_after_a_step_is_named(impl: str) -> None:
+    """The per-step fast check (inputs seen before) also notices a state leaf whose
+    data was swapped for another shape."""
+    opt = optorch.get_optimizer("adam", impl=impl)
+    params = _params_for("adam")
+    state = opt.init(params)
+    opt.step(params, _grads_like(params, seed=3), state)
+    state["exp_avg"]["b"].data = torch.zeros(1)
+    inputs = StepInputs(opt, params, _grads_like(params), state, {}, (params, state))
+    _assert_step_raises(inputs, ValueError, rf"state 'exp_avg' at {_B} has shape \(1,\)")
+
+
+# a wrapper's own params-shaped state and counters, checked before its inner step runs
+WRAPPER_STATE_LEAVES = [("ema", "ema"), ("lookahead", "slow"), ("accumulate", "grad_mean")]
+
+
+@pytest.mark.parametrize(("wrapper", "field"), WRAPPER_STATE_LEAVES)
+@pytest.mark.parametrize(
+    ("leaf", "what"),
+    [(0.0, "got 0.0"), (torch.zeros(2, dtype=torch.int64), "got dtype torch.int64")],
+    ids=["float", "int-tensor"],
+)
+def test_wrapper_state_leaf_of_the_wrong_kind_is_rejected_before_writing(
+    wrapper: str, field: str, leaf: Any, what: str
+) -> None:
+    opt, params, grads, state = _wrapped(WRAPPED[wrapper])
+    bad_state = {**state, field: {**state[field], "b": leaf}}
+    inputs = StepInputs(opt, params, grads, bad_state, {}, (params, grads, state))
+    match = rf"state '{field}' at {_B} must be a floating-point tensor, {re.escape(what)}"
+    _assert_step_raises(inputs, TypeError, match)
+
+
+@pytest.mark.parametrize(
+    ("wrapper", "counter"),
+    [
+        ("ema", "count"),
+        ("lookahead", "count"),
+        ("accumulate", "count"),
+        ("skip_nonfinite", "skipped_total"),
+        ("skip_nonfinite", "skipped_consecutive"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (torch.tensor(-1), ValueError, r"must not be negative, got -1"),
+        (torch.tensor(True), TypeError, r"must be a 0-d int64 tensor, got tensor\(True\)"),
+        (torch.tensor(3, dtype=torch.uint8), TypeError, r"must be a 0-d int64 tensor"),
+    ],
+    ids=["negative", "bool", "uint8"],
+)
+def test_wrapper_counter_is_checked_before_writing(
+    wrapper: str, counter: str, value: torch.Tensor, error: type[BaseException], match: str
+) -> None:
+    opt, params, grads, state = _wrapped(WRAPPED[wrapper])
+    inputs = StepInputs(opt, params, grads, {**state, counter: value}, {}, (params, grads, state))
+    _assert_step_raises(inputs, error, rf"state\['{counter}'\] {match}")
 
 
 # masked ignores the gradients of the leaves it does not select ('b' here): by design
@@ -1641,6 +1772,29 @@ def test_cli_reports_one_line(
     assert "Traceback" not in captured.err
     assert re.search(match, lines[0]), lines[0]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["demo", "--steps", "abc"], r"^optorch demo: error: argument --steps: invalid int value"),
+        (["demo", "--precision", "fp8"], r"^optorch demo: error: argument --precision"),
+        (["demo", "--bogus"], r"^optorch demo: error: unrecognized arguments: --bogus"),
+        (["bench", "--steps", "x"], r"^optorch bench: error: argument --steps"),
+        (["frobnicate"], r"^optorch: error: argument command: invalid choice: 'frobnicate'"),
+    ],
+    ids=["bad-int", "bad-choice", "unknown-flag", "bench-bad-int", "unknown-command"],
+)
+def test_cli_parse_error_is_one_line(
+    argv: list[str], match: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's own errors too: one line naming the command, no usage block."""
+    with pytest.raises(SystemExit) as exited:
+        cli_main(argv)
+    assert exited.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.search(match, lines[0]), lines[0]
 
 
 def test_cli_process_exits_with_one_line(tmp_path: Path) -> None:

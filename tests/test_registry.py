@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import clone_tree, grad_sequence, make_params
+from conftest import assert_trees_equal, clone_tree, grad_sequence, make_params
 
 import optorch
 from optorch.builder import (
@@ -142,6 +142,32 @@ def test_seed_dicts_answer_membership_like_dicts(view: Mapping[str, Any]) -> Non
     assert ("sgd" in view) is True
     assert ("no_such_optimizer" in view) is False
     assert view.get("no_such_optimizer") is None
+
+
+@pytest.mark.parametrize(
+    "view", [DEFAULT_OPTIMIZER_CONFIGS, DEFAULT_OPTIMIZER_STATES, OPTIMIZER_STEP]
+)
+@pytest.mark.parametrize(
+    ("alias", "name"), [("AdamW", "adamw"), ("decoupled-adam", "decoupled_adam")]
+)
+def test_seed_dicts_take_the_names_get_optimizer_takes(
+    view: Mapping[str, Any], alias: str, name: str
+) -> None:
+    assert alias in view
+    assert alias not in list(view)  # iteration yields the registry's own names
+    params = {"w": torch.ones(2)}
+    if view is OPTIMIZER_STEP:
+        config = DEFAULT_OPTIMIZER_CONFIGS[name](weight_decay=0.5)
+        grads = {"w": torch.full((2,), 0.5)}
+        results = [
+            view[key](clone_tree(params), grads, DEFAULT_OPTIMIZER_STATES[name](params), config)
+            for key in (alias, name)
+        ]
+        assert_trees_equal(*results)
+    elif view is DEFAULT_OPTIMIZER_CONFIGS:
+        assert view[alias]() == view[name]()
+    else:
+        assert_trees_equal(view[alias](params), view[name](params))
 
 
 def test_amsgrad_state_with_and_without_config() -> None:

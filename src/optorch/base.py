@@ -475,6 +475,9 @@ def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()
         return ""
     if a_leaf or b_leaf:
         return f"at {format_path(path)}: {_kind(a)} vs {_kind(b)}"
+    # a container of another type (an OrderedDict for a dict, a tuple for a list, a
+    # namedtuple for a tuple) is another tree: named after the differences inside it
+    kinds = f"at {format_path(path)}: {type(a).__name__} vs {type(b).__name__}"
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         for key in a:
             if key not in b:
@@ -486,7 +489,7 @@ def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()
             diff = _first_structure_difference(a[key], b[key], (*path, key))
             if diff:
                 return diff
-        return ""
+        return kinds if type(a) is not type(b) else ""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return f"at {format_path(path)}: length {len(a)} vs {len(b)}"
@@ -494,9 +497,9 @@ def _first_structure_difference(a: PyTree, b: PyTree, path: tuple[Any, ...] = ()
             diff = _first_structure_difference(x, y, (*path, index))
             if diff:
                 return diff
-        return ""
+        return kinds if type(a) is not type(b) else ""
     if type(a) is not type(b):
-        return f"at {format_path(path)}: {_kind(a)} vs {_kind(b)}"
+        return kinds
     return f"at {format_path(path)}: containers differ"
 
 
@@ -642,7 +645,8 @@ class _CheckedInputs:
         )
 
     def get(self, key: Any) -> Any:
-        """The params' layout (shapes, dtypes, devices) for a remembered ``key``, else None."""
+        """The layout checked for a remembered ``key`` (the params' shapes, dtypes and devices,
+        the state's shapes), else None."""
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -715,14 +719,19 @@ def _fast_active(
     # the params must still have the layout they were checked with: ``model.double()``
     # or ``.to(device)`` keeps each Parameter object and swaps its data, and the state
     # made for the old layout would no longer fit
-    for attribute, known in zip((_SHAPE, _DTYPE, _DEVICE), checked, strict=True):
+    *param_layout, state_shapes = checked
+    for attribute, known in zip((_SHAPE, _DTYPE, _DEVICE), param_layout, strict=True):
         if list(map(attribute, params_)) != known or list(map(attribute, grads_)) != known:
             return None
-    # the same holds for the state (``.data`` swapped, say, for another dtype)
+    # the same holds for the state (``.data`` swapped, say, for another dtype or shape)
     for name in names:
         if fields[name]:
             column = [fields[name][i] for i in active]
-            if list(map(_DTYPE, column)) != checked[1] or list(map(_DEVICE, column)) != checked[2]:
+            if (
+                list(map(_DTYPE, column)) != param_layout[1]
+                or list(map(_DEVICE, column)) != param_layout[2]
+                or list(map(_SHAPE, column)) != state_shapes.get(name)
+            ):
                 return None
     return active
 
@@ -739,7 +748,14 @@ def _remember_checked(
     state_ = [fields[name][i] for name in names if fields[name] for i in active]
     key = _input_key(rule, config, names, param_leaves, fields, active)
     layout = tuple(list(map(attribute, params_)) for attribute in (_SHAPE, _DTYPE, _DEVICE))
-    _CHECKED.add(key, [*params_, *state_], layout)
+    state_shapes = {
+        name: [_SHAPE(fields[name][i]) for i in active] for name in names if fields[name]
+    }
+    _CHECKED.add(key, [*params_, *state_], (*layout, state_shapes))
+
+
+#: the dtypes a step count may have: wide enough never to wrap around
+_STEP_DTYPES = (torch.int64, torch.int32)
 
 
 def prepare(
@@ -749,6 +765,11 @@ def prepare(
     if not isinstance(state, Mapping):
         raise TypeError(
             f"{rule.name}: optimizer state must be a dict (from init), got {type(state).__name__}"
+        )
+    if not isinstance(config, rule.config_type):
+        raise TypeError(
+            f"{rule.name}: the config must be of type {rule.config_type.__name__}, got "
+            f"{type(config).__name__}"
         )
     config.validate()
     param_leaves, spec = _flat(params)
@@ -797,10 +818,18 @@ def prepare(
             step = torch.tensor(step, dtype=torch.int64)
         else:
             raise ValueError(f"{rule.name}: state['step'] must be a 0-d tensor, got {step!r}")
-    elif step.dtype.is_floating_point or step.dtype.is_complex or step.dtype == torch.bool:
+    elif step.dtype not in _STEP_DTYPES:
+        # narrower integers would wrap around (a uint8 count restarts bias correction)
         raise ValueError(
-            f"{rule.name}: state['step'] must be an integer tensor (the number of steps "
-            f"taken), got dtype {step.dtype} ({step!r})"
+            f"{rule.name}: state['step'] must be an int64 (or int32) tensor (the number of "
+            f"steps taken), got dtype {step.dtype} ({step!r})"
+        )
+    elif step.device.type != "cpu" and not any(
+        isinstance(p, torch.Tensor) and p.device == step.device for p in param_leaves
+    ):
+        raise ValueError(
+            f"{rule.name}: state['step'] is on {step.device}, a device none of the params "
+            "is on (it belongs on the params' device, or on the CPU)"
         )
     return Prepared(spec, param_leaves, grad_leaves, fields, active, step)
 

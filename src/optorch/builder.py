@@ -94,13 +94,18 @@ class _View(Mapping[str, Any]):
         self._project = project
 
     def __getitem__(self, name: str) -> Any:
-        entry = REGISTRY.get(name)
-        if entry is None:
-            _lookup(name)  # raises UnknownOptimizerError (a KeyError too) with the hint
-        return self._project(REGISTRY[name])
+        # the names get_optimizer takes ("AdamW", "decoupled-adam"); an unknown one raises
+        # UnknownOptimizerError (a KeyError too) with the closest known name
+        if not isinstance(name, str):
+            raise UnknownOptimizerError(f"optimizer name must be a string, got {name!r}")
+        return self._project(_lookup(name))
 
     def __contains__(self, name: object) -> bool:
-        return name in REGISTRY
+        try:
+            self[name]  # type: ignore[index]
+        except KeyError:
+            return False
+        return True
 
     def __iter__(self) -> Iterator[str]:
         return iter(REGISTRY)

@@ -8,6 +8,7 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["main", "output_folder"]
 
@@ -25,19 +26,30 @@ def output_folder(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad command line is one line on stderr (exit 2), as every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="optorch",
         description="Purely functional optimizers for PyTorch: demo and benchmarks.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     from optorch import bench, demo
 
-    demo.add_arguments(commands.add_parser("demo", help=demo.HELP, description=demo.DESCRIPTION))
-    bench.add_arguments(
-        commands.add_parser("bench", help=bench.HELP, description=bench.DESCRIPTION)
-    )
-    args = parser.parse_args(argv)
+    subcommands = {
+        "demo": commands.add_parser("demo", help=demo.HELP, description=demo.DESCRIPTION),
+        "bench": commands.add_parser("bench", help=bench.HELP, description=bench.DESCRIPTION),
+    }
+    demo.add_arguments(subcommands["demo"])
+    bench.add_arguments(subcommands["bench"])
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command they were given to
+        subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     runner = demo.run if args.command == "demo" else bench.run
     try:
         return int(runner(args) or 0)

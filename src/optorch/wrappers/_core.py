@@ -296,6 +296,12 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
             f"({_first_structure_difference(params, tree)})"
         )
     for path, p, s in zip(paths, p_leaves, leaves_, strict=True):
+        if s is not None and not (isinstance(s, torch.Tensor) and s.is_floating_point()):
+            what = f"dtype {s.dtype}" if isinstance(s, torch.Tensor) else repr(s)
+            raise TypeError(
+                f"{who}: state {field!r} at {format_path(path)} must be a floating-point "
+                f"tensor, got {what}"
+            )
         if isinstance(p, torch.Tensor) and isinstance(s, torch.Tensor) and s.shape != p.shape:
             raise ValueError(
                 f"{who}: state {field!r} at {format_path(path)} has shape {tuple(s.shape)} "
@@ -312,12 +318,14 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
 def check_counter(who: str, state: Mapping[str, Any], key: str) -> torch.Tensor:
     """``state[key]`` must be a 0-d integer tensor (a wrapper's step counter)."""
     value = state[key]
-    if not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex():
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"{who}: state[{key!r}] must be a 0-d int64 tensor, got {value!r}")
     if value.dim() != 0:
         raise ValueError(
             f"{who}: state[{key!r}] must be a 0-d int64 tensor, got shape {tuple(value.shape)}"
         )
+    if host_readable(value) and int(value) < 0:
+        raise ValueError(f"{who}: state[{key!r}] must not be negative, got {int(value)}")
     return value
 
 
