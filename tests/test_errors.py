@@ -1095,6 +1095,24 @@ def test_wrapper_counter_is_checked_before_writing(
     _assert_step_raises(inputs, error, rf"state\['{counter}'\] {match}")
 
 
+def test_partition_check_of_a_wrapped_group_adds_no_state_field() -> None:
+    """The skipped step that checks a wrapped group runs on copies of the state's dicts:
+    a field its optimizer creates on a first step (AMSGrad's maximum, for a state made
+    without the config) is not added to the caller's state when another group raises."""
+    groups = {
+        "mat": wrappers.lookahead(optorch.get_optimizer("sgd", max_lr=0.1), sync_period=2),
+        "vec": wrappers.ema(optorch.get_optimizer("adam", amsgrad=True), 0.9),
+    }
+    opt = wrappers.partition(lambda path, t: "mat" if t.dim() == 2 else "vec", groups)
+    params = _params_for("adam")
+    state = opt.init(params)
+    del state["groups"]["vec"]["inner"]["max_exp_avg_sq"]
+    kwargs = {"hyper_overrides": {"mat/max_lr": -1.0}}
+    inputs = StepInputs(opt, params, _grads_like(params), state, kwargs, (params, state))
+    _assert_step_raises(inputs, ValueError, r"max_lr: -1\.0")
+    assert sorted(state["groups"]["vec"]["inner"]) == ["exp_avg", "exp_avg_sq", "step"]
+
+
 # masked ignores the gradients of the leaves it does not select ('b' here): by design
 _MASKED_IGNORES = {("masked", "grad-dtype"), ("masked", "grad-meta-device")}
 

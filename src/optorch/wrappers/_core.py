@@ -231,7 +231,10 @@ def check_step(
         check(params, grads, state, hyper_overrides=hyper_overrides)
         return
     skip = torch.ones((), dtype=torch.bool, device=first_device(flatten(params)[1]))
-    optimizer.step(params, grads, state, hyper_overrides=hyper_overrides, skip_if=skip)
+    # on new containers (the same tensors): a skipped in-place step still adds the state
+    # fields it creates on a first step, which the check must not do to the caller's dicts
+    containers = optree.tree_map(lambda leaf: leaf, state, none_is_leaf=True)
+    optimizer.step(params, grads, containers, hyper_overrides=hyper_overrides, skip_if=skip)
 
 
 def counter(leaves: Sequence[Any], value: int = 0) -> torch.Tensor:
