@@ -199,6 +199,56 @@ def test_compare_torch_curves_match(tmp_path: Path, precision: str) -> None:
             assert len(scales) == steps and bool((scales >= 1.0).all())
 
 
+def _available_twins() -> list[str]:
+    from optorch.interop.convert import TORCH_TWINS
+
+    return sorted(name for name, twin in TORCH_TWINS.items() if twin.available)
+
+
+@pytest.mark.parametrize("name", _available_twins())
+def test_every_twin_is_built_and_steps_like_optorch(name: str) -> None:
+    """--compare-torch has a twin for every optimizer torch.optim has: five steps of the
+    twin (with the schedule through LambdaLR) equal five optorch steps."""
+    from optorch.demo import recipes
+    from optorch.interop.convert import TORCH_TWINS
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3, bias=name != "muon")  # Muon takes matrices only
+    twin_model = torch.nn.Linear(4, 3, bias=name != "muon")
+    twin_model.load_state_dict(model.state_dict())
+    opt = optorch.get_optimizer(name, max_lr=0.01, schedule=lambda step: 1.0 / (1 + step))
+    twin = recipes.torch_twin(opt, twin_model)
+    assert not isinstance(twin, str), twin
+    assert twin.description == f"torch.optim.{TORCH_TWINS[name].torch_class}"
+    params = dict(model.named_parameters())
+    state = opt.init(params)
+    for _ in range(5):
+        grads = {k: torch.randn_like(v) for k, v in params.items()}
+        with torch.no_grad():
+            opt.step(params, grads, state)
+        for k, p in twin_model.named_parameters():
+            p.grad = grads[k].clone()
+        twin.step()
+    for k, p in twin_model.named_parameters():
+        torch.testing.assert_close(params[k].detach(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "reason"),
+    [
+        ("lion", {}, "no torch twin for lion"),
+        ("decoupled_adam", {}, "no fully decoupled Adam"),
+        ("adafactor", {"beta1": 0.9}, "has no beta1"),
+        ("adamw", {"max_lr": torch.tensor(0.01)}, "a hyperparameter is a tensor"),
+    ],
+)
+def test_no_twin_says_why(name: str, options: dict[str, object], reason: str) -> None:
+    from optorch.demo import recipes
+
+    twin = recipes.torch_twin(optorch.get_optimizer(name, **options), torch.nn.Linear(2, 2))
+    assert isinstance(twin, str) and reason in twin, twin
+
+
 def _result(losses: list[float], param: float) -> demo_train.RunResult:
     result = demo_train.RunResult("x", "optorch", losses=losses, final_val_loss=losses[-1])
     result.final_params = {"w": torch.tensor([param])}

@@ -133,7 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare-torch",
         action="store_true",
         help="also train the torch.optim twin of each optimizer that has one (AdamW, Adam, "
-        "SGD, Muon+AdamW) and report the max difference of loss curves and final params",
+        "SGD, RMSprop, Adagrad, Adamax, NAdam, RAdam, Adafactor, Muon, and partitions of "
+        "them such as muon_adamw) and report the max difference of loss curves and final "
+        "params",
     )
     data = parser.add_argument_group("data and model")
     data.add_argument(

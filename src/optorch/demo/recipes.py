@@ -15,7 +15,8 @@ Every optimizer except Schedule-Free gets the demo's warmup-cosine schedule
 by iterate averaging, so it gets only its own built-in warmup.
 
 :func:`torch_twin` builds the ``torch.optim`` equivalent of an optimizer from its config
-(AdamW, Adam, SGD, Muon, and partitions of them), with the same schedule through
+(every optimizer that has one: :data:`optorch.interop.convert.TORCH_TWINS`, and
+partitions of them), with the same schedule through
 ``torch.optim.lr_scheduler.LambdaLR``.
 """
 
@@ -32,7 +33,6 @@ import torch
 import optorch
 from optorch.adam import AdamConfig, AdamWDMode
 from optorch.builder import _BUILTINS, REGISTRY
-from optorch.sgd import SGDConfig
 
 from .model import muon_label
 
@@ -290,57 +290,36 @@ def _lambda(config: Any) -> Callable[[int], float] | None:
     return None
 
 
-def _twin_of_single(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def _twin_name(optimizer: Any) -> str:
+    """The registry name whose torch.optim twin ``optimizer`` has (Adam's mode decides
+    between ``adam`` and ``adamw``)."""
     config = optimizer.config
-    lr = _number(config.max_lr)
     if isinstance(config, AdamConfig):
-        mode = config.mode
-        kwargs: dict[str, Any] = {
-            "lr": lr,
-            "betas": tuple(_number(b) for b in config.betas),
-            "eps": _number(config.eps),
-            "weight_decay": _number(config.weight_decay),
-            "amsgrad": config.amsgrad,
-            "maximize": config.maximize,
-        }
-        if mode is AdamWDMode.ADAMW:
-            return torch.optim.AdamW(params, **kwargs)
-        if mode is AdamWDMode.ORIGINAL:
-            return torch.optim.Adam(params, **kwargs)
-        raise NoTwin("torch.optim has no fully decoupled Adam")
-    if isinstance(config, SGDConfig):
-        return torch.optim.SGD(
-            params,
-            lr=lr,
-            momentum=_number(config.momentum),
-            dampening=_number(config.dampening),
-            weight_decay=_number(config.weight_decay),
-            nesterov=config.nesterov,
-            maximize=config.maximize,
-        )
+        if config.mode is AdamWDMode.DECOUPLED:
+            raise NoTwin("torch.optim has no fully decoupled Adam")
+        return "adamw" if config.mode is AdamWDMode.ADAMW else "adam"
+    return str(optimizer.rule.name)
+
+
+def _twin_of_single(optimizer: Any, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The torch.optim twin of one optimizer (:data:`optorch.interop.convert.TORCH_TWINS`),
+    with the hyperparameters :func:`~optorch.interop.convert.torch_hyperparameters` maps."""
+    from optorch.interop.convert import TORCH_TWINS, torch_hyperparameters
+
+    name = _twin_name(optimizer)
+    twin = TORCH_TWINS.get(name)
+    if twin is None:
+        raise NoTwin(f"no torch twin for {name}")
+    if not twin.available:
+        raise NoTwin(f"torch {torch.__version__} has no torch.optim.{twin.torch_class}")
+    if any(isinstance(value, torch.Tensor) for value in vars(optimizer.config).values()):
+        raise NoTwin("a hyperparameter is a tensor")
     try:
-        from optorch.muon import MuonConfig
-    except ModuleNotFoundError:  # pragma: no cover - muon not written yet
-        MuonConfig = None  # type: ignore[assignment,misc]
-    muon_class = getattr(torch.optim, "Muon", None)
-    if MuonConfig is not None and isinstance(config, MuonConfig):
-        if muon_class is None:
-            raise NoTwin(f"torch {torch.__version__} has no torch.optim.Muon")
-        if config.ns_dtype is not torch.bfloat16:
-            raise NoTwin("torch.optim.Muon orthogonalises in bfloat16 only")
-        twin: torch.optim.Optimizer = muon_class(
-            params,
-            lr=lr,
-            weight_decay=_number(config.weight_decay),
-            momentum=_number(config.momentum),
-            nesterov=config.nesterov,
-            ns_coefficients=tuple(_number(c) for c in config.ns_coefficients),
-            eps=_number(config.eps),
-            ns_steps=config.ns_steps,
-            adjust_lr_fn=config.adjust_lr_fn,
-        )
-        return twin
-    raise NoTwin(f"no torch twin for {getattr(optimizer, 'name', type(optimizer).__name__)}")
+        hyperparameters = torch_hyperparameters(name, optimizer.config)
+    except ValueError as exc:  # an option torch cannot express
+        raise NoTwin(str(exc)) from None
+    torch_class: type[torch.optim.Optimizer] = getattr(torch.optim, twin.torch_class)
+    return torch_class(params, **hyperparameters)
 
 
 def _labels_of(partition: Any, named: Mapping[str, torch.nn.Parameter]) -> dict[str, Any]:
