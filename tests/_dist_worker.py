@@ -254,6 +254,30 @@ def train_scaled(
     return params, state, flags
 
 
+def train_transforms(
+    inplace: bool, layout: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], Any, list[bool]]:
+    """``zero_nans`` and ``add_noise`` before SGD on ``pure_params`` laid out by
+    ``layout``; one grad is NaN at ``POISON_STEP`` (in rank 1's shard only). Returns the
+    params, the state and each step's ``found_nan``."""
+    sgd = make_optimizer("sgd", "auto").replace(inplace=inplace)
+    optimizer = wrappers.chain(wrappers.zero_nans(), wrappers.add_noise(0.01, seed=3), sgd)
+    params = {name: layout(value) for name, value in pure_params().items()}
+    state = optimizer.init(params)
+    found: list[bool] = []
+    for step in range(STEPS):
+        grads = pure_grads(step)
+        if step == POISON_STEP:
+            grads["w"][POISON_ROW, 0] = float("nan")
+        grads = {name: layout(value) for name, value in grads.items()}
+        params, state = optimizer.step(params, grads, state)
+        flag = state["transforms"][0]["found_nan"]
+        if type(flag).__name__ != "Tensor":
+            raise TypeError(f"found_nan is a {type(flag).__name__}, not a plain tensor")
+        found.append(bool(flag))
+    return params, state, found
+
+
 def one_row_params() -> dict[str, torch.Tensor]:
     """A one-row matrix (a ``Linear(h, 1)`` head): Adafactor's column factor has its
     shape, and along dim 0 only rank 0 holds anything."""
@@ -363,7 +387,8 @@ def _message_of(call: Callable[[], Any]) -> str:
 
 def run_edges(rank: int, out_dir: str) -> dict[str, Any]:
     """Edge cases of DTensor params, each found broken once: the loss scaler's and
-    skip_nonfinite's decision over sharded grads, Adafactor on a one-row matrix, a
+    skip_nonfinite's decision over sharded grads, zero_nans and add_noise on sharded
+    grads, Adafactor on a one-row matrix, a
     checkpoint folder missing on one rank only, state made before sharding, and
     gather_full of a replicated leaf."""
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
@@ -379,6 +404,13 @@ def run_edges(rank: int, out_dir: str) -> dict[str, Any]:
             params, state, flags = train_scaled(kind, rows, skip_wrapper=skip_wrapper)
             key = f"scaled-{kind}-{'skip_nonfinite' if skip_wrapper else 'scaler'}"
             out[key] = {"params": gather_full(params), "state": gather_full(state), "flags": flags}
+    for inplace in (True, False):
+        params, state, found = train_transforms(inplace, rows)
+        out[f"transforms-{'inplace' if inplace else 'pure'}"] = {
+            "params": gather_full(params),
+            "state": gather_full(state),
+            "found": found,
+        }
     for inplace in (True, False):
         params, state = train_one_row(inplace, rows)
         out[f"one_row-{'inplace' if inplace else 'pure'}"] = {

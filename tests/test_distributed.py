@@ -38,6 +38,7 @@ from _dist_worker import (
     train_pure,
     train_scaled,
     train_single,
+    train_transforms,
 )
 from conftest import assert_trees_close, assert_trees_equal
 
@@ -341,6 +342,21 @@ def test_skipped_steps_over_sharded_grads_match_single_process(
     assert flags[POISON_STEP] == 1.0 and (how == "skip_nonfinite" or sum(flags) == 1.0)
     assert_trees_close(got["params"], params, **TOLERANCE, what=f"{kind} {how} params")
     assert_trees_close(got["state"], state, **TOLERANCE, what=f"{kind} {how} state")
+
+
+@pytest.mark.parametrize("mode", ["inplace", "pure"])
+def test_grad_transforms_on_sharded_grads_match_single_process(
+    dist_results: Path, mode: str
+) -> None:
+    """add_noise added a full-size plain tensor to DTensor grads (the step failed), and
+    zero_nans's found_nan was a DTensor (in place, its write failed): the noise now has
+    each element's one-process value, and the NaN in rank 1's shard is found on both."""
+    got = load_result(dist_results, EDGES)[f"transforms-{mode}"]
+    params, state, found = train_transforms(mode == "inplace", _plain)
+    assert got["found"] == found
+    assert found[POISON_STEP] and sum(found) == 1
+    assert_trees_close(got["params"], params, **TOLERANCE, what=f"{mode} params")
+    assert_trees_close(got["state"], state, **TOLERANCE, what=f"{mode} state")
 
 
 @pytest.mark.parametrize("mode", ["inplace", "pure"])

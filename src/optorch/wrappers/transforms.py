@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from optorch.base import check_range
+from optorch.base import _is_dtensor, check_range
+from optorch.engine import whole_flag
 from optorch.tree import PyTree, flatten, unflatten
 from optorch.wrappers._core import (
     Wrapper,
@@ -345,6 +346,18 @@ def counter_normal(
     return (radius * torch.cos(angle)).reshape(shape).to(dtype)
 
 
+def _laid_out_like(full: torch.Tensor, like: Any) -> Any:
+    """``full`` (the same on every rank) as a DTensor laid out like ``like``: each rank
+    keeps its own part, so the noise of an element is the one its global index gets in
+    one process."""
+    from torch.distributed.tensor import distribute_tensor
+
+    try:  # every rank slices its own copy: no communication
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+    except TypeError:  # pragma: no cover - torch < 2.6: rank 0's copy is scattered
+        return distribute_tensor(full, like.device_mesh, like.placements)
+
+
 class _AddNoise(GradientTransformation):
     name = "add_noise"
 
@@ -378,7 +391,10 @@ class _AddNoise(GradientTransformation):
                 continue
             key = _mix32((step_key + _mix32(index)) & _MASK32).to(g.device)
             noise = counter_normal(g.shape, key, dtype=g.dtype, device=g.device)
-            out.append(g + noise * std.to(device=g.device, dtype=g.dtype))
+            noise = noise * std.to(device=g.device, dtype=g.dtype)
+            if _is_dtensor(g):
+                noise = _laid_out_like(noise, g)
+            out.append(g + noise)
         return unflatten(spec, out), {"count": count + 1}, {"noise_std": std}
 
 
@@ -418,7 +434,8 @@ class _ZeroNans(GradientTransformation):
         present = [g for g in flatten(grads)[1] if g is not None]
         old = state["found_nan"]
         if present:
-            found = torch.stack([g.isnan().any().to(old.device) for g in present]).any()
+            # over DTensor grads (FSDP2) a plain tensor, the same on every rank
+            found = whole_flag(torch.stack([g.isnan().any().to(old.device) for g in present]).any())
         else:
             found = torch.zeros_like(old)
         cleaned = _map_grads(grads, lambda g: torch.where(g.isnan(), torch.zeros_like(g), g))
