@@ -213,6 +213,40 @@ def test_compiled_does_not_recompile_over_50_steps() -> None:
     assert all(torch.isfinite(p).all() for p in params.values())
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["pure", "inplace"])
+def test_compiled_compiles_once_for_tensors_of_many_ranks(
+    monkeypatch: pytest.MonkeyPatch, inplace: bool
+) -> None:
+    """80 tensors of ranks 1 to 3, with None grads that change from step to step: the
+    kernel sees flat tensors without a view base, so it compiles once. Pure steps passed
+    flat views, whose bases dynamo guards on: a recompile per chunk layout, and
+    FailOnRecompileLimitHit on the first step."""
+    from optorch import engine
+
+    monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 2)
+    gen = generator(85)
+    sizes = [16, 24, 32, 40, 48] * 16
+    shapes = [
+        (n,) if i % 3 == 0 else (n // 4, 4) if i % 3 == 1 else (2, n // 8, 4)
+        for i, n in enumerate(sizes)
+    ]
+    params = {f"p{i}": torch.randn(shape, generator=gen) for i, shape in enumerate(shapes)}
+    # a weight decay no other test uses: a kernel of its own, compiled in this test
+    hyper = {"weight_decay": 0.0123 if inplace else 0.0125, "inplace": inplace}
+    optimizer = optorch.get_optimizer("adamw", impl="compiled", **hyper)
+    reference = optorch.get_optimizer("adamw", impl="reference", **hyper)
+    ours, theirs = clone_tree(params), clone_tree(params)
+    state, ref_state = optimizer.init(ours), reference.init(theirs)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step, grads in enumerate(grad_sequence(86, params, 3)):
+        grads = {k: None if (i + step) % 4 == 0 else g for i, (k, g) in enumerate(grads.items())}
+        ours, state = optimizer.step(ours, grads, state)
+        theirs, ref_state = reference.step(theirs, grads, ref_state)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert_trees_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert_trees_close(state, ref_state, rtol=1e-6, atol=1e-6)
+
+
 def test_compiled_sends_small_tensors_to_foreach(monkeypatch: pytest.MonkeyPatch) -> None:
     """Below COMPILED_MIN_NUMEL a tensor takes the foreach path; no kernel is compiled."""
     from optorch import engine

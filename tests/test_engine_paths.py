@@ -625,3 +625,14 @@ def test_chunked_foreach_with_a_transposed_grad_or_state_equals_reference(
         assert not results[1][1][opt.rule.fields(opt.config)[0]]["big"].is_contiguous()
     assert_trees_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7, what="params")
     assert_trees_close(results[1][1], results[0][1], rtol=1e-6, atol=1e-7, what="state")
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+def test_an_int32_step_count_stays_int32_with_skip_if(inplace: bool) -> None:
+    """The gated increment takes the count's dtype (a pure step made it int64)."""
+    opt = optorch.get_optimizer("adamw", inplace=inplace)
+    params = {"w": torch.ones(3)}
+    state = {**opt.init(params), "step": torch.tensor(0, dtype=torch.int32)}
+    for skip in (False, True, False):
+        params, state = opt.step(params, {"w": torch.ones(3)}, state, skip_if=torch.tensor(skip))
+    assert state["step"].dtype == torch.int32 and int(state["step"]) == 2

@@ -1123,7 +1123,7 @@ def _advance(
     g_active = [prepared.grads[i] for i in prepared.active]
     s_active = [[prepared.fields[name][i] for i in prepared.active] for name in names]
     result = engine.run(rule, config, h, p_active, g_active, s_active, gate)
-    increment: Any = 1 if gate is None else (~gate).to(torch.int64)
+    increment: Any = 1 if gate is None else (~gate).to(step.dtype)
     for name, old in old_globals.items():
         new = torch.as_tensor(new_globals[name], dtype=torch.float64, device=old.device)
         if gate is not None:

@@ -1460,10 +1460,12 @@ def _compiled_fn(
     if dtype in _LOW_PRECISION:
         # eager ATen rounds each op's result to float16/bfloat16; inductor would keep a
         # fused expression in float32 and round once. Emulating eager's roundings keeps
-        # the compiled step the reference's (measured without: float16 Adam's 1 - beta2
-        # times a small g^2 underflowed to 0 in the reference and not in the kernel, so
-        # one impl overflowed and the other did not; LAMB's norm pass and update pass
-        # then disagreed and a pure step moved params by 2.7 at lr 1e-3)
+        # the compiled step within a rounding per op of the reference's, though not
+        # bit-equal: eager also rounds some scalars (add's alpha) to the low precision
+        # first, where the kernel multiplies in float32. Measured without: float16
+        # Adam's 1 - beta2 times a small g^2 underflowed to 0 in the reference and not
+        # in the kernel, so one impl overflowed and the other did not; LAMB's norm pass
+        # and update pass then disagreed and a pure step moved params by 2.7 at lr 1e-3
         options = {**options, **_known_options({"emulate_precision_casts": True})}
     if flat and not rule.elementwise and device_type == "cpu":
         options = {**options, **_RECOMPUTE}
@@ -1511,7 +1513,8 @@ def _flat_alias(tensor: torch.Tensor) -> torch.Tensor:
 
     Dynamo guards on a view's base (its rank and sizes), so flat *views* of tensors of
     different shapes would compile different kernels; plain tensors that share the
-    storage do not. Only for in-place steps (autograd does not see through ``set_``).
+    storage do not. Not for steps that autograd records (it does not see through
+    ``set_``): those run the reference loop.
     """
     key = id(tensor)
     where = (tensor.data_ptr(), tensor.numel(), tensor.dtype)
@@ -1532,10 +1535,6 @@ _ALIASES: dict[int, tuple[Any, tuple[int, int, torch.dtype], torch.Tensor]] = {}
 
 def _forget_alias(key: int, _ref: Any) -> None:
     _ALIASES.pop(key, None)
-
-
-def _flat_view(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.reshape(-1)
 
 
 def _tracing_settings() -> Any:
@@ -1608,19 +1607,25 @@ def _run_compiled(
         with _tracing_settings():  # entered once a group: ~45 us each time
             for start in range(0, len(usable), width):
                 chunk = usable[start : start + width]
-                p, g, s = _chunk_inputs(chunk, width, params, grads, states, flat, inplace)
+                p, g, s = _chunk_inputs(chunk, width, params, grads, states, flat)
                 out = fn(p, g, s, pack, others)
                 if not inplace:
                     for k, i in enumerate(chunk):
-                        new_params[i] = out[k][0].view(params[i].shape)
+                        new_params[i] = _shaped(out[k][0], params[i])
                         for column, field, new in zip(new_states, states, out[k][1:], strict=True):
-                            column[i] = new.view(field[i].shape)
+                            column[i] = _shaped(new, field[i])
     if small:
         # _run_foreach runs the leaf keys the rule cannot run as foreach one by one
         sub_keys = [leaf_keys[i] for i in small]
         out = _run_foreach(rule, h, *_subset(small, params, grads, states), inplace, sub_keys, gate)
         _scatter(small, out, new_params, new_states)
     return new_params, new_states
+
+
+def _shaped(out: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A kernel's output with the shape of the input it replaces (a view only where the
+    kernel ran on a flat alias: a view's base is one more thing a compiled call guards)."""
+    return out if out.shape == like.shape else out.view(like.shape)
 
 
 def _subset(
@@ -1655,15 +1660,14 @@ def _chunk_inputs(
     grads: list[torch.Tensor],
     states: list[list[torch.Tensor]],
     flat: bool,
-    inplace: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]]:
     """One compiled call's params, grads and state fields: flat 1-D tensors for
     flattenable rules, padded to ``width`` with small scratch tensors."""
     if flat:
-        flatten = _flat_alias if inplace else _flat_view
-        p = [flatten(params[i]) for i in chunk]
-        g = [flatten(grads[i]) for i in chunk]
-        s = [[flatten(f[i]) for i in chunk] for f in states]
+        # aliases, not views, in place and pure (no step autograd records comes here)
+        p = [_flat_alias(params[i]) for i in chunk]
+        g = [_flat_alias(grads[i]) for i in chunk]
+        s = [[_flat_alias(f[i]) for i in chunk] for f in states]
     else:
         p, g, s = _subset(chunk, params, grads, states)
     pad = width - len(chunk)
@@ -1822,13 +1826,16 @@ def run(
     if impl != "reference" and _under_functorch(tensors):
         impl = "reference"  # torch.func transforms trace plain tensor ops best
     if (
-        impl == "foreach"
+        impl != "reference"
         and not config.inplace
         and records_grad(*tensors, *(t for field in states for t in field))
     ):
         # autograd through torch._foreach_* has gaps: no gradient into a 0-d tensor
         # scalar (`_foreach_mul(list, lr)` fails in backward) nor into the divisor of
-        # `_foreach_addcdiv` when a list holds a 0-d tensor
+        # `_foreach_addcdiv` when a list holds a 0-d tensor. The compiled kernels would
+        # need differentiable flat views, whose bases dynamo guards on (rank, strides,
+        # offset): a recompile for each new layout of a chunk, and a hard error after
+        # eight under fullgraph
         impl = "reference"
     if impl != "reference" and torch.compiler.is_compiling():
         # already inside a compiled graph: inductor fuses the per-tensor code itself, and
