@@ -346,7 +346,7 @@ def test_a_bad_later_group_leaves_every_group_as_it_was(key: str, value: Any, ma
     before = copy.deepcopy((a.detach(), b.detach(), opt.state_dict()))
     opt.param_groups[1][key] = value
     a.grad, b.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
-    with pytest.raises((ValueError, TypeError), match=match):
+    with pytest.raises((ValueError, TypeError), match=r"param_groups\[1\]: .*" + match):
         opt.step()
     after = (a.detach(), b.detach(), opt.state_dict())
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
@@ -458,3 +458,98 @@ def test_state_dicts_keyed_by_param_name_load(name: str) -> None:
     for index, per_param in before["state"].items():
         for key, value in per_param.items():
             assert torch.equal(after["state"][index][key], value), (index, key)
+
+
+def test_fused_with_cycled_betas_compiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fused=True (the compiled engine) with OneCycleLR moving beta1 every step: the
+    group's changed numbers reach the kernel as tensors, so one kernel serves every step
+    (each new beta1 compiled a kernel of its own); the run equals torch.optim.AdamW's."""
+    from optorch import engine
+
+    monkeypatch.setattr(engine, "COMPILED_MIN_NUMEL", 2)  # the small params through it too
+
+    def scheduler(opt: torch.optim.Optimizer) -> Any:
+        return torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=0.05, total_steps=8, cycle_momentum=True, base_momentum=0.8
+        )
+
+    kernels = len(engine._COMPILED)
+    # a weight decay no other test uses: this test compiles its own kernel
+    ours = drive(
+        lambda p: TorchOptimizer(p, "adamw", lr=0.01, weight_decay=0.0731, fused=True),
+        8,
+        scheduler=scheduler,
+    )
+    assert len(engine._COMPILED) - kernels == 1
+    theirs = drive(
+        lambda p: torch.optim.AdamW(p, lr=0.01, weight_decay=0.0731, foreach=False),
+        8,
+        scheduler=scheduler,
+    )
+    assert_same_run(ours, theirs, ADAM_FIELDS)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_adapter_steps_like_the_original(how: str) -> None:
+    """torch's __getstate__ keeps defaults, state and param_groups only; the copy also
+    needs the optorch optimizer it steps with."""
+    import pickle
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = TorchOptimizer([w], "adamw", lr=0.1)
+    w.grad = torch.ones(3)
+    opt.step()
+    if how == "deepcopy":
+        copied = copy.deepcopy({"w": w, "opt": opt})
+    elif how == "pickle":
+        copied = pickle.loads(pickle.dumps({"w": w, "opt": opt}))  # noqa: S301 - bytes made here
+    else:
+        buffer = io.BytesIO()
+        torch.save({"w": w, "opt": opt}, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    twin_w, twin = copied["w"], copied["opt"]
+    assert repr(twin) == repr(opt)
+    w.grad, twin_w.grad = torch.full((3,), 0.5), torch.full((3,), 0.5)
+    opt.step()
+    twin.step()
+    assert torch.equal(w.detach(), twin_w.detach())
+    for key, value in opt.state[w].items():
+        assert torch.equal(twin.state[twin_w][key], value), key
+
+
+def _schedule_free_adapter() -> tuple[list[torch.nn.Parameter], TorchOptimizer]:
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    opt = TorchOptimizer(params, "schedule_free_adamw", lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return params, opt
+
+
+def test_load_hooks_see_and_decide_the_rule_wide_values() -> None:
+    """Schedule-Free's float64 weight_sum is taken from the state dict the pre-hooks
+    return (a hook's edit is kept; a param whose state a hook dropped gets none), and it
+    is float64 again before the post-hooks run."""
+    saved = _schedule_free_adapter()[1].state_dict()
+    params, opt = _schedule_free_adapter()
+    seen: list[torch.Tensor] = []
+
+    def pre(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state = {key: dict(value) for key, value in state_dict["state"].items()}
+        state[0]["weight_sum"] = torch.tensor(123.0, dtype=torch.float64)
+        del state[1]  # a re-initialised head, say
+        return {**state_dict, "state": state}
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(
+        lambda optimizer: seen.append(optimizer.state[params[0]]["weight_sum"])
+    )
+    opt.load_state_dict(saved)
+    assert seen[0].dtype == torch.float64 and float(seen[0]) == 123.0
+    assert float(opt.state[params[0]]["weight_sum"]) == 123.0
+    assert not opt.state.get(params[1]), "the dropped param got a partial state"
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # the dropped param starts afresh
+    assert float(opt.state[params[1]]["step"]) == 1.0

@@ -76,6 +76,18 @@ def _group_value(value: Any) -> Any:
     return value.name if isinstance(value, enum.Enum) else value
 
 
+def _in_group(error: Exception, index: int) -> Exception:
+    """``error`` with the param group it came from named (and ``max_lr`` as the group's
+    ``lr``), of the same type where that type takes a message."""
+    text = f"TorchOptimizer: param_groups[{index}]: {error}"
+    if "max_lr" in str(error):
+        text += " (max_lr is the group's 'lr')"
+    try:
+        return type(error)(text)
+    except TypeError:  # pragma: no cover - an exception class with another signature
+        return error
+
+
 @dataclasses.dataclass
 class _Bucket:
     """One checked step of a group's params that share a step count."""
@@ -111,6 +123,26 @@ def _implementation_flags(hyperparams: dict[str, Any]) -> dict[str, Any]:
             )
         out["impl"] = chosen
     return out
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether a group's number (or tuple of numbers) is not the config's own."""
+    if isinstance(value, (tuple, list)) and isinstance(default, (tuple, list)):
+        return len(value) != len(default) or any(
+            _differs(v, d) for v, d in zip(value, default, strict=False)
+        )
+    if isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor):
+        return True
+    return bool(value != default)
+
+
+def _as_tensors(value: Any) -> Any:
+    """A number as a 0-d float64 tensor (tuples element by element; tensors as they are)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_as_tensors(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 def _freeze(value: Any) -> Hashable:
@@ -186,6 +218,18 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return f"TorchOptimizer({self.functional!r}, groups={len(self.param_groups)})"
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's keeps only defaults, state and param_groups: a deepcopy or an unpickled
+        # copy would have lost the optorch optimizer it steps with
+        state: dict[str, Any] = super().__getstate__()
+        for name in ("functional", "_keys", "_keeps_step", "_hyper_names"):
+            state[name] = getattr(self, name)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._config_cache = {}
+
     # ----------------------------------------------------------------------------------
 
     def _group_config(self, group: Mapping[str, Any]) -> Any:
@@ -208,7 +252,13 @@ class TorchOptimizer(torch.optim.Optimizer):
             config = base.replace(**structural) if structural else base
             self._config_cache[key] = config
         view = copy.copy(config)
+        compiled = config.impl == "compiled"
         for name, value in numeric.items():
+            if compiled and name != "max_lr" and _differs(value, getattr(base, name)):
+                # the compiled kernels hold a config's numbers as literals: a number a
+                # scheduler moves every step (OneCycleLR's momentum) goes in as a tensor,
+                # read at each call, instead of compiling a kernel per value
+                value = _as_tensors(value)
             object.__setattr__(view, name, value)
         return view
 
@@ -241,7 +291,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plans = [self._plan(group) for group in self.param_groups]
+        plans = []
+        for index, group in enumerate(self.param_groups):
+            try:
+                plans.append(self._plan(group))
+            except (ValueError, TypeError) as exc:
+                raise _in_group(exc, index) from exc
         for plan in plans:
             self._apply(plan)
         return loss
@@ -312,30 +367,48 @@ class TorchOptimizer(torch.optim.Optimizer):
     # ----------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """torch's ``load_state_dict``, keeping rule-wide float64 values (Schedule-Free's
-        ``weight_sum``) in float64 where torch would cast them to the param dtype."""
+        """torch's ``load_state_dict``, taking the twin's per-param keys and keeping
+        rule-wide float64 values (Schedule-Free's ``weight_sum``) in float64 where torch
+        would cast them to the param's dtype.
+
+        Both happen on the state dict the load pre-hooks return (after every hook
+        registered with ``register_load_state_dict_pre_hook``), and the float64 values
+        are back before the post-hooks run, as torch's hook contract has it."""
         global_names = tuple(self.functional.rule.global_fields(self.functional.config))
-        state_dict = {**state_dict, "state": self._from_twin(state_dict.get("state", {}))}
         kept: dict[Any, dict[str, torch.Tensor]] = {}
-        for key, per_param in state_dict.get("state", {}).items():
-            values = {
-                n: per_param[n] for n in global_names if isinstance(per_param.get(n), torch.Tensor)
-            }
-            if values:
-                kept[key] = {n: v.detach().clone() for n, v in values.items()}
-        super().load_state_dict(dict(state_dict))
-        if not kept:
-            return
-        # saved keys are matched to the params by position in the saved groups, as
-        # torch does: integer ids, or the names torch.distributed.checkpoint's
-        # get/set_optimizer_state_dict use
-        saved = [key for group in state_dict["param_groups"] for key in group["params"]]
-        ordered = [p for group in self.param_groups for p in group["params"]]
-        position = dict(zip(saved, ordered, strict=False))
-        for key, values in kept.items():
-            param = position[key]
-            for name, value in values.items():
-                self.state[param][name] = value.to(device=param.device)
+        saved: list[Any] = []
+
+        def convert(optimizer: Any, loaded: dict[str, Any]) -> dict[str, Any]:
+            loaded = {**loaded, "state": self._from_twin(loaded.get("state", {}))}
+            for key, per_param in loaded["state"].items():
+                values = {
+                    n: per_param[n]
+                    for n in global_names
+                    if isinstance(per_param.get(n), torch.Tensor)
+                }
+                if values:
+                    kept[key] = {n: v.detach().clone() for n, v in values.items()}
+            saved.extend(key for group in loaded["param_groups"] for key in group["params"])
+            return loaded
+
+        def restore(optimizer: Any) -> None:
+            # saved keys are matched to the params by position in the saved groups, as
+            # torch does: integer ids, or the names torch.distributed.checkpoint's
+            # get/set_optimizer_state_dict use
+            ordered = [p for group in self.param_groups for p in group["params"]]
+            position = dict(zip(saved, ordered, strict=False))
+            for key, values in kept.items():
+                param = position[key]
+                for name, value in values.items():
+                    self.state[param][name] = value.to(device=param.device)
+
+        last_pre = self.register_load_state_dict_pre_hook(convert)  # after the user's
+        first_post = self.register_load_state_dict_post_hook(restore, prepend=True)
+        try:
+            super().load_state_dict(dict(state_dict))
+        finally:
+            last_pre.remove()
+            first_post.remove()
 
     def _from_twin(self, state: Mapping[Any, Any]) -> dict[Any, Any]:
         """Per-param states as this class keeps them: an earlier version's optorch field
