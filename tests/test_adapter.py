@@ -553,3 +553,47 @@ def test_load_hooks_see_and_decide_the_rule_wide_values() -> None:
         p.grad = torch.ones_like(p)
     opt.step()  # the dropped param starts afresh
     assert float(opt.state[params[1]]["step"]) == 1.0
+
+
+def test_schedule_free_train_and_eval_switch_like_the_package() -> None:
+    """``eval()`` moves the params to Schedule-Free's average x and ``train()`` back to y,
+    as ``schedulefree.AdamWScheduleFree`` does (compared at each switch and after more
+    steps); ``step`` in eval mode is refused; other rules treat both as no-ops."""
+    schedulefree = pytest.importorskip("schedulefree")
+    hyper = {"lr": 0.05, "betas": (0.9, 0.999), "weight_decay": 0.01, "warmup_steps": 3}
+    ours = make_model_params(0, SHAPES)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt = TorchOptimizer(ours, "schedule_free_adamw", **hyper)
+    package = schedulefree.AdamWScheduleFree(theirs, **hyper)
+    package.train()
+
+    def run(steps: range) -> None:
+        for step in steps:
+            for a, b, g in zip(ours, theirs, grads_for(step, ours), strict=True):
+                a.grad, b.grad = g.clone(), g.clone()
+            opt.step()
+            package.step()
+
+    def assert_same(what: str) -> None:
+        for index, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            torch.testing.assert_close(a.detach(), b.detach(), **TOL, msg=f"{what} {index}")
+
+    run(range(10))
+    assert_same("after 10 steps")
+    opt.eval()
+    package.eval()
+    assert_same("at x")
+    opt.eval()  # already there: nothing moves
+    assert_same("at x, eval() twice")
+    with pytest.raises(RuntimeError, match=r"call optimizer\.train\(\) first"):
+        opt.step()
+    opt.train()
+    package.train()
+    assert_same("back at y")
+    run(range(10, 15))
+    assert_same("5 steps later")
+    w = torch.nn.Parameter(torch.ones(2))
+    adamw = TorchOptimizer([w], "adamw")
+    adamw.eval()
+    adamw.train()
+    assert torch.equal(w.detach(), torch.ones(2))

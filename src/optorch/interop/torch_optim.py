@@ -281,12 +281,46 @@ class TorchOptimizer(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
+    def train(self) -> None:
+        """Put the params at the training point (Schedule-Free: :math:`y`), as
+        ``schedulefree``'s optimizers do; a no-op for every other rule and when already
+        there. Training loops (Hugging Face's ``Trainer``) call it where it exists."""
+        self._switch(train=True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the params at the evaluation point (Schedule-Free: the average :math:`x`,
+        :func:`optorch.schedule_free.eval_params`) until :meth:`train`; a no-op for every
+        other rule. ``step`` refuses to run in between."""
+        self._switch(train=False)
+
+    def _switch(self, *, train: bool) -> None:
+        from optorch import schedule_free
+
+        if not isinstance(self.functional.rule, schedule_free.ScheduleFreeAdamWRule):
+            return
+        move = schedule_free.train_params if train else schedule_free.eval_params
+        for group in self.param_groups:
+            if group.get("train_mode", True) == train:
+                continue
+            members = [p for p in group["params"] if "z" in self.state.get(p, {})]
+            if members:
+                zs = [self.state[p]["z"] for p in members]
+                move(members, {"z": zs}, self._group_config(group))
+            group["train_mode"] = train
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of every group on its params that have a gradient; returns the
         closure's loss (the closure runs with gradients enabled) or ``None``.
 
         Every group's inputs are checked before any group is stepped: a step that raises
         leaves every param and every state as it was."""
+        if not all(group.get("train_mode", True) for group in self.param_groups):
+            raise RuntimeError(
+                "TorchOptimizer: step() while the params are at the evaluation point; "
+                "call optimizer.train() first"
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
