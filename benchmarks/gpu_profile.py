@@ -6,12 +6,13 @@
    the first synchronising call's stack, if any.
 2. AdamW and SGD on the GPT-like set: ms per step (host loop of 20 steps, one sync at
    the end, so host time and device time overlap as in training) for engine settings
-   (foreach chunk size; compiled tensors per call and size threshold).
+   (compiled tensors per call and size threshold).
 3. A torch.profiler table (top ops by self CPU time) of a few AdamW steps per impl.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 import traceback
@@ -23,8 +24,6 @@ import torch
 import optorch
 from optorch import bench, engine
 
-OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu-profile")
-OUT.mkdir(parents=True, exist_ok=True)
 DEVICE = "cuda"
 
 
@@ -98,6 +97,12 @@ def torch_steps(name: str, steps: int = 20) -> dict[str, float]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("out", nargs="?", default="gpu-profile", help="output folder")
+    out = Path(parser.parse_args().out)
+    if not torch.cuda.is_available():
+        sys.exit("gpu_profile.py: no CUDA device (torch.cuda.is_available() is False)")
+    out.mkdir(parents=True, exist_ok=True)
     lines = [f"{torch.cuda.get_device_name()} torch {torch.__version__}"]
     for name in ("lamb", "radam", "adamw", "sgd"):
         for impl in ("foreach", "compiled"):
@@ -110,20 +115,23 @@ def main() -> None:
     for name in ("adamw", "sgd"):
         rows.append(f"{name} torch: {torch_steps(name)}")
         print(rows[-1], flush=True)
-        for chunk_numel in (engine.FOREACH_CHUNK_NUMEL, 1 << 40):
-            engine.FOREACH_CHUNK_NUMEL = chunk_numel
-            ms, first = time_steps(name, "foreach")
-            rows.append(f"{name} foreach chunk_numel={chunk_numel}: {ms:.2f} ms ({first:.0f})")
-            print(rows[-1], flush=True)
-        engine.FOREACH_CHUNK_NUMEL = 1 << 21
-        for width, min_numel in ((8, 1 << 16), (64, 1 << 16), (128, 2)):
-            engine.CHUNK, engine.COMPILED_MIN_NUMEL = width, min_numel
-            ms, first = time_steps(name, "compiled")
-            rows.append(
-                f"{name} compiled chunk={width} min_numel={min_numel}: {ms:.2f} ms ({first:.0f})"
-            )
-            print(rows[-1], flush=True)
-        engine.CHUNK, engine.COMPILED_MIN_NUMEL = 8, 1 << 16
+        # on CUDA the foreach engine does not split its lists (FOREACH_CHUNK_NUMEL is a
+        # CPU setting), and the compiled engine takes CHUNK_CUDA tensors a call
+        ms, first = time_steps(name, "foreach")
+        rows.append(f"{name} foreach: {ms:.2f} ms ({first:.0f})")
+        print(rows[-1], flush=True)
+        defaults = engine.CHUNK_CUDA, engine.COMPILED_MIN_NUMEL
+        try:
+            for width, min_numel in ((8, 1 << 16), (64, 1 << 16), (defaults[0], 2)):
+                engine.CHUNK_CUDA, engine.COMPILED_MIN_NUMEL = width, min_numel
+                ms, first = time_steps(name, "compiled")
+                rows.append(
+                    f"{name} compiled {width} tensors a call, min_numel={min_numel}: "
+                    f"{ms:.2f} ms ({first:.0f})"
+                )
+                print(rows[-1], flush=True)
+        finally:
+            engine.CHUNK_CUDA, engine.COMPILED_MIN_NUMEL = defaults
     from torch.profiler import ProfilerActivity, profile
 
     for impl in ("foreach", "compiled"):
@@ -139,7 +147,7 @@ def main() -> None:
                 _, state = opt.step(params, grads, state)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
-        (OUT / f"profile_adamw_{impl}.txt").write_text(table)
+        (out / f"profile_adamw_{impl}.txt").write_text(table)
         print(f"--- adamw {impl}\n" + "\n".join(table.splitlines()[:30]), flush=True)
 
 

@@ -28,12 +28,19 @@ TWINS = {
 }
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--optimizer", default="sgd", choices=sorted(TWINS))
     parser.add_argument("--set", default="small", choices=["gpt", "small", "tiny"])
-    parser.add_argument("--impl", default="foreach")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--impl", default="foreach", choices=["reference", "foreach", "compiled"])
+    parser.add_argument("--steps", type=_positive, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return params, state, scaler, loss
 
     def train(step_fn: Callable[..., Any], label: str) -> tuple[Any, Any, list[float]]:
-        # detached views of the model's own tensors: an in-place step updates the model
+        # copies of the model's tensors: each run starts from the same weights
         params = {k: v.detach().clone() for k, v in model.named_parameters()}
         state = opt.init(params)
         scaler = amp.init_grad_scaler(init_scale=2.0**10, growth_interval=10)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from optree import tree_leaves
 from torch import nn
 
 import optorch
@@ -162,15 +163,18 @@ def train(
             "optim": optimizer.init(dict(fresh.named_parameters())),
         }
         load_sharded(checkpoint, template)
-        same = all(
-            torch.equal(a, b)
-            for a, b in zip(
-                gather_full(list(model.state_dict().values())),
-                gather_full(list(fresh.state_dict().values())),
-                strict=True,
-            )
+
+        def identical(a: Any, b: Any) -> bool:
+            leaves = zip(tree_leaves(gather_full(a)), tree_leaves(gather_full(b)), strict=True)
+            return all(torch.equal(x, y) for x, y in leaves)
+
+        same = identical(model.state_dict(), template["model"]) and identical(
+            state, template["optim"]
         )
-        say(f"checkpoint {checkpoint}: reloaded into a fresh model, identical: {same}")
+        say(
+            f"checkpoint {checkpoint}: reloaded into a fresh model and optimizer state, "
+            f"identical: {same}"
+        )
     return losses
 
 
@@ -181,6 +185,9 @@ def _rank_main(rank: int, world: int, args: argparse.Namespace) -> None:
     try:
         torch.set_num_threads(1)
         train(args.steps, batch=args.batch, lr=args.lr, clip=args.clip, checkpoint=args.checkpoint)
+        # no rank tears the connection down while another still uses it (under torchrun
+        # one rank aborted at exit now and then without this barrier)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -92,3 +92,48 @@ def test_floor_is_the_larger_of_memory_and_matmul_time() -> None:
     floor, _ = bench._floor_ms("lamb", params, bandwidth, "cpu", {})
     assert floor == pytest.approx(memory_ms * 10 / 5)
     assert math.isfinite(bench.bandwidth_gbs("cpu", numel=1 << 12))
+
+
+def test_adafactor_floor_counts_vectors_at_their_full_size_moment() -> None:
+    """A matrix's factored moment makes 6 units; a vector's full-size one 8."""
+    bandwidth = 10.0  # GB/s
+    unit_ms = 1e6 * 4 / 10e9 * 1e3  # one read or write of a million float32 elements
+    matrix, vector = [torch.zeros(1000, 1000)], [torch.zeros(1_000_000)]
+    floor, _ = bench._floor_ms("adafactor", matrix, bandwidth, "cpu", {})
+    assert floor == pytest.approx(6 * unit_ms)
+    floor, bound = bench._floor_ms("adafactor", vector, bandwidth, "cpu", {})
+    assert floor == pytest.approx(8 * unit_ms) and "100% of elements in vectors" in bound
+    floor, _ = bench._floor_ms("adafactor", matrix + vector, bandwidth, "cpu", {})
+    assert floor == pytest.approx(14 * unit_ms)
+
+
+def test_muon_on_a_set_without_matrices_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The set's other optimizers are measured and written (a 0 ms floor crashed the run
+    after the fact, losing every result)."""
+    vectors = [torch.randn(64) for _ in range(4)]
+    monkeypatch.setattr(bench, "param_set", lambda name, **kwargs: vectors)
+    argv = ["bench", "--sets", "tiny", "--optimizers", "sgd,muon", "--impls", "foreach"]
+    argv += ["--steps", "1", "--warmup", "0", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert "muon: skipped, the set has no 2-D params" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert {r["optimizer"] for r in rows} == {"sgd"}
+
+
+def test_peak_extra_memory_sees_temporaries_in_reused_memory() -> None:
+    """2,000 small temporaries alive at once, in memory an earlier step freed: the
+    resident size rises by their size (it read 0 MB before the allocator's free pages
+    were handed back)."""
+    tensors = [torch.randn(4096) for _ in range(2000)]
+    temporaries_mb = sum(t.numel() * 4 for t in tensors) / 2**20
+
+    def step() -> None:
+        temps = torch._foreach_mul(tensors, 2.0)
+        torch._foreach_add_(temps, 1.0)
+
+    _, peak = bench._prepare(step, 2, "cpu")
+    if math.isnan(peak):
+        pytest.skip("this kernel lets no process reset its peak resident size")
+    assert 0.8 * temporaries_mb <= peak <= 1.5 * temporaries_mb

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
+import ctypes.util
 import json
 import os
 import statistics
@@ -46,8 +48,8 @@ DESCRIPTION = (
     "Sets: 'gpt' (a GPT-like model, 51.3M params in 100 tensors), 'small' (2,000 "
     "tensors of 4,096) and 'tiny' (20 tensors, about 12K params: a quick check of the "
     "command). Prints a table with ratios to torch.optim foreach and to "
-    "the floor, and writes bench.json, bench.csv, bench.md and bench.png to --out."
-    "\n\nExample: optorch bench --optimizers adamw,sgd --sets gpt --steps 10"
+    "the floor, and writes bench.json, bench.csv, bench.md and bench.png to --out. "
+    "For example: optorch bench --optimizers adamw,sgd --sets gpt --steps 10"
 )
 
 # torch.optim twins: name -> (class, kwargs); "" where torch.optim has none
@@ -95,11 +97,16 @@ TRAFFIC: dict[str, tuple[int, str]] = {
     ),
     "adafactor": (
         6,
-        "pass 1 reads p (its RMS) and g (row and column means of g^2); pass 2 reads g "
-        "(the RMS of the update, for clipping); pass 3 reads p, g and writes p",
+        "matrices: pass 1 reads p (its RMS) and g (row and column means of g^2); pass 2 "
+        "reads g (the RMS of the update, for clipping); pass 3 reads p, g and writes p. "
+        "Vectors: 8 (ADAFACTOR_VECTOR_UNITS)",
     ),
 }
 _DEFAULT_TRAFFIC = (7, "assumed: read p, g and two state tensors; write p and the state")
+#: Adafactor's units for 0-d and 1-d params, which keep a full-size second moment: pass 1
+#: reads p, g and the variance and writes the variance (and takes the RMS of p and of the
+#: update); pass 2 reads p, g and the variance and writes p.
+ADAFACTOR_VECTOR_UNITS = 8
 
 
 def param_set(
@@ -189,6 +196,18 @@ def _rss_now() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc ``malloc_trim``), so
+    that a step's temporaries raise the resident size even where they reuse memory the
+    process freed before (2,000 small tensors of an earlier step, say); without it their
+    peak read as 0 MB."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the resident size as it is
+        pass
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -222,6 +241,7 @@ def _prepare(step: Callable[[], None], warmup: int, device: str) -> tuple[float,
         step()
         torch.cuda.synchronize()
         return first, (torch.cuda.max_memory_allocated() - base) / 2**20
+    _release_free_memory()
     base = _rss_now()
     peak = float("nan")
     if _reset_peak():
@@ -349,23 +369,34 @@ def _optorch_step(name: str, params: list[torch.Tensor], impl: str) -> Callable[
 
 
 def _compile_scaling(device: str) -> dict[str, float]:
-    """First-step time of compiled AdamW for 100 and 1,000 tensors (fresh kernels)."""
+    """First-step time of compiled AdamW for 100 and 1,000 tensors (fresh kernels), every
+    tensor through the compiled kernel (``engine.COMPILED_MIN_NUMEL`` lowered for the
+    measurement: tensors this small would otherwise take the foreach path and nothing
+    would compile)."""
     import optorch
     from optorch import engine, graphs
 
     result: dict[str, float] = {}
-    for count in (100, 1000):
-        torch._dynamo.reset()
-        engine._COMPILED.clear()
-        graphs.clear()  # a graph would launch the kernels this drops
-        params = [torch.randn(1024 + 16 * i, device=device) for i in range(count)]
-        grads = [torch.randn_like(p) for p in params]
-        opt = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.01)
-        state = opt.init(params)
-        start = time.perf_counter()
-        opt.step(params, grads, state)
-        _sync(device)
-        result[f"compile_first_step_s_{count}"] = time.perf_counter() - start
+    threshold = engine.COMPILED_MIN_NUMEL
+    engine.COMPILED_MIN_NUMEL = 2
+    try:
+        for count in (100, 1000):
+            torch._dynamo.reset()
+            engine._COMPILED.clear()
+            graphs.clear()  # a graph would launch the kernels this drops
+            params = [torch.randn(1024 + 16 * i, device=device) for i in range(count)]
+            grads = [torch.randn_like(p) for p in params]
+            opt = optorch.get_optimizer("adamw", impl="compiled", weight_decay=0.01)
+            state = opt.init(params)
+            kernels = len(engine._COMPILED)
+            start = time.perf_counter()
+            opt.step(params, grads, state)
+            _sync(device)
+            result[f"compile_first_step_s_{count}"] = time.perf_counter() - start
+            if len(engine._COMPILED) == kernels:  # pragma: no cover - a broken measurement
+                raise RuntimeError("--compile-scaling: the compiled kernel was not used")
+    finally:
+        engine.COMPILED_MIN_NUMEL = threshold
     return result
 
 
@@ -376,9 +407,20 @@ def _floor_ms(
     units, _ = TRAFFIC.get(name, _DEFAULT_TRAFFIC)
     itemsize = params[0].element_size() if params else 4
     numel = sum(p.numel() for p in params)
-    memory_ms = numel * itemsize * units / (bandwidth * 1e9) * 1e3
+    traffic = numel * units
+    described = f"{units} units of memory traffic"
+    if name == "adafactor":
+        # 0-d and 1-d params keep a full-size second moment: 8 units, not 6
+        vectors = sum(p.numel() for p in params if p.dim() < 2)
+        traffic += vectors * (ADAFACTOR_VECTOR_UNITS - units)
+        if vectors:
+            described = (
+                f"{units} units of memory traffic ({ADAFACTOR_VECTOR_UNITS} for the "
+                f"{vectors / numel:.0%} of elements in vectors)"
+            )
+    memory_ms = traffic * itemsize / (bandwidth * 1e9) * 1e3
     if name != "muon":
-        return memory_ms, f"{units} units of memory traffic"
+        return memory_ms, described
     if "bf16_tflops" not in cache:
         cache["bf16_tflops"] = matmul_tflops(device, torch.bfloat16)
     flops = newton_schulz_flops([p.shape for p in params])
@@ -413,6 +455,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nset {set_name}: {len(params)} tensors, {numel / 1e6:.1f}M params")
         for name in names:
             own = [p for p in params if p.dim() == 2] if name == "muon" else params
+            if not own:
+                print(f"\n{name}: skipped, the set has no 2-D params (Muon takes matrices)")
+                continue
             floor_ms, bound = _floor_ms(name, own, bandwidth, device, cache)
             variants: list[tuple[str, Callable[[], None]]] = []
             for variant in ("forloop", "foreach", "fused"):
