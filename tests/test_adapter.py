@@ -597,3 +597,59 @@ def test_schedule_free_train_and_eval_switch_like_the_package() -> None:
     adamw.eval()
     adamw.train()
     assert torch.equal(w.detach(), torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("name", "group", "twin_params"),
+    [
+        ("nadam", {"momentum_decay": 8e-3}, (4, 3)),
+        ("muon", {"ns_steps": 3, "eps": 1e-6}, (4, 3)),
+        ("sgd", {"momentum": 0.0}, (4, 3)),
+        ("adamw", {"weight_decay": 0.0, "betas": (0.0, 0.99)}, (4, 3)),
+    ],
+)
+def test_fused_takes_every_group_value_the_other_engines_take(
+    name: str, group: dict[str, Any], twin_params: tuple[int, ...]
+) -> None:
+    """fused=True passes moved numbers as tensors, but not ints, zeros (a zero decides
+    which code runs) or fields the config takes as Python numbers only."""
+    runs = []
+    for fused in (False, True):
+        w = torch.nn.Parameter(torch.ones(twin_params))
+        opt = TorchOptimizer([{"params": [w], **group}], name, lr=0.01, fused=fused)
+        for step in range(3):
+            w.grad = torch.full(twin_params, 0.1 * (step + 1))
+            opt.step()
+        runs.append((w.detach().clone(), dict(opt.state[w])))
+    (plain, plain_state), (fused_w, fused_state) = runs
+    torch.testing.assert_close(fused_w, plain, rtol=1e-6, atol=1e-7)
+    assert sorted(fused_state) == sorted(plain_state)  # no momentum buffer for momentum 0
+
+
+def test_schedule_free_eval_with_fused_and_group_betas() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = TorchOptimizer([{"params": [w], "betas": (0.95, 0.999)}], "schedule_free_adamw")
+    fused = TorchOptimizer(
+        [{"params": [v := torch.nn.Parameter(torch.ones(3))], "betas": (0.95, 0.999)}],
+        "schedule_free_adamw",
+        fused=True,
+    )
+    for step in range(3):
+        w.grad, v.grad = torch.full((3,), 0.1 * step), torch.full((3,), 0.1 * step)
+        opt.step()
+        fused.step()
+    opt.eval()
+    fused.eval()
+    torch.testing.assert_close(v.detach(), w.detach(), rtol=1e-6, atol=1e-7)
+    fused.train()
+    opt.train()
+    torch.testing.assert_close(v.detach(), w.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_copied_adapter_keeps_the_registered_rule() -> None:
+    """Checkpoints look rules up by identity: a deepcopy or pickle keeps the module's."""
+    import pickle
+
+    opt = TorchOptimizer([torch.nn.Parameter(torch.ones(2))], "adamw")
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):  # noqa: S301 - made here
+        assert copied.functional.rule is opt.functional.rule

@@ -1113,6 +1113,47 @@ def test_partition_check_of_a_wrapped_group_adds_no_state_field() -> None:
     assert sorted(state["groups"]["vec"]["inner"]) == ["exp_avg", "exp_avg_sq", "step"]
 
 
+def test_partition_refusal_only_a_real_step_sees_leaves_the_groups_unwritten() -> None:
+    """skip_nonfinite's max_consecutive depends on the grads' values, which a skipped
+    step does not see: its own check runs before any group is stepped."""
+    groups = {
+        "mat": wrappers.ema(optorch.get_optimizer("sgd", max_lr=0.1), 0.9),
+        "vec": wrappers.skip_nonfinite(optorch.get_optimizer("sgd"), max_consecutive=0),
+    }
+    opt = wrappers.partition(lambda path, t: "mat" if t.dim() == 2 else "vec", groups)
+    params = _params_for("sgd")
+    state = opt.init(params)
+    grads = _with_grad(_grads_like(params), b=torch.tensor([float("inf"), 0.0]))
+    inputs = StepInputs(opt, params, grads, state, {}, (params, state))
+    _assert_step_raises(inputs, RuntimeError, r"max_consecutive=0")
+
+
+def test_partition_checks_wrapped_groups_without_an_extra_pass(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The skipped step that checks a wrapped group returns after its checks in place:
+    two wrapped groups cost two engine passes a step, not three."""
+    from optorch import engine
+
+    passes: list[int] = []
+    run = engine.run
+
+    def counted(rule: Any, config: Any, h: Any, params: Any, *rest: Any) -> Any:
+        passes.append(len(params))
+        return run(rule, config, h, params, *rest)
+
+    monkeypatch.setattr(engine, "run", counted)
+    groups = {
+        "mat": wrappers.ema(optorch.get_optimizer("adamw"), 0.9),
+        "vec": wrappers.lookahead(optorch.get_optimizer("adamw"), sync_period=2),
+    }
+    opt = wrappers.partition(lambda path, t: "mat" if t.dim() == 2 else "vec", groups)
+    params = _params_for("adamw")
+    state = opt.init(params)
+    opt.step(params, _grads_like(params), state)
+    assert passes == [1, 1]
+
+
 # masked ignores the gradients of the leaves it does not select ('b' here): by design
 _MASKED_IGNORES = {("masked", "grad-dtype"), ("masked", "grad-meta-device")}
 
@@ -1800,8 +1841,16 @@ def test_cli_reports_one_line(
         (["demo", "--bogus"], r"^optorch demo: error: unrecognized arguments: --bogus"),
         (["bench", "--steps", "x"], r"^optorch bench: error: argument --steps"),
         (["frobnicate"], r"^optorch: error: argument command: invalid choice: 'frobnicate'"),
+        (["--bogus", "demo"], r"^optorch: error: unrecognized arguments: --bogus"),
     ],
-    ids=["bad-int", "bad-choice", "unknown-flag", "bench-bad-int", "unknown-command"],
+    ids=[
+        "bad-int",
+        "bad-choice",
+        "unknown-flag",
+        "bench-bad-int",
+        "unknown-command",
+        "flag-before-command",
+    ],
 )
 def test_cli_parse_error_is_one_line(
     argv: list[str], match: str, capsys: pytest.CaptureFixture[str]

@@ -295,6 +295,19 @@ class Hyper:
         return f"Hyper({self.values()}, static={self.static!r}, leaf={self.leaf!r})"
 
 
+def _module_rule(module: str, qualname: str) -> Rule:
+    """The instance of rule class ``qualname`` that its module holds (``RULE``), else a
+    new one: how a pickled rule comes back."""
+    import importlib
+
+    owner = importlib.import_module(module)
+    cls: Any = owner
+    for part in qualname.split("."):
+        cls = getattr(cls, part)
+    found = [value for value in vars(owner).values() if type(value) is cls]
+    return found[0] if found else cls()
+
+
 class Rule:
     """An update rule, written once as tensor code.
 
@@ -330,6 +343,18 @@ class Rule:
     #: Inductor options the compiled engine adds for this rule's kernels (on every
     #: device); names this torch's inductor does not know are left out.
     inductor_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+
+    # a rule holds no data: copies (``copy.deepcopy`` or pickling of an optimizer, of a
+    # TorchOptimizer) keep the module's own instance, which checkpoints look up by
+    # identity and compiled kernels and CUDA graphs are keyed by
+    def __copy__(self) -> Rule:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Rule:
+        return self
+
+    def __reduce__(self) -> Any:
+        return (_module_rule, (type(self).__module__, type(self).__qualname__))
 
     def fields(self, config: Any) -> tuple[str, ...]:
         raise NotImplementedError
@@ -922,18 +947,18 @@ def rule_optional_fields(rule: Rule) -> tuple[str, ...]:
 
 def _host_step(step: torch.Tensor) -> bool:
     """Whether the step count can be read as a Python int without a device sync."""
-    if step.device.type != "cpu":
-        return False
-    if torch.compiler.is_compiling():
+    return _host_readable(step)
+
+
+def _host_readable(value: torch.Tensor) -> bool:
+    """Whether a 0-d tensor can be read on the host without a device sync."""
+    if value.device.type != "cpu" or torch.compiler.is_compiling():
         return False
     try:
         from torch._C._functorch import is_functorch_wrapped_tensor
-
-        if is_functorch_wrapped_tensor(step):
-            return False
     except ImportError:  # pragma: no cover - older torch
-        pass
-    return True
+        return True
+    return not is_functorch_wrapped_tensor(value)
 
 
 def transform_active() -> bool:
@@ -1009,6 +1034,9 @@ def apply_step(
     # into the state once the step has run: a step refused on the way (a schedule
     # returning NaN) leaves the caller's state as it was
     created = _missing_fields(rule, config, prepared, names)
+    if config.inplace and gate is not None and _host_readable(gate) and bool(gate):
+        # a skip decided on the host: every check above has run, and nothing changes
+        return params, new_state
 
     def advance(config: Any, prepared: Prepared, gate: torch.Tensor | None) -> Any:
         return _advance(rule, config, prepared, state, new_state, gate)

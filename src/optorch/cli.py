@@ -47,9 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     demo.add_arguments(subcommands["demo"])
     bench.add_arguments(subcommands["bench"])
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # named by the command they were given to
-        subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    words = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(words)
+    if unknown:  # named by the command they were given to (or to optorch, before it)
+        before = words[: words.index(args.command)] if args.command in words else words
+        owner = parser if any(word in before for word in unknown) else subcommands[args.command]
+        owner.error(f"unrecognized arguments: {' '.join(unknown)}")
     runner = demo.run if args.command == "demo" else bench.run
     try:
         return int(runner(args) or 0)

@@ -137,12 +137,14 @@ def _differs(value: Any, default: Any) -> bool:
 
 
 def _as_tensors(value: Any) -> Any:
-    """A number as a 0-d float64 tensor (tuples element by element; tensors as they are)."""
+    """A non-zero float as a 0-d float64 tensor, tuples element by element; anything else
+    (ints, zeros, tensors) as it is, and ``value`` itself where nothing changed."""
     if isinstance(value, (tuple, list)):
-        return tuple(_as_tensors(v) for v in value)
-    if isinstance(value, torch.Tensor):
-        return value
-    return torch.tensor(float(value), dtype=torch.float64)
+        out = tuple(_as_tensors(v) for v in value)
+        return value if all(a is b for a, b in zip(out, value, strict=True)) else out
+    if isinstance(value, float) and value != 0.0:
+        return torch.tensor(value, dtype=torch.float64)
+    return value
 
 
 def _freeze(value: Any) -> Hashable:
@@ -200,6 +202,8 @@ class TorchOptimizer(torch.optim.Optimizer):
             functional = functional.replace(inplace=True)
         self.functional: Optimizer = functional
         self._config_cache: dict[Hashable, Any] = {}
+        #: config field -> whether the config accepts it as a 0-d tensor (fused=True)
+        self._takes_tensor: dict[str, bool] = {}
         from optorch.interop.convert import TORCH_TWINS
 
         twin = TORCH_TWINS.get(functional.rule.name)
@@ -229,12 +233,14 @@ class TorchOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._config_cache = {}
+        self._takes_tensor = {}
 
     # ----------------------------------------------------------------------------------
 
-    def _group_config(self, group: Mapping[str, Any]) -> Any:
+    def _group_config(self, group: Mapping[str, Any], *, literal: bool = False) -> Any:
         """The config for ``group``: structural fields through a cached validated config,
-        numbers (which schedulers change every step) set on a shallow copy."""
+        numbers (which schedulers change every step) set on a shallow copy; for the
+        compiled engine the numbers that moved as tensors, unless ``literal``."""
         base = self.functional.config
         structural: dict[str, Any] = {}
         numeric: dict[str, Any] = {"max_lr": group["lr"]}
@@ -252,14 +258,30 @@ class TorchOptimizer(torch.optim.Optimizer):
             config = base.replace(**structural) if structural else base
             self._config_cache[key] = config
         view = copy.copy(config)
-        compiled = config.impl == "compiled"
         for name, value in numeric.items():
-            if compiled and name != "max_lr" and _differs(value, getattr(base, name)):
-                # the compiled kernels hold a config's numbers as literals: a number a
-                # scheduler moves every step (OneCycleLR's momentum) goes in as a tensor,
-                # read at each call, instead of compiling a kernel per value
-                value = _as_tensors(value)
             object.__setattr__(view, name, value)
+        if literal or config.impl != "compiled":
+            return view
+        # the compiled kernels hold a config's numbers as literals: a float a scheduler
+        # moves every step (OneCycleLR's beta1) goes in as a tensor, read at each call,
+        # instead of compiling a kernel per value. Not zeros (a zero decides which code
+        # runs: no decay, no momentum buffer), not ints (step counts), and not fields
+        # the config takes as Python numbers only (checked once per field)
+        for name, value in numeric.items():
+            if name == "max_lr" or not _differs(value, getattr(base, name)):
+                continue
+            tensors = _as_tensors(value)
+            if tensors is value or self._takes_tensor.get(name) is False:
+                continue
+            object.__setattr__(view, name, tensors)
+            if name not in self._takes_tensor:
+                try:
+                    view.validate()
+                except (TypeError, ValueError):
+                    self._takes_tensor[name] = False
+                    object.__setattr__(view, name, value)
+                else:
+                    self._takes_tensor[name] = True
         return view
 
     @staticmethod
@@ -306,7 +328,7 @@ class TorchOptimizer(torch.optim.Optimizer):
             members = [p for p in group["params"] if "z" in self.state.get(p, {})]
             if members:
                 zs = [self.state[p]["z"] for p in members]
-                move(members, {"z": zs}, self._group_config(group))
+                move(members, {"z": zs}, self._group_config(group, literal=True))
             group["train_mode"] = train
 
     @torch.no_grad()

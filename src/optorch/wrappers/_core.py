@@ -223,14 +223,17 @@ def check_step(
     """Raise what ``optimizer.step`` would raise on these inputs, changing nothing.
 
     Through the optimizer's ``check`` where it has one (optimizers do); else (wrappers)
-    its step with ``skip_if=True``, which leaves params and state bit-identical and
-    returns before any arithmetic where the gate is readable on the host.
+    its step with ``skip_if=True``, which leaves params and state bit-identical. The gate
+    is a CPU tensor, read on the host: an in-place optimizer step returns after its
+    checks, with no arithmetic (and nothing for ``optorch.graphs`` to record); a pure
+    step computes and discards. A refusal that depends on the values (``skip_nonfinite``'s
+    ``max_consecutive``) is not seen by a skipped step.
     """
     check = getattr(optimizer, "check", None)
     if check is not None:
         check(params, grads, state, hyper_overrides=hyper_overrides)
         return
-    skip = torch.ones((), dtype=torch.bool, device=first_device(flatten(params)[1]))
+    skip = torch.ones((), dtype=torch.bool)
     # on new containers (the same tensors): a skipped in-place step still adds the state
     # fields it creates on a first step, which the check must not do to the caller's dicts
     containers = optree.tree_map(lambda leaf: leaf, state, none_is_leaf=True)

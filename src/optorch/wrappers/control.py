@@ -212,6 +212,47 @@ class SkipNonfinite(Wrapper):
         hyper_overrides: Mapping[str, Any] | None = None,
         skip_if: Any = None,
     ) -> tuple[PyTree, dict[str, Any]]:
+        gate, nonfinite, new_total, new_consecutive = self._counts(params, grads, state, skip_if)
+        total = state["skipped_total"]
+        consecutive = state["skipped_consecutive"]
+        params, inner_state = self.inner.step(
+            params,
+            grads,
+            state["inner"],
+            hyper_overrides=hyper_overrides,
+            skip_if=either(nonfinite, gate),
+        )
+        if self.inplace and isinstance(state, dict):
+            with torch.no_grad():
+                total.copy_(new_total)
+                consecutive.copy_(new_consecutive)
+            state["inner"] = inner_state
+            return params, state
+        return params, {
+            **state,
+            "inner": inner_state,
+            "skipped_total": new_total,
+            "skipped_consecutive": new_consecutive,
+        }
+
+    def check(
+        self,
+        params: PyTree,
+        grads: PyTree,
+        state: Mapping[str, Any],
+        *,
+        hyper_overrides: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Raise what :meth:`step` would raise (``max_consecutive`` included, which a
+        skipped step cannot see), changing nothing; ``partition`` checks groups with it."""
+        self._counts(params, grads, state, None)
+        check_step(self.inner, params, grads, state["inner"], hyper_overrides)
+
+    def _counts(
+        self, params: PyTree, grads: PyTree, state: Mapping[str, Any], skip_if: Any
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The checked gate, whether the grads are non-finite, and the new counters;
+        raises past ``max_consecutive``."""
         who = self.name
         expect_keys(who, state, ("inner", "skipped_total", "skipped_consecutive"))
         check_counter(who, state, "skipped_total")
@@ -233,25 +274,7 @@ class SkipNonfinite(Wrapper):
                 f"(max_consecutive={self.max_consecutive}); params and state are left as "
                 "they were before this step"
             )
-        params, inner_state = self.inner.step(
-            params,
-            grads,
-            state["inner"],
-            hyper_overrides=hyper_overrides,
-            skip_if=either(nonfinite, gate),
-        )
-        if self.inplace and isinstance(state, dict):
-            with torch.no_grad():
-                total.copy_(new_total)
-                consecutive.copy_(new_consecutive)
-            state["inner"] = inner_state
-            return params, state
-        return params, {
-            **state,
-            "inner": inner_state,
-            "skipped_total": new_total,
-            "skipped_consecutive": new_consecutive,
-        }
+        return gate, nonfinite, new_total, new_consecutive
 
 
 def skip_nonfinite(optimizer: Any, *, max_consecutive: int | None = None) -> SkipNonfinite:

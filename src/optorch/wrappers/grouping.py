@@ -300,13 +300,15 @@ class Partition:
             for label in self.optimizers
         }
         stepped = {label: opt for label, opt in self.optimizers.items() if any(chosen_of[label])}
-        # a group that is itself a wrapper has no ``check``: it is checked by a step with
-        # skip_if=True, which costs a pass on a device, so the first such group is not
-        # checked but stepped first (it rejects its inputs before it changes anything)
+        # a group that is itself a wrapper has no ``check``: it is checked by a skipped
+        # step (``_core.check_step``), except the first such group, which is not
+        # checked but stepped first (it rejects its inputs before it changes anything).
+        # Wrapped groups step before the others: a refusal only their real step can see
+        # (skip_nonfinite's max_consecutive) then finds the plain groups unwritten
         wrapped = [label for label, opt in stepped.items() if getattr(opt, "check", None) is None]
         stepped = {
-            **{label: stepped[label] for label in wrapped[:1]},
-            **{label: opt for label, opt in stepped.items() if label not in wrapped[:1]},
+            **{label: stepped[label] for label in wrapped},
+            **{label: opt for label, opt in stepped.items() if label not in wrapped},
         }
         for label, opt in stepped.items():
             if label not in wrapped[:1]:
