@@ -197,6 +197,11 @@ def test_compare_torch_curves_match(tmp_path: Path, precision: str) -> None:
         for name in ("adamw", "adamw [torch]"):
             scales = column(name, "loss_scale")
             assert len(scales) == steps and bool((scales >= 1.0).all())
+        # and so are the skipped steps (GradScaler's backoffs for the twin)
+        ours, theirs = column("adamw", "skipped"), column("adamw [torch]", "skipped")
+        assert len(theirs) == steps and torch.equal(ours, theirs)
+        skipped = {r["optimizer"]: r["skipped_steps"] for r in summary["results"]}
+        assert skipped["adamw"] == skipped["adamw [torch]"]
 
 
 def _available_twins() -> list[str]:
@@ -247,6 +252,28 @@ def test_no_twin_says_why(name: str, options: dict[str, object], reason: str) ->
 
     twin = recipes.torch_twin(optorch.get_optimizer(name, **options), torch.nn.Linear(2, 2))
     assert isinstance(twin, str) and reason in twin, twin
+
+
+def test_partition_twins_log_their_groups_learning_rates_by_label() -> None:
+    from optorch.demo import recipes
+
+    model = CharTransformer(ModelConfig(vocab_size=8, seq_len=4, d_model=8, n_layers=1, n_heads=2))
+    spec = recipes.build_preset(recipes.MUON_ADAMW, total_steps=10, warmup_steps=1, lr_terminal=0.1)
+    twin = recipes.torch_twin(spec.optimizer, model)
+    assert not isinstance(twin, str), twin
+    assert twin.labels == ["muon", "adamw"]
+
+
+def test_a_diverged_run_is_not_best_and_the_summary_stays_json(tmp_path: Path) -> None:
+    diverged = _result([float("nan")], 1.0)
+    diverged.name = "diverged"
+    trained = _result([3.0], 1.0)
+    text = demo_report.format_table([diverged, trained], 3.5, "RSS")
+    assert "best: x at 3.000" in text
+    assert "best: none" in demo_report.format_table([diverged], 3.5, "RSS")
+    assert demo_report._finite_or_none({"a": [float("nan"), 1.0, float("inf")]}) == {
+        "a": [None, 1.0, None]
+    }
 
 
 def _result(losses: list[float], param: float) -> demo_train.RunResult:
@@ -355,6 +382,7 @@ def test_bad_input_in_process(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("optorch demo: error: ")
     assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out").exists(), "a refused run left its --out folder behind"
 
 
 def test_text_too_short(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -415,11 +415,16 @@ def run(args: argparse.Namespace) -> int:
         names = list(recipe_names)
     else:
         names = parse_optimizer_names(",".join(DEFAULT_OPTIMIZERS))
-    output_folder(args.out)  # before training: a folder that cannot be written fails now
+    existed = Path(args.out).exists()
+    out = output_folder(args.out)  # before training: a folder that cannot be written fails now
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(s["threads"])
     try:
         return _run(args, s, names, recipe, device)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run refused on the way leaves no empty folder behind
+        raise
     finally:
         torch.set_num_threads(previous_threads)
 

@@ -248,6 +248,9 @@ class TorchTwin:
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LRScheduler]
     description: str
+    #: each optimizer's partition label (None outside a partition), as the optorch run
+    #: names its groups' learning rates
+    labels: list[Any] = field(default_factory=list)
 
     def step(self, scaler: Any = None) -> None:
         for optimizer in self.optimizers:
@@ -337,20 +340,24 @@ def _build_twins(
     twins: list[torch.optim.Optimizer],
     schedulers: list[torch.optim.lr_scheduler.LRScheduler],
     names: list[str],
+    labels_out: list[Any],
+    label: Any = None,
 ) -> None:
     groups = getattr(optimizer, "optimizers", None)
     if isinstance(groups, Mapping) and hasattr(optimizer, "labels"):  # a partition
         labels = _labels_of(optimizer, named)
-        for label, inner in groups.items():
-            members = {n: p for n, p in named.items() if labels[n] == label}
+        for group_label, inner in groups.items():
+            members = {n: p for n, p in named.items() if labels[n] == group_label}
             if members:
-                _build_twins(inner, members, twins, schedulers, names)
+                path = group_label if label is None else f"{label}/{group_label}"
+                _build_twins(inner, members, twins, schedulers, names, labels_out, path)
         return
     if not hasattr(optimizer, "rule"):
         raise NoTwin(f"no torch twin for {getattr(optimizer, 'name', type(optimizer).__name__)}")
     twin = _twin_of_single(optimizer, list(named.values()))
     twins.append(twin)
     names.append(type(twin).__name__)
+    labels_out.append(label)
     multiplier = _lambda(optimizer.config)
     if multiplier is not None:
         schedulers.append(torch.optim.lr_scheduler.LambdaLR(twin, multiplier))
@@ -362,11 +369,13 @@ def torch_twin(optimizer: Any, model: torch.nn.Module) -> TorchTwin | str:
     twins: list[torch.optim.Optimizer] = []
     schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
     names: list[str] = []
+    labels: list[Any] = []
     try:
-        _build_twins(optimizer, dict(model.named_parameters()), twins, schedulers, names)
+        _build_twins(optimizer, dict(model.named_parameters()), twins, schedulers, names, labels)
     except NoTwin as exc:
         return str(exc)
-    return TorchTwin(twins, schedulers, " + ".join(f"torch.optim.{n}" for n in names))
+    description = " + ".join(f"torch.optim.{n}" for n in names)
+    return TorchTwin(twins, schedulers, description, labels)
 
 
 def lr_values(optimizer: Any, steps_taken: int, prefix: str = "") -> dict[str, float]:

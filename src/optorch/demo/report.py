@@ -207,6 +207,17 @@ def comparison_table(comparisons: Sequence[Comparison], *, markdown: bool = Fals
     return _table(header, rows, markdown=markdown)
 
 
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts and lists) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
 def format_table(
     results: Sequence[RunResult],
     baseline: float,
@@ -216,7 +227,10 @@ def format_table(
     """The text printed at the end of a run."""
     parts = [results_table(results, baseline, memory_label)]
     parts.append(f"unigram baseline (validation cross-entropy, nats/char): {baseline:.3f}")
-    below = [r for r in results if r.kind == "optorch"]
+    ours = [r for r in results if r.kind == "optorch"]
+    below = [r for r in ours if math.isfinite(r.final_val_loss)]
+    if ours and not below:
+        parts.append("best: none (every optimizer's validation loss is not finite)")
     if below:
         best = min(below, key=lambda r: r.final_val_loss)
         gap = baseline - best.final_val_loss
@@ -389,7 +403,10 @@ def write_outputs(
             for c in comparisons
         ],
     }
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    # strict JSON: a diverged run's NaN or inf losses as null
+    summary_path.write_text(
+        json.dumps(_finite_or_none(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     files.append(summary_path)
     report_path = out / "report.md"
     files.append(report_path)

@@ -499,11 +499,12 @@ def train_torch_twin(
             if step == settings.steps:
                 break
             inputs, targets = plan.batch(step)
+            # named as the optorch run names them: "lr", or "<partition label>/lr"
             lrs = {
-                ("lr" if len(twin.optimizers) == 1 else f"{i}/lr"): group["lr"]
-                for i, optimizer in enumerate(twin.optimizers)
-                for group in optimizer.param_groups[:1]
+                ("lr" if label is None else f"{label}/lr"): optimizer.param_groups[0]["lr"]
+                for label, optimizer in zip(twin.labels, twin.optimizers, strict=True)
             }
+            scale_before = float(scaler.get_scale()) if scaler is not None else None
             with timer.measure(optimizer_step=False):
                 with autocast_context(settings.precision, device):
                     logits = model(inputs)
@@ -537,6 +538,9 @@ def train_torch_twin(
             }
             if scaler is not None:
                 row["loss_scale"] = float(scaler.get_scale())
+                # GradScaler backs its scale off exactly when it skipped the step
+                row["skipped"] = int(row["loss_scale"] < (scale_before or 0.0))
+                result.skipped_steps += row["skipped"]
             for field_name, tensors in twin.state_tensors().items():
                 row[f"{field_name}_norm"] = float(_global_norm(tensors))
                 row[f"{field_name}_mean"] = float(
