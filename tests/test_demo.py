@@ -362,7 +362,17 @@ def test_bad_input_subprocess(tmp_path: Path, args: list[str], message: str) -> 
         (
             ["--config", "recipe.yaml"],
             "train: {steps: -1}\noptimizers:\n  a: {_target_: x}\n",
-            r"Invalid --steps: -1",
+            r"Invalid train\.steps of --config: -1",
+        ),
+        (
+            ["--config", "recipe.yaml"],
+            "train: {seed: abc}\noptimizers:\n  a: {_target_: x}\n",
+            r"Invalid train\.seed of --config: 'abc'",
+        ),
+        (
+            ["--config", "recipe.yaml", "--steps", "0"],
+            "train: {steps: 5}\noptimizers:\n  a: {_target_: x}\n",
+            r"Invalid --steps: 0",
         ),
         (["--config", "nowhere.yaml"], None, r"--config: no such file"),
     ],

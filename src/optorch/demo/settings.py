@@ -265,15 +265,24 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
 def resolve(flags: Mapping[str, Any], recipe: Recipe | None) -> dict[str, Any]:
     """Every setting of :data:`DEFAULTS`: flag, else recipe, else default; checked."""
     from_recipe: dict[str, Any] = {}
+    where: dict[str, str] = {}  # a recipe key -> how its error names it
     if recipe is not None:
-        from_recipe.update(recipe.section("model"))
-        from_recipe.update(recipe.section("train"))
+        for section in ("model", "train"):
+            values = recipe.section(section)
+            from_recipe.update(values)
+            where.update({key: f"{section}.{key} of --config" for key in values})
     settings: dict[str, Any] = {}
     for key, default in DEFAULTS.items():
         value = flags.get(key)
         if value is None:
             value = from_recipe.get(key, default)
-        settings[key] = _check(key, value)
+        try:
+            settings[key] = _check(key, value)
+        except ValueError as exc:
+            if flags.get(key) is None and key in where:  # the recipe's value, not a flag
+                text = str(exc).replace(f"Invalid {_flag(key)}:", f"Invalid {where[key]}:", 1)
+                raise ValueError(text) from None
+            raise
     steps = settings["steps"]
     if settings["eval_every"] is None:
         settings["eval_every"] = max(1, steps // 10)
