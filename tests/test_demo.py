@@ -575,3 +575,17 @@ def test_recipe_values_are_checked() -> None:
         demo_settings.resolve({"lr_terminal": 2}, None)
     with pytest.raises(ValueError, match=r"Invalid --device: 'gpu0'"):
         demo_settings.parse_device("gpu0")
+
+
+@pytest.mark.parametrize(("flag", "tied"), [([], True), (["--no-tie-embeddings"], False)])
+def test_tie_embeddings_flag_overrides_the_recipe_both_ways(
+    tmp_path: Path, flag: list[str], tied: bool
+) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {tie_embeddings: true}\noptimizers:\n  a: {_target_: x}\n")
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--config", str(recipe), *flag])
+    flags = {key: getattr(args, key, None) for key in demo_settings.DEFAULTS}
+    loaded = demo_settings.load_recipe(str(recipe))
+    assert demo_settings.resolve(flags, loaded)["tie_embeddings"] is tied

@@ -157,9 +157,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument(
         "--tie-embeddings",
-        action="store_const",
-        const=True,
-        help="share the token embedding with the output head (default: untied)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share the token embedding with the output head, or not (--no-tie-embeddings, "
+        "which also overrides a recipe's true; default: untied)",
     )
     train = parser.add_argument_group("training")
     train.add_argument(
