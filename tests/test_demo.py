@@ -589,3 +589,13 @@ def test_tie_embeddings_flag_overrides_the_recipe_both_ways(
     flags = {key: getattr(args, key, None) for key in demo_settings.DEFAULTS}
     loaded = demo_settings.load_recipe(str(recipe))
     assert demo_settings.resolve(flags, loaded)["tie_embeddings"] is tied
+
+
+def test_an_unknown_name_with_a_recipe_lists_the_recipe_entries_too() -> None:
+    from optorch.demo import recipes
+
+    with pytest.raises(ValueError, match=r"did you mean the recipe's 'adamw_clipped'\?"):
+        recipes.parse_optimizer_names("adamw_clippd", ("adamw_clipped", "lion"))
+    with pytest.raises(ValueError, match=r"Unknown optimizer 'nope'") as raised:
+        recipes.parse_optimizer_names("nope")
+    assert "recipe" not in str(raised.value)

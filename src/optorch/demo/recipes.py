@@ -22,6 +22,7 @@ partitions of them), with the same schedule through
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
 from collections.abc import Callable, Mapping
@@ -148,7 +149,16 @@ def parse_optimizer_names(text: str, recipe_names: tuple[str, ...] = ()) -> list
                 _check_available("muon")
                 _check_available("adamw")
             else:
-                _check_available(name)
+                try:
+                    _check_available(name)
+                except ValueError as exc:
+                    if not recipe_names:
+                        raise
+                    close = difflib.get_close_matches(raw.strip(), recipe_names, n=1)
+                    hint = f"; did you mean the recipe's {close[0]!r}?" if close else ""
+                    raise ValueError(
+                        f"{exc}; the recipe's optimizers: {list(recipe_names)}{hint}"
+                    ) from None
         names.append(name)
     if not names:
         raise ValueError(f"--optimizers: no optimizer named in {text!r}")
