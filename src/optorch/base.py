@@ -946,7 +946,11 @@ def rule_optional_fields(rule: Rule) -> tuple[str, ...]:
 
 
 def _host_step(step: torch.Tensor) -> bool:
-    """Whether the step count can be read as a Python int without a device sync."""
+    """Whether the step count can be read as a Python int without a device sync.
+
+    A name of its own beside :func:`_host_readable`: the CPU stand-ins for a GPU (tests,
+    ``benchmarks/host_overhead.py``) replace it to act as if the count lived on a
+    device, which must not change how a gate given on the CPU is read."""
     return _host_readable(step)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import optree
 import torch
 
-from optorch.base import _first_structure_difference, check_range
+from optorch.base import _STEP_DTYPES, _first_structure_difference, check_range
 from optorch.tree import PyTree, flatten, format_path, same_structure, unflatten
 
 __all__ = [
@@ -322,9 +322,10 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
 
 
 def check_counter(who: str, state: Mapping[str, Any], key: str) -> torch.Tensor:
-    """``state[key]`` must be a 0-d integer tensor (a wrapper's step counter)."""
+    """``state[key]`` must be a 0-d integer tensor (a wrapper's step counter), of the
+    dtypes a step count may have."""
     value = state[key]
-    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
+    if not isinstance(value, torch.Tensor) or value.dtype not in _STEP_DTYPES:
         raise TypeError(f"{who}: state[{key!r}] must be a 0-d int64 tensor, got {value!r}")
     if value.dim() != 0:
         raise ValueError(
