@@ -15,7 +15,10 @@ for their duration.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import subprocess
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,10 +212,87 @@ def fresh_options() -> Iterator[None]:
 
 
 def test_inductor_options_are_for_cpu_only(fresh_options: None) -> None:
+    from torch._inductor import config as inductor_config
+
     assert engine._inductor_options("cuda") == {}
-    assert engine._inductor_options("cpu")["cpp_cache_precompile_headers"] is False
+    if hasattr(inductor_config, "cpp_cache_precompile_headers"):  # torch >= 2.5
+        assert engine._inductor_options("cpu")["cpp_cache_precompile_headers"] is False
     # loops parallel whatever sizes the kernel was first compiled for (padded calls)
     assert engine._inductor_options("cpu")["cpp.dynamic_threads"] is True
+
+
+class _OlderConfig:
+    """A torch config module of an older release: some settings missing, and ``patch``
+    refusing a name it does not know (as torch 2.4's does, with a KeyError)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.__dict__.update(settings)
+
+    def patch(self, **changes: Any) -> Any:
+        for name in changes:
+            if name not in self.__dict__:
+                raise KeyError(name)
+        return contextlib.nullcontext()
+
+
+def test_inductor_options_name_only_settings_this_torch_has(
+    fresh_options: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch._inductor
+
+    # torch 2.4's inductor: no precompiled headers, no realize_cpu_opcount_threshold;
+    # torch.compile refuses an options dict that names a setting it lacks
+    older = _OlderConfig(
+        cpp=types.SimpleNamespace(dynamic_threads=False), realize_reads_threshold=4
+    )
+    monkeypatch.setattr(torch._inductor, "config", older)
+    options = engine._inductor_options("cpu")
+    assert "cpp_cache_precompile_headers" not in options
+    assert options["cpp.dynamic_threads"] is True
+    assert engine._known_options(engine._RECOMPUTE) == {"realize_reads_threshold": 10_000}
+    assert engine._known_options({"cpp.nothing": 1, "nothing.at_all": 2}) == {}
+
+
+def test_tracing_settings_skip_settings_this_torch_lacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.fx.experimental
+
+    # torch 2.4: no use_duck_shape, and patch raises KeyError for it
+    monkeypatch.setattr(torch.fx.experimental, "_config", _OlderConfig())
+    monkeypatch.setattr(torch._dynamo, "config", _OlderConfig())
+    with engine._tracing_settings():
+        pass
+
+
+def test_round_to_float32_equals_torchs_conversion() -> None:
+    gen = generator(5)
+    values = [
+        0.0,
+        -0.0,
+        math.inf,
+        -math.inf,
+        float(torch.finfo(torch.float32).max),
+        3.4028235677973366e38,  # rounds up past the largest float32: inf
+        -3.4028235677973362e38,  # rounds down to the largest float32
+        2.0**-149 * 2.5,  # a tie between subnormals: to even
+        2.0**-149 * 1.5,
+        2.0**-126 * (1 - 2**-24),
+        -1e-47,  # underflows to -0.0
+        0.1,
+        1 - 0.9,
+        1 - 0.999,
+    ]
+    # random magnitudes from subnormal to overflow, and values a half-ulp from a tie
+    values += (
+        torch.randn(20_000, generator=gen, dtype=torch.float64)
+        * 10 ** (torch.rand(20_000, generator=gen, dtype=torch.float64) * 90 - 50)
+    ).tolist()
+    near = torch.randn(5_000, generator=gen).double()
+    values += (near * (1 + 2**-24)).tolist() + (near * (1 - 2**-24)).tolist()
+    expected = torch.tensor(values, dtype=torch.float64).float().double().tolist()
+    for value, want in zip(values, expected, strict=True):
+        got = engine.round_to_float32(value)
+        assert got == want and math.copysign(1, got) == math.copysign(1, want), value
+    assert math.isnan(engine.round_to_float32(math.nan))
 
 
 def test_isa_check_is_kept_when_the_compiler_says_no(

@@ -159,11 +159,34 @@ def lerp(start: Any, end: Any, weight: Any) -> Any:
             weight_dtype = torch.float32 if float32_math else start.dtype
             weight = torch.tensor(weight, dtype=weight_dtype, device=start.device)
         elif float32_math:
-            weight = float(torch.tensor(weight, dtype=torch.float32))
+            weight = round_to_float32(weight)
         if float32_math and start.dtype is not torch.float32:
             return torch.lerp(start.float(), end.float(), weight).to(start.dtype)
     return torch.lerp(start, end, weight)
 
+
+def round_to_float32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (ties to even), as a Python float.
+
+    Python arithmetic only, so that dynamo folds it to a constant in every torch the
+    package supports (``float(torch.tensor(value, dtype=torch.float32))`` is a ``.item()``
+    that torch 2.4's dynamo refuses under ``fullgraph``).
+    """
+    if value == 0.0 or not math.isfinite(value):
+        return value
+    _, exponent = math.frexp(value)
+    # the float32 grid at this magnitude: 24 significant bits, subnormals below 2**-126
+    shift = max(exponent - 24, -149)
+    rounded = math.ldexp(round(math.ldexp(value, -shift)), shift)
+    if abs(rounded) > _FLOAT32_MAX:
+        return math.copysign(math.inf, value)
+    return math.copysign(rounded, value)  # an underflow to zero keeps the sign
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+#: tensor types that are not subclasses with ops of their own (DTensor)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 #: dtypes whose ATen kernels compute in float32
 _FLOAT32_MATH = (torch.float32, torch.bfloat16, torch.float16)
@@ -646,7 +669,14 @@ class TensorList:
             wider = torch.float32 if dtype in _LOW_PRECISION else None
             if dtype == torch.float32:
                 wider = torch.float64
-            norms = list(torch._foreach_norm(values, 2, dtype=wider))
+            if wider is None:
+                norms = list(torch._foreach_norm(values, 2))
+            elif all(type(v) in _PLAIN for v in values):
+                norms = list(torch._foreach_norm(values, 2, dtype=wider))
+            else:
+                # DTensor: torch 2.14's sharding rule for a foreach norm with a dtype
+                # fails ("'>=' not supported between 'torch.dtype' and 'int'")
+                norms = [torch.linalg.vector_norm(v, 2, dtype=wider) for v in values]
             if wider == torch.float64:
                 norms = [norm.to(torch.float32) for norm in norms]
             return list(
@@ -1291,7 +1321,9 @@ def _inductor_options(device_type: str) -> dict[str, Any]:
     options: dict[str, Any] = {"cpp_cache_precompile_headers": False, "cpp.dynamic_threads": True}
     if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is None and _compiler_takes_cpu_isas():
         options["cpp.vec_isa_ok"] = True
-    return options
+    # an older torch lacks some of these settings (2.4: no precompiled headers to turn
+    # off) and refuses a compile that names one
+    return _known_options(options)
 
 
 def _compiler_takes_cpu_isas() -> bool:
@@ -1475,7 +1507,7 @@ def _compiled_fn(
         # and update pass then disagreed and a pure step moved params by 2.7 at lr 1e-3
         options = {**options, **_known_options({"emulate_precision_casts": True})}
     if flat and not rule.elementwise and device_type == "cpu":
-        options = {**options, **_RECOMPUTE}
+        options = {**options, **_known_options(_RECOMPUTE)}
     fn = torch.compile(unique, dynamic=True, fullgraph=True, options=options)
     _COMPILED[key] = fn
     return fn
@@ -1553,16 +1585,23 @@ def _tracing_settings() -> Any:
     C++ compiler keeps them out of the loop; left symbolic, dynamo turns them into 0-d
     tensor inputs reloaded for every vector.
     """
+    # an older torch lacks a setting (2.4 has no ``use_duck_shape``), and its ``patch``
+    # raises for a name it does not know: only the settings this torch has are patched
     try:
         from torch.fx.experimental import _config as fx_config
 
-        shapes = fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):  # pragma: no cover - older torch
+        shapes = (
+            fx_config.patch(use_duck_shape=False)  # type: ignore[attr-defined]
+            if hasattr(fx_config, "use_duck_shape")
+            else nullcontext()
+        )
+    except ImportError:  # pragma: no cover - older torch
         shapes = nullcontext()
-    try:
-        floats = torch._dynamo.config.patch(specialize_float=True)
-    except (AttributeError, TypeError):  # pragma: no cover - older torch
-        floats = nullcontext()
+    floats = (
+        torch._dynamo.config.patch(specialize_float=True)
+        if hasattr(torch._dynamo.config, "specialize_float")
+        else nullcontext()
+    )
     stack = contextlib.ExitStack()
     stack.enter_context(shapes)
     stack.enter_context(floats)
