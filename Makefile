@@ -8,7 +8,7 @@ STAMP := $(VENV)/.optorch-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint typecheck pytest soak bench docs clean
+.PHONY: demo test lint typecheck pytest soak bench docs clean compat
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ docs: $(STAMP)
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir build/site
 
 test: lint typecheck docs pytest
+
+# the test suite under another torch release, in a venv of its own under build/ (where
+# ruff does not look): `make compat TORCH=2.14.1` (on disk here; others download)
+TORCH ?= 2.14.1
+compat:
+	$(MAKE) pytest VENV=build/venv-torch$(TORCH) TORCH_SPEC=torch==$(TORCH)
 
 bench: $(STAMP)
 	$(PY) -m optorch bench
