@@ -168,9 +168,10 @@ def lerp(start: Any, end: Any, weight: Any) -> Any:
 def round_to_float32(value: float) -> float:
     """``value`` rounded to the nearest float32 (ties to even), as a Python float.
 
-    Python arithmetic only, so that dynamo folds it to a constant in every torch the
-    package supports (``float(torch.tensor(value, dtype=torch.float32))`` is a ``.item()``
-    that torch 2.4's dynamo refuses under ``fullgraph``).
+    Python arithmetic only, so that dynamo folds it to a constant in old torch releases
+    too (``float(torch.tensor(value, dtype=torch.float32))`` is a ``.item()`` that torch
+    2.4's dynamo refuses under ``fullgraph``; the package declares torch >= 2.13, but
+    its compiled kernels are kept working on older releases where that is cheap).
     """
     if value == 0.0 or not math.isfinite(value):
         return value
