@@ -19,6 +19,7 @@ import optree
 import torch
 
 from optorch.base import _STEP_DTYPES, _first_structure_difference, check_range
+from optorch.base import _host_readable as host_readable  # a CPU tensor, eager, untraced
 from optorch.tree import PyTree, flatten, format_path, same_structure, unflatten
 
 __all__ = [
@@ -388,17 +389,6 @@ def either(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     if b is None:
         return a
     return a | b
-
-
-def host_readable(value: torch.Tensor) -> bool:
-    """Whether reading ``value`` on the host is free: a CPU tensor, eager, untraced."""
-    if value.device.type != "cpu" or torch.compiler.is_compiling():
-        return False
-    try:
-        from torch._C._functorch import is_functorch_wrapped_tensor
-    except ImportError:  # pragma: no cover - older torch
-        return True
-    return not is_functorch_wrapped_tensor(value)
 
 
 def commit(
