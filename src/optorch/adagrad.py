@@ -68,6 +68,7 @@ class AdagradConfig(BaseConfig):
 
 class AdagradRule(Rule):
     name = "adagrad"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = AdagradConfig
 
     def fields(self, config: AdagradConfig) -> tuple[str, ...]:
@@ -77,7 +78,10 @@ class AdagradRule(Rule):
         initial = config.initial_accumulator_value
         if isinstance(initial, torch.Tensor):
             initial = float(initial)
-        return torch.full_like(param, initial, memory_format=torch.preserve_format)
+        # a complex param's accumulator starts at initial in both coordinates, as
+        # torch.optim.Adagrad's does
+        value = complex(initial, initial) if param.is_complex() else initial
+        return torch.full_like(param, value, memory_format=torch.preserve_format)
 
     def static(self, config: AdagradConfig) -> Any:
         decay = isinstance(config.weight_decay, torch.Tensor) or config.weight_decay != 0

@@ -72,6 +72,7 @@ class AdamaxConfig(BaseConfig):
 
 class AdamaxRule(Rule):
     name = "adamax"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = AdamaxConfig
 
     def fields(self, config: AdamaxConfig) -> tuple[str, ...]:

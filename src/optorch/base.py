@@ -343,6 +343,10 @@ class Rule:
     #: Inductor options the compiled engine adds for this rule's kernels (on every
     #: device); names this torch's inductor does not know are left out.
     inductor_options: ClassVar[Mapping[str, Any]] = MappingProxyType({})
+    #: Whether complex params are taken, as torch.optim takes them: each complex number
+    #: two real coordinates (``torch.view_as_real``), for rules whose update is
+    #: elementwise on those coordinates and whose norms are the complex ones.
+    complex_ok: ClassVar[bool] = False
 
     # a rule holds no data: copies (``copy.deepcopy`` or pickling of an optimizer, of a
     # TorchOptimizer) keep the module's own instance, which checkpoints look up by
@@ -407,8 +411,12 @@ class Rule:
 
     def validate_leaf(self, path: str, param: torch.Tensor, config: Any) -> None:
         """Extra per-leaf checks (e.g. complex support); raise naming ``path``."""
-        if param.is_complex():
-            raise TypeError(f"{self.name}: param {path} is complex, which is not supported")
+        if param.is_complex() and not self.complex_ok:
+            raise TypeError(
+                f"{self.name}: param {path} is complex ({param.dtype}), which {self.name} does "
+                "not support (its rule is not elementwise on real and imaginary parts); view "
+                "it as real with torch.view_as_real if that is what you mean"
+            )
 
 
 # --------------------------------------------------------------------------------------

@@ -1847,14 +1847,19 @@ def run(
     grads: list[torch.Tensor],
     states: list[list[torch.Tensor]],
     gate: torch.Tensor | None = None,
+    leaf_keys: list[Any] | None = None,
 ) -> Lists:
     """Execute ``rule`` over aligned lists; returns (params, states) lists.
 
     ``gate``: a 0-d bool tensor; where true, every output equals its input bit for bit
-    (a skipped step), decided on the device without a host sync.
+    (a skipped step), decided on the device without a host sync. ``leaf_keys``: the
+    rule's :meth:`~optorch.base.Rule.leaf_key` per param, when the params given are
+    views of the ones the keys belong to (complex params seen as real).
     """
     if not params:
         return [], [[] for _ in states]
+    if leaf_keys is None and any(p.is_complex() for p in params):
+        return _run_as_real(rule, config, h, params, grads, states, gate)
     if rule.elementwise and _is_dtensor(params[0]):
         local = _local_shards(params, grads, states, config.inplace)
         if local is not None:
@@ -1862,12 +1867,12 @@ def run(
             # rank's shards: no DTensor dispatch per op (2x slower for foreach, 7x for
             # the reference loop, measured), and the compiled kernels apply
             local_p, local_g, local_s = local
-            new_p, new_s = run(rule, config, h, local_p, local_g, local_s, gate)
+            new_p, new_s = run(rule, config, h, local_p, local_g, local_s, gate, leaf_keys)
             if config.inplace:
                 return list(params), [list(field) for field in states]
             return _as_dtensors(new_p, params), [_as_dtensors(col, params) for col in new_s]
     if any(p.dim() == 0 for p in params) and not _is_dtensor(params[0]):
-        return _run_as_vectors(rule, config, h, params, grads, states, gate)
+        return _run_as_vectors(rule, config, h, params, grads, states, gate, leaf_keys)
     impl = resolve_impl(rule, config)
     tensors = _step_tensors(params, grads, h, gate)
     if impl != "reference" and _under_functorch(tensors):
@@ -1889,13 +1894,79 @@ def run(
         # dynamo cannot trace TensorList's lazy graph (a graph break under fullgraph=True)
         impl = "reference"
     executor = _EXECUTORS[impl]
-    if type(rule).leaf_key is Rule.leaf_key:  # no per-leaf classes
-        leaf_keys: list[Any] = [None] * len(params)
-    else:
-        leaf_keys = [rule.leaf_key(p, config) for p in params]
+    if leaf_keys is None:
+        leaf_keys = _leaf_keys(rule, config, params)
     context = torch.no_grad() if config.inplace else nullcontext()
     with context:
         return executor(rule, h, params, grads, states, config.inplace, leaf_keys, gate)
+
+
+def _leaf_keys(rule: Any, config: Any, params: list[torch.Tensor]) -> list[Any]:
+    if type(rule).leaf_key is Rule.leaf_key:  # no per-leaf classes
+        return [None] * len(params)
+    return [rule.leaf_key(p, config) for p in params]
+
+
+def _as_real(t: torch.Tensor, *, read_only: bool = False) -> torch.Tensor:
+    if not t.is_complex():
+        return t
+    # a conjugate view (``z.conj()``) has no real view of its own memory: a gradient is
+    # read, so it may be resolved into a copy (``resolve_conj`` is the tensor itself
+    # otherwise); a param or state written in place may not (torch.view_as_real refuses
+    # it, saying so)
+    return torch.view_as_real(t.resolve_conj() if read_only else t)
+
+
+def _as_complex(new: torch.Tensor) -> torch.Tensor:
+    # a result laid out so that (re, im) pairs sit side by side is viewed, any other copied
+    viewable = (
+        new.stride(-1) == 1
+        and new.storage_offset() % 2 == 0
+        and all(stride % 2 == 0 for stride in new.stride()[:-1])
+    )
+    return torch.view_as_complex(new if viewable else new.contiguous())
+
+
+def _run_as_real(
+    rule: Any,
+    config: Any,
+    h: Any,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[list[torch.Tensor]],
+    gate: torch.Tensor | None,
+) -> Lists:
+    """:func:`run` with every complex operand seen as real: ``torch.view_as_real``, a
+    view with a trailing dim of 2 (real and imaginary parts), as torch.optim does. A
+    complex number is two real coordinates to the rule: elementwise state (moments,
+    accumulators) is kept per coordinate, and a tensor's norm is the complex one. The
+    rule's per-leaf classes are taken from the complex params (a complex vector stays
+    a vector); in place the writes reach the complex tensors, and pure results are
+    viewed as complex again.
+    """
+    new_p, new_s = run(
+        rule,
+        config,
+        h,
+        [_as_real(p) for p in params],
+        [_as_real(g, read_only=True) for g in grads],
+        [[_as_real(t) for t in field] for field in states],
+        gate,
+        _leaf_keys(rule, config, params),
+    )
+    if config.inplace:
+        return list(params), [list(field) for field in states]
+
+    def back(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return _as_complex(new) if old.is_complex() else new
+
+    return (
+        [back(n, o) for n, o in zip(new_p, params, strict=True)],
+        [
+            [back(n, o) for n, o in zip(column, field, strict=True)]
+            for column, field in zip(new_s, states, strict=True)
+        ],
+    )
 
 
 def _run_as_vectors(
@@ -1906,6 +1977,7 @@ def _run_as_vectors(
     grads: list[torch.Tensor],
     states: list[list[torch.Tensor]],
     gate: torch.Tensor | None,
+    leaf_keys: list[Any] | None = None,
 ) -> Lists:
     """:func:`run` with every 0-d operand seen as a 1-element vector (a view: in place,
     the writes reach the 0-d tensors).
@@ -1930,6 +2002,7 @@ def _run_as_vectors(
         [vector(g) for g in grads],
         [[vector(t) for t in field] for field in states],
         gate,
+        leaf_keys,
     )
     if config.inplace:
         return list(params), [list(field) for field in states]

@@ -69,6 +69,7 @@ class LARSConfig(BaseConfig):
 
 class LARSRule(Rule):
     name = "lars"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = LARSConfig
     elementwise = False  # per-tensor norms; flattening a tensor keeps them
 

@@ -76,6 +76,7 @@ class LionConfig(BaseConfig):
 
 class LionRule(Rule):
     name = "lion"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = LionConfig
 
     def fields(self, config: LionConfig) -> tuple[str, ...]:

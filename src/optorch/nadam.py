@@ -190,6 +190,7 @@ def _log(value: float) -> float:
 
 class NAdamRule(Rule):
     name = "nadam"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = NAdamConfig
 
     def fields(self, config: NAdamConfig) -> tuple[str, ...]:

@@ -88,6 +88,7 @@ class RAdamConfig(BaseConfig):
 
 class RAdamRule(Rule):
     name = "radam"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = RAdamConfig
 
     def fields(self, config: RAdamConfig) -> tuple[str, ...]:

@@ -71,6 +71,7 @@ class RMSpropConfig(BaseConfig):
 
 class RMSpropRule(Rule):
     name = "rmsprop"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = RMSpropConfig
     optional_fields = ("momentum_buffer", "grad_avg")
 

@@ -128,6 +128,7 @@ def _ratio(numerator: Any, denominator: Any) -> Any:
 
 class ScheduleFreeAdamWRule(Rule):
     name = "schedule_free_adamw"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = ScheduleFreeAdamWConfig
 
     def fields(self, config: ScheduleFreeAdamWConfig) -> tuple[str, ...]:

@@ -85,6 +85,7 @@ class SGDConfig(BaseConfig):
 
 class SGDRule(Rule):
     name = "sgd"
+    complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = SGDConfig
     optional_fields = ("momentum",)
 

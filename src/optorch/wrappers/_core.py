@@ -303,11 +303,13 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
             f"({_first_structure_difference(params, tree)})"
         )
     for path, p, s in zip(paths, p_leaves, leaves_, strict=True):
-        if s is not None and not (isinstance(s, torch.Tensor) and s.is_floating_point()):
+        if s is not None and not (
+            isinstance(s, torch.Tensor) and (s.is_floating_point() or s.is_complex())
+        ):
             what = f"dtype {s.dtype}" if isinstance(s, torch.Tensor) else repr(s)
             raise TypeError(
                 f"{who}: state {field!r} at {format_path(path)} must be a floating-point "
-                f"tensor, got {what}"
+                f"(or complex) tensor, got {what}"
             )
         if isinstance(p, torch.Tensor) and isinstance(s, torch.Tensor) and s.shape != p.shape:
             raise ValueError(

@@ -85,7 +85,20 @@ def _map_grads(grads: PyTree, fn: Any) -> PyTree:
 
 
 def _norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    wide = (torch.float64, torch.complex128)
+    return torch.float64 if any(t.dtype in wide for t in tensors) else torch.float32
+
+
+def _real(tensor: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts (a view); others as they are.
+    Its L2 norm is the complex tensor's; clamping it clamps each part."""
+    if not tensor.is_complex():
+        return tensor
+    return torch.view_as_real(tensor.resolve_conj())
+
+
+def _norm(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.linalg.vector_norm(_real(tensor), dtype=dtype)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -103,7 +116,7 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     norms: list[torch.Tensor] = []
     sharded: dict[Any, list[torch.Tensor]] = {}
     for tensor in tensors:
-        norm = torch.linalg.vector_norm(tensor, dtype=dtype)
+        norm = _norm(tensor, dtype)
         mesh = getattr(norm, "device_mesh", None)
         if mesh is None:
             norms.append(norm.to(device))
@@ -171,12 +184,17 @@ class _ClipByValue(GradientTransformation):
     def update(
         self, grads: PyTree, state: Mapping[str, Any], params: PyTree
     ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
-        clipped = _map_grads(grads, lambda g: g.clamp(-self.limit, self.limit))
-        return clipped, {}, {}
+        def clip(g: torch.Tensor) -> torch.Tensor:
+            if g.is_complex():  # the real and imaginary parts each, as two coordinates
+                return torch.view_as_complex(_real(g).clamp(-self.limit, self.limit))
+            return g.clamp(-self.limit, self.limit)
+
+        return _map_grads(grads, clip), {}, {}
 
 
 def clip_by_value(limit: float) -> GradientTransformation:
-    r"""Clamp every gradient element to :math:`[-c, c]`, :math:`c` = ``limit`` (>= 0).
+    r"""Clamp every gradient element to :math:`[-c, c]`, :math:`c` = ``limit`` (>= 0);
+    a complex element's real and imaginary parts are clamped each.
 
     >>> import torch
     >>> clip = clip_by_value(0.5)
@@ -197,7 +215,7 @@ class _ClipByNormPerParam(GradientTransformation):
         self, grads: PyTree, state: Mapping[str, Any], params: PyTree
     ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
         def clip(g: torch.Tensor) -> torch.Tensor:
-            norm = torch.linalg.vector_norm(g, dtype=_norm_dtype([g]))
+            norm = _norm(g, _norm_dtype([g]))
             return g * (self.max_norm / (norm + NORM_EPS)).clamp(max=1.0).to(g.dtype)
 
         return _map_grads(grads, clip), {}, {}
@@ -331,7 +349,7 @@ def _uniform(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def counter_normal(
-    shape: torch.Size, key: torch.Tensor, *, dtype: torch.dtype, device: torch.device
+    shape: tuple[int, ...], key: torch.Tensor, *, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
     """Standard normal values, a pure function of ``key`` (an int64 tensor in [0, 2**32))
     and the element index (Box-Muller on two hashed uniforms per element)."""
@@ -390,8 +408,13 @@ class _AddNoise(GradientTransformation):
                 out.append(None)
                 continue
             key = _mix32((step_key + _mix32(index)) & _MASK32).to(g.device)
-            noise = counter_normal(g.shape, key, dtype=g.dtype, device=g.device)
-            noise = noise * std.to(device=g.device, dtype=g.dtype)
+            if g.is_complex():  # each of the real and imaginary parts gets its own
+                real = g.real.dtype
+                noise = counter_normal((*g.shape, 2), key, dtype=real, device=g.device)
+                noise = torch.view_as_complex(noise * std.to(device=g.device, dtype=real))
+            else:
+                noise = counter_normal(g.shape, key, dtype=g.dtype, device=g.device)
+                noise = noise * std.to(device=g.device, dtype=g.dtype)
             if _is_dtensor(g):
                 noise = _laid_out_like(noise, g)
             out.append(g + noise)
