@@ -292,8 +292,13 @@ def test_params_torch_never_stepped_get_initial_state() -> None:
     state = from_torch_state(adam, tensors, "adam")
     assert int(state["step"]) == 2
     assert float(state["exp_avg"]["gain"]) == 0.0 and float(state["exp_avg_sq"]["gain"]) == 0.0
+    # it sat out both steps: its own count is 0, as torch's would be at its first step
+    assert {k: int(v) for k, v in state["skipped_steps"].items()} == {
+        k: 2 if k == "gain" else 0 for k in tensors
+    }
     exported = to_torch_state(state, tensors, "adam")["state"]
-    assert sorted(exported) == [0, 1, 2, 3] and float(exported[3]["step"]) == 2.0
+    assert sorted(exported) == [0, 1, 2, 3] and float(exported[3]["step"]) == 0.0
+    assert [float(exported[i]["step"]) for i in range(3)] == [2.0, 2.0, 2.0]
 
 
 @pytest.mark.parametrize(
@@ -370,7 +375,9 @@ def test_bad_conversions(make: Any, message: str) -> None:
         assert torch.equal(value, before[key]), "the torch state must not change"
 
 
-def test_different_step_counts_cannot_convert() -> None:
+def test_different_step_counts_convert_to_skipped_steps() -> None:
+    """A param torch stepped fewer times keeps its own count: the optimizer's count is
+    the largest, the lag is the param's ``skipped_steps``; both continue alike."""
     params = make_params(0, shapes=SHAPES)
     tensors = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
     adam = torch.optim.Adam(list(tensors.values()))
@@ -378,8 +385,22 @@ def test_different_step_counts_cannot_convert() -> None:
         for name, p in tensors.items():
             p.grad = torch.ones_like(p) if (name != "gain" or step == 2) else None
         adam.step()
-    with pytest.raises(ValueError, match=r"different numbers of steps.*1 steps: \['gain'\]"):
-        from_torch_state(adam, tensors, "adam")
+    ours = {k: v.detach().clone() for k, v in tensors.items()}
+    state = from_torch_state(adam.state_dict(), ours, "adam")
+    assert int(state["step"]) == 3
+    assert {k: int(v) for k, v in state["skipped_steps"].items()} == {
+        k: 2 if k == "gain" else 0 for k in tensors
+    }
+    with pytest.raises(ValueError, match=r"step=2 contradicts the torch state's step count 3"):
+        from_torch_state(adam.state_dict(), ours, "adam", step=2)
+    opt = optorch.get_optimizer("adam", max_lr=1e-3)
+    for _ in range(3):
+        for p in tensors.values():
+            p.grad = torch.full_like(p, 0.5)
+        adam.step()
+        ours, state = opt.step(ours, {k: torch.full_like(v, 0.5) for k, v in ours.items()}, state)
+    for k, p in tensors.items():
+        torch.testing.assert_close(ours[k], p.detach(), rtol=1e-6, atol=1e-7)
 
 
 def _frozen_model() -> torch.nn.Module:

@@ -295,6 +295,28 @@ def test_round_trip_in_one_process_keeps_nested_state(tmp_path: Path) -> None:
     assert_trees_equal(loaded, {"params": params, "optim": state}, what="round trip")
 
 
+def test_sharded_checkpoint_keeps_the_counts_of_params_that_sat_out_steps(
+    tmp_path: Path,
+) -> None:
+    """A fresh ``init`` has no ``skipped_steps``; the loaded state must get the saved one
+    (DCP reads only the template's keys), here inside a wrapper's state."""
+    from optorch import wrappers
+
+    optimizer = wrappers.chain(wrappers.clip_by_global_norm(1.0), make_optimizer("adam", "foreach"))
+    params = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3)}
+    state = optimizer.init(params)
+    for step in range(4):
+        grads = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3) if step else None}
+        params, state = optimizer.step(params, grads, state)
+    save_sharded(tmp_path / "ckpt", {"params": params, "optim": state})
+    fresh = {"w": torch.zeros(3, 2), "frozen": None, "b": torch.zeros(3)}
+    template = {"params": fresh, "optim": optimizer.init(fresh)}
+    loaded = load_sharded(tmp_path / "ckpt", template)
+    assert_trees_equal(loaded, {"params": params, "optim": state}, what="round trip")
+    inner = loaded["optim"]["inner"]
+    assert inner["skipped_steps"]["w"] is None and int(inner["skipped_steps"]["b"]) == 1
+
+
 def test_gather_full_keeps_plain_leaves() -> None:
     tree: dict[str, Any] = {"step": torch.tensor(3), "w": [torch.ones(2), None]}
     gathered = gather_full(tree)

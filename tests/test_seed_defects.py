@@ -395,6 +395,16 @@ def test_10_none_grad_leaves_param_and_state_untouched(name: str, inplace: bool)
     grads["layer.bias"] = None
     params, state = optimizer.step(params, grads, state)
     assert torch.equal(params["layer.bias"], before_params["layer.bias"])
+    # its own step count stays too (torch.optim's per-param step): AdamW's bias
+    # correction reads it; SGD and LARS read none
+    skipped = state.pop("skipped_steps", None)
+    if name == "adamw":
+        assert skipped is not None
+        assert {k: None if v is None else int(v) for k, v in skipped.items()} == {
+            k: 1 if k == "layer.bias" else None for k in params
+        }
+    else:
+        assert skipped is None
     fields = [k for k in state if k != "step"]
     for field in fields:
         assert torch.equal(state[field]["layer.bias"], before_state[field]["layer.bias"])

@@ -267,6 +267,7 @@ def _unclamped_sum_sq(*operands: torch.Tensor) -> torch.Tensor:
 
 class AdafactorRule(Rule):
     name = "adafactor"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     config_type = AdafactorConfig
     elementwise = False
     flattenable = False  # the factored moments need the last two dims

@@ -68,6 +68,7 @@ class AdagradConfig(BaseConfig):
 
 class AdagradRule(Rule):
     name = "adagrad"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = AdagradConfig
 

@@ -121,6 +121,7 @@ class AdamConfig(BaseConfig):
 
 class AdamRule(Rule):
     name = "adam"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = AdamConfig
     optional_fields = ("max_exp_avg_sq",)

@@ -72,6 +72,7 @@ class AdamaxConfig(BaseConfig):
 
 class AdamaxRule(Rule):
     name = "adamax"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = AdamaxConfig
 

@@ -347,6 +347,11 @@ class Rule:
     #: two real coordinates (``torch.view_as_real``), for rules whose update is
     #: elementwise on those coordinates and whose norms are the complex ones.
     complex_ok: ClassVar[bool] = False
+    #: Whether the per-step values depend on each param's own step count (bias
+    #: corrections), which torch.optim keeps per param: a param that sits out a step (a
+    #: ``None`` gradient) does not advance its count. The state then records how many
+    #: steps each param sat out (``"skipped_steps"``, made on the first such step).
+    per_leaf_step: ClassVar[bool] = False
 
     # a rule holds no data: copies (``copy.deepcopy`` or pickling of an optimizer, of a
     # TorchOptimizer) keep the module's own instance, which checkpoints look up by
@@ -424,6 +429,10 @@ class Rule:
 # --------------------------------------------------------------------------------------
 
 STEP = "step"
+#: Per param, how many of the optimizer's steps it sat out (a ``None`` gradient while it
+#: had state), for rules with :attr:`Rule.per_leaf_step`: its own count is
+#: ``step - skipped_steps``, as torch.optim's per-param ``step``.
+SKIPPED = "skipped_steps"
 
 
 def _trainable(param: Any) -> bool:
@@ -637,6 +646,8 @@ class Prepared:
     fields: dict[str, list[Any]]
     active: list[int]
     step: torch.Tensor
+    #: the ``"skipped_steps"`` leaves in params order (None: no such field, or a 0)
+    skipped: list[Any] | None = None
 
     # computed only when needed (messages, re-assembling a differently shaped state);
     # not functools.cached_property, whose lock torch.compile cannot trace
@@ -812,6 +823,8 @@ def prepare(
         raise ValueError(f"{rule.name}: grads do not match params ({diff})")
     names = rule.fields(config)
     known = {STEP, *names, *rule.global_fields(config)}
+    if rule.per_leaf_step:
+        known.add(SKIPPED)
     foreign = [key for key in state if key not in known and key not in rule_optional_fields(rule)]
     if foreign:
         raise ValueError(
@@ -864,7 +877,29 @@ def prepare(
             f"{rule.name}: state['step'] is on {step.device}, a device none of the params "
             "is on (it belongs on the params' device, or on the CPU)"
         )
-    return Prepared(spec, param_leaves, grad_leaves, fields, active, step)
+    skipped = None
+    if rule.per_leaf_step and state.get(SKIPPED) is not None:
+        skipped = _align_field(SKIPPED, state[SKIPPED], spec, params)
+        _check_skipped(rule, spec, skipped, step)
+    return Prepared(spec, param_leaves, grad_leaves, fields, active, step, skipped)
+
+
+def _check_skipped(rule: Rule, spec: Any, skipped: list[Any], step: torch.Tensor) -> None:
+    """Each ``"skipped_steps"`` leaf: None or a 0-d integer tensor in [0, step]."""
+    host = _host_readable(step)
+    for path, leaf in zip(spec.paths(), skipped, strict=True):
+        if leaf is None:
+            continue
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() != 0 or leaf.dtype not in _STEP_DTYPES:
+            raise ValueError(
+                f"{rule.name}: state[{SKIPPED!r}] at {format_path(path)} must be a 0-d int64 "
+                f"tensor (the steps that param sat out), got {leaf!r}"
+            )
+        if host and _host_readable(leaf) and not 0 <= int(leaf) <= int(step):
+            raise ValueError(
+                f"{rule.name}: state[{SKIPPED!r}] at {format_path(path)} is {int(leaf)}, "
+                f"outside [0, {int(step)}] (the optimizer's step count)"
+            )
 
 
 def _checked_active(
@@ -1050,17 +1085,27 @@ def apply_step(
         # a skip decided on the host: every check above has run, and nothing changes
         return params, new_state
 
+    resting = _resting(rule, prepared, names)
+    tracked = rule.per_leaf_step and (prepared.skipped is not None or bool(resting))
+
     def advance(config: Any, prepared: Prepared, gate: torch.Tensor | None) -> Any:
         return _advance(rule, config, prepared, state, new_state, gate)
 
     if (
         graphs.ENABLED
         and config.inplace
+        and not tracked
         and graphs.try_step(rule, base_config, hyper_overrides, prepared, state, gate, advance)
     ):
         new_state.update(created)
         return params, new_state
     new_p, new_s = advance(config, prepared, gate)
+    if tracked:
+        skipped = _count_skipped(prepared, resting, state, gate, config.inplace)
+        if config.inplace:
+            created[SKIPPED] = skipped
+        else:
+            new_state[SKIPPED] = skipped
     if config.inplace:
         if not isinstance(new_state, dict):  # a read-only mapping was passed
             new_state = dict(new_state)
@@ -1149,6 +1194,7 @@ def _advance(
             current = torch.tensor(initial, dtype=torch.float64, device=step.device)
         old_globals[name] = current
     new_globals: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     if global_init:
         # read as numbers where that is free (no sync) and loses nothing: not when
         # autograd records them (a differentiable Schedule-Free run through its lr)
@@ -1162,7 +1208,34 @@ def _advance(
     p_active = [prepared.params[i] for i in prepared.active]
     g_active = [prepared.grads[i] for i in prepared.active]
     s_active = [[prepared.fields[name][i] for i in prepared.active] for name in names]
-    result = engine.run(rule, config, h, p_active, g_active, s_active, gate)
+    offsets = _offsets(prepared, host)
+    if offsets is None:
+        result = engine.run(rule, config, h, p_active, g_active, s_active, gate)
+    else:
+        # params whose own count lags the optimizer's: one run per count, each with the
+        # per-step values of its t (every param at its own count on the device)
+        new_params: list[Any] = [None] * len(p_active)
+        new_fields: list[list[Any]] = [[None] * len(p_active) for _ in names]
+        result = (new_params, new_fields)
+        for offset, members in _by_offset(offsets).items():
+            own_t = t - offset if isinstance(offset, int) else t - offsets[members[0]]
+            if isinstance(own_t, torch.Tensor):
+                own_t = own_t.to(torch.float64)
+            own_values = rule.scalars(config, own_t, lr, multiplier)
+            own_values.update(extra)
+            new_p, new_s = engine.run(
+                rule,
+                config,
+                Hyper(own_values, rule.static(config)),
+                [p_active[k] for k in members],
+                [g_active[k] for k in members],
+                [[column[k] for k in members] for column in s_active],
+                gate,
+            )
+            for j, k in enumerate(members):
+                new_params[k] = new_p[j]
+                for column, new_column in zip(new_fields, new_s, strict=True):
+                    column[k] = new_column[j]
     increment: Any = 1 if gate is None else (~gate).to(step.dtype)
     for name, old in old_globals.items():
         new = torch.as_tensor(new_globals[name], dtype=torch.float64, device=old.device)
@@ -1182,6 +1255,79 @@ def _advance(
     else:
         new_state[STEP] = step + increment
     return result
+
+
+def _offsets(prepared: Prepared, host: bool) -> list[Any] | None:
+    """Per active param, the steps it sat out (an int where the count is read on the
+    host, else a 0-d tensor); None when every one is 0."""
+    if prepared.skipped is None:
+        return None
+    out: list[Any] = []
+    for i in prepared.active:
+        leaf = prepared.skipped[i]
+        if leaf is None:
+            out.append(0)
+        elif host and _host_readable(leaf):
+            out.append(int(leaf))
+        else:
+            out.append(leaf.to(prepared.step.device))
+    if all(isinstance(value, int) and value == 0 for value in out):
+        return None
+    return out
+
+
+def _by_offset(offsets: list[Any]) -> dict[Any, list[int]]:
+    """Positions grouped by offset: one group per int value, one per tensor offset."""
+    groups: dict[Any, list[int]] = {}
+    for k, value in enumerate(offsets):
+        groups.setdefault(value if isinstance(value, int) else ("tensor", k), []).append(k)
+    return groups
+
+
+def _resting(rule: Rule, prepared: Prepared, names: tuple[str, ...]) -> list[int]:
+    """Params that have state but no gradient this step (their own count stays)."""
+    if not rule.per_leaf_step or len(prepared.active) == len(prepared.params):
+        return []
+    active = set(prepared.active)
+    columns = [prepared.fields[name] for name in names if prepared.fields[name]]
+    if prepared.skipped is not None:
+        columns.append(prepared.skipped)
+    return [
+        i
+        for i, param in enumerate(prepared.params)
+        if i not in active
+        and isinstance(param, torch.Tensor)
+        and any(column[i] is not None for column in columns)
+    ]
+
+
+def _count_skipped(
+    prepared: Prepared,
+    resting: list[int],
+    state: Mapping[str, Any],
+    gate: torch.Tensor | None,
+    inplace: bool,
+) -> PyTree:
+    """The ``"skipped_steps"`` tree after this step: +1 for the resting params (none
+    when the step is skipped by ``gate``)."""
+    leaves_ = list(prepared.skipped or [None] * len(prepared.params))
+    device = prepared.step.device
+    increment: Any = 1 if gate is None else (~gate).to(dtype=torch.int64, device=device)
+    with torch.no_grad():
+        for i in resting:
+            old = leaves_[i]
+            if old is None:
+                leaves_[i] = torch.zeros((), dtype=torch.int64, device=device) + increment
+            elif inplace:
+                old.add_(increment if isinstance(increment, int) else increment.to(old.device))
+            else:
+                leaves_[i] = old + (
+                    increment if isinstance(increment, int) else increment.to(old.device)
+                )
+    source = state.get(SKIPPED)
+    if source is not None:
+        return _rebuild_like(source, prepared, leaves_)
+    return unflatten(prepared.spec, leaves_)
 
 
 def _check_gate(rule: Rule, skip_if: Any) -> torch.Tensor | None:

@@ -88,6 +88,7 @@ class LambConfig(BaseConfig):
 
 class LambRule(Rule):
     name = "lamb"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = LambConfig
     elementwise = False  # per-tensor norms; flattening a tensor keeps them

@@ -190,6 +190,7 @@ def _log(value: float) -> float:
 
 class NAdamRule(Rule):
     name = "nadam"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = NAdamConfig
 

@@ -88,6 +88,7 @@ class RAdamConfig(BaseConfig):
 
 class RAdamRule(Rule):
     name = "radam"
+    per_leaf_step = True  # t counts the param's own steps (torch.optim's per-param step)
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = RAdamConfig
 

@@ -58,7 +58,8 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from optorch.tree import PyTree, format_path
+from optorch.base import SKIPPED
+from optorch.tree import PyTree, flatten, format_path
 
 __all__ = [
     "FORMATS",
@@ -900,6 +901,32 @@ def _describe_leaf(leaf: Any) -> str:
     return f"{type(leaf).__name__} {leaf!r}"
 
 
+def _without_skipped(where: str, loaded: Any, reference: Any) -> Any:
+    """``loaded`` without the ``"skipped_steps"`` trees the reference (a fresh ``init``)
+    lacks: a state gains one once a param sits out a step (see
+    :data:`optorch.base.SKIPPED`). Their leaves are checked here: None or 0-d integer
+    tensors."""
+    if not isinstance(loaded, Mapping) or not isinstance(reference, Mapping):
+        return loaded
+    out = {}
+    for key, value in loaded.items():
+        if key == SKIPPED and key not in reference:
+            paths, leaves, _ = flatten(value)
+            for path, leaf in zip(paths, leaves, strict=True):
+                if leaf is not None and (
+                    not isinstance(leaf, torch.Tensor)
+                    or leaf.dim() != 0
+                    or leaf.dtype not in (torch.int64, torch.int32)
+                ):
+                    raise ValueError(
+                        f"{where}: state {SKIPPED!r} at {format_path(path)} is "
+                        f"{_describe_leaf(leaf)}, not a 0-d int64 count"
+                    )
+            continue
+        out[key] = _without_skipped(where, value, reference.get(key))
+    return type(loaded)(out) if isinstance(loaded, dict) else out
+
+
 def _check_against(what: str, loaded: PyTree, reference: PyTree) -> None:
     """Raise ``ValueError`` naming the first difference of ``loaded`` from ``reference``:
     a missing or extra leaf, a container of another kind, a wrong shape or dtype."""
@@ -1058,7 +1085,7 @@ def _load(
                 )
             like = checker.init(_meta_params(params))
         if like is not None:
-            _check_against(f"{where}: state", state_cpu, like)
+            _check_against(f"{where}: state", _without_skipped(where, state_cpu, like), like)
     saved_params_cpu = build("params")
     if restore_params:
         if params is None:

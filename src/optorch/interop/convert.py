@@ -10,9 +10,13 @@ The twins (:data:`TORCH_TWINS`): ``sgd`` (``torch.optim.SGD``), ``adam``, ``adam
 ``adamax``, ``nadam``, ``radam``, ``rmsprop``, ``adagrad``, ``adafactor`` and ``muon``
 (where this torch has the class). Differences handled:
 
-* **step count**: torch keeps a ``step`` per param (a float tensor), optorch one
-  ``state["step"]`` (int64). Going to optorch, every param with state must have the same
-  count (else ``ValueError``: optorch cannot represent it). ``torch.optim.SGD`` and
+* **step count**: torch keeps a ``step`` per param (a float tensor), optorch the
+  optimizer's ``state["step"]`` (int64) and, for rules that read a param's own count
+  (bias corrections: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, Adafactor), how many
+  steps each param sat out (``state["skipped_steps"]``, present once one did). Going to
+  optorch, the count is the largest torch count and each param's lag becomes its
+  ``skipped_steps`` (RMSprop, whose rule reads no count, takes the largest); going to
+  torch, each param's step is ``step - skipped_steps``. ``torch.optim.SGD`` and
   ``Muon`` keep no count: pass ``step=`` (steps taken); without it the count is 1 when a
   momentum buffer exists and 0 otherwise, which is all their update rules read, but not
   what a ``schedule`` needs (so a config with a schedule requires ``step=``).
@@ -25,8 +29,8 @@ The twins (:data:`TORCH_TWINS`): ``sgd`` (``torch.optim.SGD``), ``adam``, ``adam
 * **Adafactor**: optorch keeps ``row_var``/``col_var``/``variance`` for every param, with
   an empty placeholder where torch has no entry (``variance`` of a matrix, the factors
   of a vector).
-* **params torch never stepped** (no gradient yet) get optorch's initial state; their
-  bias correction then follows the global count, as it does for any optorch param.
+* **params torch never stepped** (no gradient yet) get optorch's initial state and, for
+  the rules above, an own count of 0 (they sat out every step so far), as in torch.
 
 Params are matched to torch's integer ids by position: ``params`` is a list of tensors,
 a dict (its insertion order: ``dict(model.named_parameters())`` is
@@ -61,6 +65,7 @@ from typing import Any
 
 import torch
 
+from optorch.base import SKIPPED
 from optorch.tree import PyTree, flatten, format_path, unflatten
 
 __all__ = [
@@ -351,8 +356,8 @@ def from_torch_state(
     torch optimizers that keep none (SGD, Muon), see the module docstring. The new
     tensors are on the params' devices, in their dtypes; ``source`` is not modified.
 
-    Raises ``ValueError`` naming the param for: a shape that does not fit, params with
-    different step counts, or a ``step`` that contradicts torch's.
+    Raises ``ValueError`` naming the param for: a shape that does not fit, a step that
+    is not a count, or a ``step`` that contradicts torch's.
     """
     entry, twin = _twin(name)
     rule = entry.rule
@@ -380,11 +385,25 @@ def from_torch_state(
         per_param[leaf] = value
     _check_fields_kept(entry.name, twin, rule, config, layout, per_param)
 
-    taken = _common_step(twin, layout, per_param, step, config)
+    taken, own = _common_step(twin, layout, per_param, step, config)
     names = rule.fields(config)
     first = next((x for x in layout.leaves if isinstance(x, torch.Tensor)), None)
     device = first.device if first is not None else torch.device("cpu")
     state: dict[str, Any] = {"step": torch.tensor(taken, dtype=torch.int64, device=device)}
+    if rule.per_leaf_step:
+        # a param's own count: torch's, or 0 where torch never stepped it
+        lags = [
+            taken - own.get(index, 0) if isinstance(param, torch.Tensor) else None
+            for index, param in enumerate(layout.leaves)
+        ]
+        if any(lags):
+            state[SKIPPED] = unflatten(
+                layout.spec,
+                [
+                    None if lag is None else torch.tensor(lag, dtype=torch.int64, device=device)
+                    for lag in lags
+                ],
+            )
     for field_name in names:
         torch_key = twin.fields.get(field_name)
         leaves: list[Any] = []
@@ -467,12 +486,13 @@ def _common_step(
     per_param: Mapping[int, Mapping[str, Any]],
     step: int | None,
     config: Any,
-) -> int:
+) -> tuple[int, dict[int, int]]:
+    """The optimizer's count and each param's own count (by leaf index)."""
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if not twin.has_step:
         if step is not None:
-            return step
+            return step, {}
         if getattr(config, "schedule", None) is not None:
             raise ValueError(
                 f"torch.optim.{twin.torch_class} keeps no step count and the config has a "
@@ -481,8 +501,8 @@ def _common_step(
         has_buffer = any(
             isinstance(s.get(key), torch.Tensor) for s in per_param.values() for key in s
         )
-        return 1 if has_buffer else 0
-    counts: dict[int, list[str]] = {}
+        return (1 if has_buffer else 0), {}
+    own: dict[int, int] = {}
     for index, entry_state in per_param.items():
         value = entry_state.get("step")
         if value is None:
@@ -490,22 +510,40 @@ def _common_step(
         number = float(value)
         if number != int(number) or number < 0:
             raise ValueError(f"torch step {number} of param {layout.text[index]} is not a count")
-        counts.setdefault(int(number), []).append(layout.text[index])
-    if len(counts) > 1:
-        detail = "; ".join(f"{k} steps: {', '.join(v)}" for k, v in sorted(counts.items()))
+        own[index] = int(number)
+    found = max(own.values(), default=0)
+    if step is not None and own and step != found:
         raise ValueError(
-            "the torch params have taken different numbers of steps; optorch keeps one "
-            f"count for all ({detail})"
+            f"step={step} contradicts the torch state's step count {found} (its params' largest)"
         )
-    found = next(iter(counts), 0)
-    if step is not None and counts and step != found:
-        raise ValueError(f"step={step} contradicts the torch state's step count {found}")
-    return found if counts or step is None else step
+    return (found if own or step is None else step), own
 
 
 # --------------------------------------------------------------------------------------
 # optorch -> torch
 # --------------------------------------------------------------------------------------
+
+
+def _skipped_leaves(state: Mapping[str, Any], layout: _Layout, taken: int) -> list[int]:
+    """Per leaf, the steps it sat out (0 where the state records none)."""
+    tree = state.get(SKIPPED)
+    if tree is None:
+        return [0] * len(layout.leaves)
+    paths, leaves, _ = flatten(tree)
+    at = dict(zip(paths, leaves, strict=True))
+    unknown = [format_path(path) for path in paths if path not in set(layout.paths)]
+    if unknown:
+        raise ValueError(f"state {SKIPPED!r} has leaves {unknown} that params do not have")
+    out = []
+    for path, text in zip(layout.paths, layout.text, strict=True):
+        leaf = at.get(path)
+        lag = 0 if leaf is None else int(leaf)
+        if not 0 <= lag <= taken:
+            raise ValueError(
+                f"state {SKIPPED!r} at {text} is {lag}, outside [0, {taken}] (the step count)"
+            )
+        out.append(lag)
+    return out
 
 
 def _uses(name: str, field_name: str, param: torch.Tensor) -> bool:
@@ -546,7 +584,9 @@ def to_torch_state(
     foreign = [
         k
         for k in state
-        if k != "step" and k not in twin.fields and k not in rule.global_fields(config)
+        if k not in ("step", SKIPPED)
+        and k not in twin.fields
+        and k not in rule.global_fields(config)
     ]
     if foreign:
         raise ValueError(
@@ -562,13 +602,15 @@ def to_torch_state(
                 f"({[format_path(p) for p in paths][:5]} vs {layout.text[:5]})"
             )
         trees[field_name] = leaves
+    lags = _skipped_leaves(state, layout, taken)
     scalar_dtype = _torch_scalar_dtype()
     out_state: dict[int, dict[str, Any]] = {}
     for torch_id, index in enumerate(layout.order):
         param = layout.leaves[index]
         per: dict[str, Any] = {}
+        own = taken - lags[index]
         if twin.has_step:
-            per["step"] = torch.tensor(float(taken), dtype=scalar_dtype)
+            per["step"] = torch.tensor(float(own), dtype=scalar_dtype)
         if entry.name == "sgd" and taken == 0:
             continue  # torch starts the buffer at the first gradient
         for field_name in names:
@@ -584,7 +626,7 @@ def to_torch_state(
         if entry.name == "nadam":
             from optorch.nadam import nadam_mu_product
 
-            product = nadam_mu_product(taken, float(config.betas[0]), float(config.momentum_decay))
+            product = nadam_mu_product(own, float(config.betas[0]), float(config.momentum_decay))
             per["mu_product"] = torch.tensor(float(product), dtype=scalar_dtype)
         if per:
             out_state[torch_id] = per

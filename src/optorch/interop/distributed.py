@@ -49,6 +49,9 @@ from typing import Any
 import optree
 import torch
 
+from optorch.base import SKIPPED, STEP
+from optorch.tree import flatten, unflatten
+
 __all__ = [
     "gather_full",
     "is_distributed",
@@ -119,6 +122,48 @@ def _check_state(who: str, state: Any) -> None:
         )
 
 
+def _add_skipped_counts(template: Any, checkpoint_id: str) -> None:
+    """Give each optimizer state of ``template`` the ``"skipped_steps"`` tree that the
+    checkpoint holds for it and the template (a fresh ``optimizer.init``) lacks: a state
+    gains it once a param sits out a step (:data:`optorch.base.SKIPPED`), and DCP reads
+    only the keys a template has, so the per-param counts would be lost."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        saved = list(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
+    except Exception:  # an unreadable checkpoint: dcp.load says why
+        return
+    if not any(SKIPPED in key.split(".") for key in saved):
+        return
+
+    def visit(node: Any, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        if (
+            STEP in node
+            and SKIPPED not in node
+            and any(key.startswith(prefix + SKIPPED + ".") for key in saved)
+        ):
+            # the params' structure: that of a per-param field of the same state
+            like = next(
+                (v for k, v in node.items() if k != STEP and isinstance(v, (dict, list, tuple))),
+                None,
+            )
+            if like is not None:
+                _, leaves, spec = flatten(like)
+                node[SKIPPED] = unflatten(
+                    spec,
+                    [
+                        None if leaf is None else torch.zeros((), dtype=torch.int64)
+                        for leaf in leaves
+                    ],
+                )
+        for key, value in node.items():
+            visit(value, f"{prefix}{key}.")
+
+    visit(template, "")
+
+
 def save_sharded(
     path: str | os.PathLike[str], state: Mapping[str, Any], *, process_group: Any = None
 ) -> None:
@@ -179,6 +224,7 @@ def load_sharded(
             )
     if not found:
         raise FileNotFoundError(f"{who}: no checkpoint folder at {checkpoint_id!r}")
+    _add_skipped_counts(template, checkpoint_id)
     with _single_process_quietly():
         dcp.load(
             template,
