@@ -653,3 +653,36 @@ def test_a_copied_adapter_keeps_the_registered_rule() -> None:
     opt = TorchOptimizer([torch.nn.Parameter(torch.ones(2))], "adamw")
     for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):  # noqa: S301 - made here
         assert copied.functional.rule is opt.functional.rule
+
+
+@pytest.mark.parametrize(
+    "shapes", [[(5,)], [(3, 4)], [(5,), (3, 4)]], ids=["vector", "matrix", "both"]
+)
+def test_adafactor_continues_from_torch_state_whatever_its_params_keep(
+    shapes: list[tuple[int, ...]],
+) -> None:
+    """torch.optim.Adafactor keeps only ``variance`` for a vector and only the factors for
+    a matrix; the adapter fills the rest with its placeholders and continues like torch
+    (a param that got its first gradient late is a bucket of its own)."""
+    gen = torch.Generator().manual_seed(14)
+    start = [torch.randn(shape, generator=gen) for shape in shapes]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    reference = torch.optim.Adafactor(theirs, lr=0.01, foreach=False)
+    grads = [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(8)]
+    for step, g in enumerate(grads[:3]):
+        for index, (p, grad) in enumerate(zip(theirs, g, strict=True)):
+            p.grad = None if (index == 0 and step == 0 and len(shapes) > 1) else grad.clone()
+        reference.step()
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    adapter = TorchOptimizer(ours, "adafactor", lr=0.01)
+    # a copy: load_state_dict keeps the given step tensors, as torch's does, and both
+    # optimizers go on stepping here
+    adapter.load_state_dict(copy.deepcopy(reference.state_dict()))
+    for g in grads[3:]:
+        for p, q, grad in zip(theirs, ours, g, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        reference.step()
+        adapter.step()
+    for p, q in zip(theirs, ours, strict=True):
+        torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
+        assert float(adapter.state[q]["step"]) == float(reference.state[p]["step"])

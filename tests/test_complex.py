@@ -380,8 +380,9 @@ def test_torch_func_grad_and_vmap_through_a_pure_step_on_complex_params() -> Non
     _close(mapped, looped, {"rtol": 1e-12, "atol": 1e-12}, "vmap")
 
 
-def test_a_users_torch_compile_of_a_step_on_complex_params_matches_eager() -> None:
-    opt = optorch.get_optimizer("adamw", max_lr=0.1)
+@pytest.mark.parametrize("inplace", [True, False])
+def test_a_users_torch_compile_of_a_step_on_complex_params_matches_eager(inplace: bool) -> None:
+    opt = optorch.get_optimizer("adamw", max_lr=0.1, inplace=inplace)
     gen = torch.Generator().manual_seed(9)
     start = torch.randn(4, 3, dtype=torch.complex64, generator=gen)
     compiled_params, eager_params = {"w": start.clone()}, {"w": start.clone()}
@@ -436,3 +437,39 @@ def test_checkpoints_keep_complex_state_and_resume_bit_identically(fmt: str, tmp
     for field in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         assert resumed_state[field]["w"].dtype == torch.complex64
         assert torch.equal(resumed_state[field]["w"], state[field]["w"])
+
+
+def test_a_conjugate_view_param_is_refused_in_place_before_anything_changes() -> None:
+    """A param given as ``z.conj()`` cannot be written through; refused naming it, with
+    the other params (here one whose own count lags) and the state untouched."""
+    opt = optorch.get_optimizer("adam", max_lr=0.1)
+    gen = torch.Generator().manual_seed(12)
+    params = {
+        "r": torch.randn(3, generator=gen),
+        "z": torch.randn(3, dtype=torch.complex64, generator=gen),
+    }
+    state = opt.init(params)
+    params, state = opt.step(params, {"r": torch.ones(3), "z": None}, state)  # "z" sits out
+    params["z"] = params["z"].conj()
+    grads = {"r": torch.ones(3), "z": torch.ones(3, dtype=torch.complex64)}
+    before = {k: v.clone() for k, v in params.items()}
+    moments = {k: v.clone() for k, v in state["exp_avg"].items()}
+    with pytest.raises(TypeError, match=r"param at \['z'\] is a conjugate view"):
+        opt.step(params, grads, state)
+    assert all(torch.equal(params[k], before[k]) for k in params)
+    assert all(torch.equal(state["exp_avg"][k], moments[k]) for k in moments)
+    assert int(state["step"]) == 1
+    # a pure step only reads it: the same as on the resolved values
+    pure = optorch.get_optimizer("adam", max_lr=0.1, inplace=False)
+    pure_state = pure.init(before)
+    got, _ = pure.step(params, grads, pure_state)
+    want, _ = pure.step({k: v.resolve_conj() for k, v in params.items()}, grads, pure_state)
+    assert torch.equal(got["z"], want["z"])
+
+
+def test_zero_nans_zeroes_only_the_nan_part_of_a_complex_grad() -> None:
+    nan = float("nan")
+    g = torch.tensor([complex(nan, 2.0), complex(1.0, nan), complex(3.0, 4.0)])
+    cleaned, state, _ = wrappers.zero_nans().update({"g": g}, wrappers.zero_nans().init({}), None)
+    assert torch.equal(cleaned["g"], torch.tensor([2j, complex(1.0, 0.0), complex(3.0, 4.0)]))
+    assert bool(state["found_nan"])

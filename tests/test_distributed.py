@@ -314,7 +314,8 @@ def test_sharded_checkpoint_keeps_the_counts_of_params_that_sat_out_steps(
     loaded = load_sharded(tmp_path / "ckpt", template)
     assert_trees_equal(loaded, {"params": params, "optim": state}, what="round trip")
     inner = loaded["optim"]["inner"]
-    assert inner["skipped_steps"]["w"] is None and int(inner["skipped_steps"]["b"]) == 1
+    skipped = inner["skipped_steps"]
+    assert skipped["frozen"] is None and int(skipped["w"]) == 0 and int(skipped["b"]) == 1
 
 
 def test_gather_full_keeps_plain_leaves() -> None:

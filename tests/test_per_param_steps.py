@@ -127,11 +127,11 @@ def test_params_sitting_out_steps_match_torch_optim(
         if name in ("rmsprop", "sgd"):
             assert "skipped_steps" not in state  # their rules read no count
         else:
-            # "w" never sat out a step: it has no count of its own
+            # "w" never sat out a step: 0
             assert {
                 k: None if v is None else int(v) for k, v in state["skipped_steps"].items()
             } == {
-                "w": None,
+                "w": 0,
                 "b": sum(not _present(s, "b") for s in range(STEPS)),
                 "c": 4,
             }
@@ -189,7 +189,7 @@ def test_the_device_path_equals_the_host_path(name: str, monkeypatch: Any) -> No
     device_params, device_state = run()
     for k in SHAPES:
         torch.testing.assert_close(device_params[k], host_params[k], rtol=1e-6, atol=1e-7)
-    assert _counts(device_state) == _counts(host_state) == {"w": None, "b": 7, "c": 4}
+    assert _counts(device_state) == _counts(host_state) == {"w": 0, "b": 7, "c": 4}
 
 
 def test_a_users_compiled_step_with_params_sitting_out_matches_eager() -> None:
@@ -207,7 +207,7 @@ def test_a_users_compiled_step_with_params_sitting_out_matches_eager() -> None:
         compiled, compiled_state = step(compiled, g, compiled_state)
     for k in SHAPES:
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-5, atol=1e-6)
-    assert _counts(compiled_state) == _counts(eager_state) == {"w": None, "b": 3, "c": 4}
+    assert _counts(compiled_state) == _counts(eager_state) == {"w": 0, "b": 3, "c": 4}
 
 
 @pytest.mark.parametrize("inplace", [True, False])
@@ -307,4 +307,31 @@ def test_checkpoints_keep_the_skipped_counts(tmp_path: Any) -> None:
         resumed, resumed_state = resumed_opt.step(resumed, g, resumed_state)
     for k in SHAPES:
         assert torch.equal(resumed[k], params[k])
-    assert _counts(resumed_state) == _counts(state) == {"w": None, "b": 7, "c": 4}
+    assert _counts(resumed_state) == _counts(state) == {"w": 0, "b": 7, "c": 4}
+
+
+def test_vmap_over_a_pure_step_with_a_param_sitting_out() -> None:
+    """Every count is a tensor (0 for params that never sat out): ``torch.func.vmap``
+    returns tensors only. Batched over lr and over ``skip_if``."""
+    opt = optorch.get_optimizer("adam", max_lr=0.1, inplace=False)
+    gen = torch.Generator().manual_seed(13)
+    params = {k: torch.randn(shape, generator=gen) for k, shape in SHAPES.items()}
+    state = opt.init(params)
+    grads: dict[str, torch.Tensor | None] = {
+        "w": torch.randn(3, 4, generator=gen),
+        "b": None,
+        "c": torch.randn(2, 3, generator=gen),
+    }
+    lrs = torch.tensor([0.01, 0.1, 1.0])
+    gates = torch.tensor([False, True, False])
+
+    def one(lr: torch.Tensor, gate: torch.Tensor) -> Any:
+        return opt.step(params, grads, state, hyper_overrides={"max_lr": lr}, skip_if=gate)
+
+    mapped_params, mapped_state = torch.func.vmap(one)(lrs, gates)
+    for i in range(3):
+        looped_params, looped_state = one(lrs[i], gates[i])
+        for k in SHAPES:
+            torch.testing.assert_close(mapped_params[k][i], looped_params[k])
+            assert int(mapped_state["skipped_steps"][k][i]) == int(looped_state["skipped_steps"][k])
+    assert mapped_state["skipped_steps"]["b"].tolist() == [1, 0, 1]

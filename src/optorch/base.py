@@ -628,6 +628,16 @@ def _check_state_leaf(
         )
     if leaf.device != param.device:
         raise ValueError(f"{what} at {path} is on {leaf.device} but the param is on {param.device}")
+    if (
+        config.inplace
+        and leaf.is_complex()
+        and not torch.compiler.is_compiling()
+        and leaf.is_conj()
+    ):
+        raise TypeError(
+            f"{what} at {path} is a conjugate view (z.conj()), which an in-place step cannot "
+            "write through; give it a tensor of its own (resolve_conj())"
+        )
     _check_same_mesh(what, path, param, leaf)
 
 
@@ -933,6 +943,18 @@ def _checked_active(
                 "params can be optimized"
             )
         rule.validate_leaf(path, param, config)
+        # (dynamo cannot trace is_conj: a compiled step relies on the eager steps' check)
+        if (
+            config.inplace
+            and param.is_complex()
+            and not torch.compiler.is_compiling()
+            and param.is_conj()
+        ):
+            raise TypeError(
+                f"{rule.name}: param at {path} is a conjugate view (z.conj()), which an "
+                "in-place step cannot write through; pass a tensor of its own "
+                "(z.conj().resolve_conj()) or build the config with inplace=False"
+            )
         if grad.is_sparse if isinstance(grad, torch.Tensor) else False:
             raise TypeError(f"{rule.name}: grad at {path} is sparse, which is not supported")
         _check_tensor_pair("grad", path, param, grad)
@@ -1101,7 +1123,7 @@ def apply_step(
         return params, new_state
     new_p, new_s = advance(config, prepared, gate)
     if tracked:
-        skipped = _count_skipped(prepared, resting, state, gate, config.inplace)
+        skipped = _count_skipped(prepared, resting, names, state, gate, config.inplace)
         if config.inplace:
             created[SKIPPED] = skipped
         else:
@@ -1304,26 +1326,34 @@ def _resting(rule: Rule, prepared: Prepared, names: tuple[str, ...]) -> list[int
 def _count_skipped(
     prepared: Prepared,
     resting: list[int],
+    names: tuple[str, ...],
     state: Mapping[str, Any],
     gate: torch.Tensor | None,
     inplace: bool,
 ) -> PyTree:
     """The ``"skipped_steps"`` tree after this step: +1 for the resting params (none
-    when the step is skipped by ``gate``)."""
+    when the step is skipped by ``gate``); a 0 for every other param with state (a
+    tensor, not None: ``torch.func.vmap`` returns tensors only), None for params
+    without state."""
     leaves_ = list(prepared.skipped or [None] * len(prepared.params))
     device = prepared.step.device
     increment: Any = 1 if gate is None else (~gate).to(dtype=torch.int64, device=device)
+    active = set(prepared.active)
+    columns = [prepared.fields[name] for name in names if prepared.fields[name]]
+    for i, param in enumerate(prepared.params):
+        if leaves_[i] is None and (
+            i in active
+            or (isinstance(param, torch.Tensor) and any(c[i] is not None for c in columns))
+        ):
+            leaves_[i] = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
-        for i in resting:
+        for i in resting:  # each has state, so a count (made above if it was new)
             old = leaves_[i]
-            if old is None:
-                leaves_[i] = torch.zeros((), dtype=torch.int64, device=device) + increment
-            elif inplace:
-                old.add_(increment if isinstance(increment, int) else increment.to(old.device))
+            add = increment if isinstance(increment, int) else increment.to(old.device)
+            if inplace:
+                old.add_(add)
             else:
-                leaves_[i] = old + (
-                    increment if isinstance(increment, int) else increment.to(old.device)
-                )
+                leaves_[i] = old + add
     source = state.get(SKIPPED)
     if source is not None:
         return _rebuild_like(source, prepared, leaves_)

@@ -1918,7 +1918,11 @@ def _as_real(t: torch.Tensor, *, read_only: bool = False) -> torch.Tensor:
 
 
 def _as_complex(new: torch.Tensor) -> torch.Tensor:
-    # a result laid out so that (re, im) pairs sit side by side is viewed, any other copied
+    # a result laid out so that (re, im) pairs sit side by side is viewed, any other
+    # copied; while compiling (dynamo cannot trace storage_offset) always through
+    # contiguous(), which is the tensor itself when it already is
+    if torch.compiler.is_compiling():
+        return torch.view_as_complex(new.contiguous())
     viewable = (
         new.stride(-1) == 1
         and new.storage_offset() % 2 == 0
@@ -1944,13 +1948,14 @@ def _run_as_real(
     a vector); in place the writes reach the complex tensors, and pure results are
     viewed as complex again.
     """
+    pure = not config.inplace  # params and state are only read
     new_p, new_s = run(
         rule,
         config,
         h,
-        [_as_real(p) for p in params],
+        [_as_real(p, read_only=pure) for p in params],
         [_as_real(g, read_only=True) for g in grads],
-        [[_as_real(t) for t in field] for field in states],
+        [[_as_real(t, read_only=pure) for t in field] for field in states],
         gate,
         _leaf_keys(rule, config, params),
     )

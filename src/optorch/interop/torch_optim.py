@@ -378,10 +378,14 @@ class TorchOptimizer(torch.optim.Optimizer):
             opt_state: dict[str, Any] = {
                 "step": torch.tensor(taken, dtype=torch.int64, device=bucket[0].device)
             }
+            # a field none of the bucket's params has: one this group's config adds
+            # (created by the step), unless the params have other state (a torch
+            # Adafactor's vectors keep only "variance": the factors are placeholders)
+            has_state = any(s.get(self._keys.get(n, n)) is not None for n in names for s in states)
             for name in names:
                 leaves = [s.get(self._keys.get(name, name)) for s in states]
-                if all(leaf is None for leaf in leaves):
-                    continue  # a field this group's config adds: created by the step
+                if all(leaf is None for leaf in leaves) and not has_state:
+                    continue
                 opt_state[name] = [
                     rule.init_field(name, p.detach(), config) if leaf is None else leaf
                     for p, leaf in zip(bucket, leaves, strict=True)

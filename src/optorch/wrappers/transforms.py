@@ -461,7 +461,14 @@ class _ZeroNans(GradientTransformation):
             found = whole_flag(torch.stack([g.isnan().any().to(old.device) for g in present]).any())
         else:
             found = torch.zeros_like(old)
-        cleaned = _map_grads(grads, lambda g: torch.where(g.isnan(), torch.zeros_like(g), g))
+
+        def clean(g: torch.Tensor) -> torch.Tensor:
+            if g.is_complex():  # the real and imaginary parts each, as two coordinates
+                parts = _real(g)
+                return torch.view_as_complex(torch.where(parts.isnan(), 0.0, parts))
+            return torch.where(g.isnan(), torch.zeros_like(g), g)
+
+        cleaned = _map_grads(grads, clean)
         return cleaned, {"found_nan": found}, {"found_nan": found}
 
 
