@@ -276,6 +276,21 @@ def test_fsdp_example_learns_and_reloads_its_checkpoint(dist_results: Path) -> N
 # --------------------------------------------------------------------------------------
 
 
+def _round_trip(tmp_path: Path, optimizer: Any, grads_at: Any) -> Any:
+    """Three or four steps, a sharded save in one process, a load into a fresh template
+    (``optimizer.init`` of zeros): the loaded tree equals the saved one."""
+    params = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3)}
+    state = optimizer.init(params)
+    for step in range(4):
+        params, state = optimizer.step(params, grads_at(step), state)
+    save_sharded(tmp_path / "ckpt", {"params": params, "optim": state})
+    fresh = {"w": torch.zeros(3, 2), "frozen": None, "b": torch.zeros(3)}
+    template = {"params": fresh, "optim": optimizer.init(fresh)}
+    loaded = load_sharded(tmp_path / "ckpt", template)
+    assert_trees_equal(loaded, {"params": params, "optim": state}, what="round trip")
+    return loaded
+
+
 def test_round_trip_in_one_process_keeps_nested_state(tmp_path: Path) -> None:
     from optorch import wrappers
 
@@ -283,16 +298,8 @@ def test_round_trip_in_one_process_keeps_nested_state(tmp_path: Path) -> None:
         wrappers.chain(wrappers.clip_by_global_norm(1.0), make_optimizer("lamb", "foreach")),
         every=2,
     )
-    params = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3)}
     grads = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3)}
-    state = optimizer.init(params)
-    for _ in range(3):
-        params, state = optimizer.step(params, grads, state)
-    save_sharded(tmp_path / "ckpt", {"params": params, "optim": state})
-    fresh = {"w": torch.zeros(3, 2), "frozen": None, "b": torch.zeros(3)}
-    template = {"params": fresh, "optim": optimizer.init(fresh)}
-    loaded = load_sharded(tmp_path / "ckpt", template)
-    assert_trees_equal(loaded, {"params": params, "optim": state}, what="round trip")
+    _round_trip(tmp_path, optimizer, lambda step: grads)
 
 
 def test_sharded_checkpoint_keeps_the_counts_of_params_that_sat_out_steps(
@@ -303,18 +310,12 @@ def test_sharded_checkpoint_keeps_the_counts_of_params_that_sat_out_steps(
     from optorch import wrappers
 
     optimizer = wrappers.chain(wrappers.clip_by_global_norm(1.0), make_optimizer("adam", "foreach"))
-    params = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3)}
-    state = optimizer.init(params)
-    for step in range(4):
-        grads = {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3) if step else None}
-        params, state = optimizer.step(params, grads, state)
-    save_sharded(tmp_path / "ckpt", {"params": params, "optim": state})
-    fresh = {"w": torch.zeros(3, 2), "frozen": None, "b": torch.zeros(3)}
-    template = {"params": fresh, "optim": optimizer.init(fresh)}
-    loaded = load_sharded(tmp_path / "ckpt", template)
-    assert_trees_equal(loaded, {"params": params, "optim": state}, what="round trip")
-    inner = loaded["optim"]["inner"]
-    skipped = inner["skipped_steps"]
+
+    def grads_at(step: int) -> dict[str, Any]:
+        return {"w": torch.randn(3, 2), "frozen": None, "b": torch.randn(3) if step else None}
+
+    loaded = _round_trip(tmp_path, optimizer, grads_at)
+    skipped = loaded["optim"]["inner"]["skipped_steps"]
     assert skipped["frozen"] is None and int(skipped["w"]) == 0 and int(skipped["b"]) == 1
 
 

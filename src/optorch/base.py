@@ -628,17 +628,25 @@ def _check_state_leaf(
         )
     if leaf.device != param.device:
         raise ValueError(f"{what} at {path} is on {leaf.device} but the param is on {param.device}")
+    _refuse_conj_view(f"{what} at {path}", leaf, config)
+    _check_same_mesh(what, path, param, leaf)
+
+
+def _refuse_conj_view(what: str, tensor: torch.Tensor, config: Any) -> None:
+    """A conjugate view (``z.conj()``) cannot be written through: refused in place (a
+    pure step only reads it). Dynamo cannot trace ``is_conj``: a compiled step relies
+    on the eager steps' check."""
     if (
         config.inplace
-        and leaf.is_complex()
+        and tensor.is_complex()
         and not torch.compiler.is_compiling()
-        and leaf.is_conj()
+        and tensor.is_conj()
     ):
         raise TypeError(
-            f"{what} at {path} is a conjugate view (z.conj()), which an in-place step cannot "
-            "write through; give it a tensor of its own (resolve_conj())"
+            f"{what} is a conjugate view (z.conj()), which an in-place step cannot write "
+            "through; give it a tensor of its own (z.conj().resolve_conj()) or build the "
+            "config with inplace=False"
         )
-    _check_same_mesh(what, path, param, leaf)
 
 
 # --------------------------------------------------------------------------------------
@@ -943,18 +951,7 @@ def _checked_active(
                 "params can be optimized"
             )
         rule.validate_leaf(path, param, config)
-        # (dynamo cannot trace is_conj: a compiled step relies on the eager steps' check)
-        if (
-            config.inplace
-            and param.is_complex()
-            and not torch.compiler.is_compiling()
-            and param.is_conj()
-        ):
-            raise TypeError(
-                f"{rule.name}: param at {path} is a conjugate view (z.conj()), which an "
-                "in-place step cannot write through; pass a tensor of its own "
-                "(z.conj().resolve_conj()) or build the config with inplace=False"
-            )
+        _refuse_conj_view(f"{rule.name}: param at {path}", param, config)
         if grad.is_sparse if isinstance(grad, torch.Tensor) else False:
             raise TypeError(f"{rule.name}: grad at {path} is sparse, which is not supported")
         _check_tensor_pair("grad", path, param, grad)

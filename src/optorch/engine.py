@@ -1949,22 +1949,45 @@ def _run_as_real(
     viewed as complex again.
     """
     pure = not config.inplace  # params and state are only read
+    return _run_viewed(
+        rule,
+        config,
+        h,
+        (params, grads, states),
+        gate,
+        _leaf_keys(rule, config, params),
+        lambda t: _as_real(t, read_only=pure),
+        lambda g: _as_real(g, read_only=True),
+        lambda new, old: _as_complex(new) if old.is_complex() else new,
+    )
+
+
+def _run_viewed(
+    rule: Any,
+    config: Any,
+    h: Any,
+    operands: tuple[list[torch.Tensor], list[torch.Tensor], list[list[torch.Tensor]]],
+    gate: torch.Tensor | None,
+    leaf_keys: list[Any] | None,
+    view: Callable[[torch.Tensor], torch.Tensor],
+    view_grad: Callable[[torch.Tensor], torch.Tensor],
+    back: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Lists:
+    """:func:`run` on views of the operands: in place the writes reach the given
+    tensors (returned as they are); pure results are mapped ``back(new, given)``."""
+    params, grads, states = operands
     new_p, new_s = run(
         rule,
         config,
         h,
-        [_as_real(p, read_only=pure) for p in params],
-        [_as_real(g, read_only=True) for g in grads],
-        [[_as_real(t, read_only=pure) for t in field] for field in states],
+        [view(p) for p in params],
+        [view_grad(g) for g in grads],
+        [[view(t) for t in field] for field in states],
         gate,
-        _leaf_keys(rule, config, params),
+        leaf_keys,
     )
     if config.inplace:
         return list(params), [list(field) for field in states]
-
-    def back(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        return _as_complex(new) if old.is_complex() else new
-
     return (
         [back(n, o) for n, o in zip(new_p, params, strict=True)],
         [
@@ -1999,22 +2022,6 @@ def _run_as_vectors(
     def back(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         return new.reshape(()) if old.dim() == 0 else new
 
-    new_p, new_s = run(
-        rule,
-        config,
-        h,
-        [vector(p) for p in params],
-        [vector(g) for g in grads],
-        [[vector(t) for t in field] for field in states],
-        gate,
-        leaf_keys,
-    )
-    if config.inplace:
-        return list(params), [list(field) for field in states]
-    return (
-        [back(n, o) for n, o in zip(new_p, params, strict=True)],
-        [
-            [back(n, o) for n, o in zip(column, field, strict=True)]
-            for column, field in zip(new_s, states, strict=True)
-        ],
+    return _run_viewed(
+        rule, config, h, (params, grads, states), gate, leaf_keys, vector, vector, back
     )
