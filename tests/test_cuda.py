@@ -8,7 +8,9 @@
 * mixed precision: :func:`optorch.amp.scaled_step` follows ``torch.amp.GradScaler("cuda")``
   driving ``torch.optim.AdamW`` through overflows (skipped steps, scale backoff/growth);
 * a whole training step (``torch.func.grad`` + optimizer step) compiles with
-  ``fullgraph=True`` on the GPU and equals the eager step.
+  ``fullgraph=True`` on the GPU and equals the eager step;
+* params that sit out steps keep their own counts (read on the device, never on the
+  host) and complex params step as torch.optim's, against torch.optim on the same GPU.
 
 CI has no GPU, so these tests are skipped there (the reason says so). Run them on a CUDA
 machine with ``pytest tests/test_cuda.py -p xdist -n 8 --dist load``; results are
@@ -424,3 +426,80 @@ def test_graph_replays_equal_plain_steps(name: str, impl: str) -> None:
     assert_trees_close(graphed, plain, **F32_VS_F32, what=f"{name} params")
     assert_trees_close(graphed_state, plain_state, **F32_VS_F32, what=f"{name} state")
     graphs.clear()
+
+
+#: the optimizers torch.optim has whose rules read each param's own count
+PER_PARAM_COUNTS: list[tuple[str, str, dict[str, Any]]] = [
+    ("adam", "Adam", {"amsgrad": True, "weight_decay": 0.05}),
+    ("nadam", "NAdam", {"decoupled_weight_decay": True, "weight_decay": 0.05}),
+    ("radam", "RAdam", {"weight_decay": 0.05}),
+    ("adagrad", "Adagrad", {"lr_decay": 0.01}),
+    ("adafactor", "Adafactor", {}),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("name", "torch_name", "options"), PER_PARAM_COUNTS)
+def test_params_sitting_out_steps_keep_their_own_counts_on_the_device(
+    name: str, torch_name: str, options: dict[str, Any], impl: str
+) -> None:
+    """On a GPU the counts are never read on the host: each lagging param runs with its
+    own count as a device tensor. Against torch.optim (single-tensor) on the same device,
+    with "b" sitting out every third step and "c" its first four."""
+    gen = torch.Generator().manual_seed(21)
+    shapes = {"w": (16, 9), "b": (7,), "c": (300, 257)}
+    start = {k: torch.randn(s, generator=gen).to(DEVICE) for k, s in shapes.items()}
+    theirs = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    reference = getattr(torch.optim, torch_name)(
+        list(theirs.values()), lr=0.01, foreach=False, **options
+    )
+    opt = optorch.get_optimizer(name, max_lr=0.01, impl=impl, **options)
+    params = {k: v.clone() for k, v in start.items()}
+    state = opt.init(params)
+    state["step"] = state["step"].to(DEVICE)
+    for step in range(STEPS):
+        grads: dict[str, Any] = {
+            k: torch.randn(s, generator=gen).to(DEVICE) for k, s in shapes.items()
+        }
+        grads["b"] = None if step % 3 == 1 else grads["b"]
+        grads["c"] = None if step < 4 else grads["c"]
+        for k, p in theirs.items():
+            p.grad = None if grads[k] is None else grads[k].clone()
+        reference.step()
+        params, state = opt.step(params, grads, state)
+    for k, p in theirs.items():
+        torch.testing.assert_close(params[k], p.detach(), rtol=1e-5, atol=1e-6)
+        own = STEPS - int(state["skipped_steps"][k])
+        assert own == int(reference.state[p]["step"])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("inplace", [True, False])
+def test_complex_params_match_torch_optim_on_the_device(impl: str, inplace: bool) -> None:
+    gen = torch.Generator().manual_seed(22)
+    shapes = {"w": (16, 9), "big": (300, 257), "s": ()}
+    start = {
+        k: torch.randn(s, dtype=torch.complex64, generator=gen).to(DEVICE)
+        for k, s in shapes.items()
+    }
+    theirs = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    reference = torch.optim.AdamW(list(theirs.values()), lr=0.01, weight_decay=0.1, foreach=False)
+    opt = optorch.get_optimizer("adamw", max_lr=0.01, weight_decay=0.1, impl=impl, inplace=inplace)
+    params = {k: v.clone() for k, v in start.items()}
+    state = opt.init(params)
+    for _ in range(STEPS):
+        grads = {
+            k: torch.randn(s, dtype=torch.complex64, generator=gen).to(DEVICE)
+            for k, s in shapes.items()
+        }
+        for k, p in theirs.items():
+            p.grad = grads[k].clone()
+        reference.step()
+        params, state = opt.step(params, grads, state)
+    for k, p in theirs.items():
+        real = torch.view_as_real
+        torch.testing.assert_close(real(params[k]), real(p.detach()), rtol=1e-5, atol=1e-6)
+        for field in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(
+                real(state[field][k]), real(reference.state[p][field]), rtol=1e-5, atol=1e-6
+            )
