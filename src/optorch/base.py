@@ -1332,6 +1332,14 @@ def _count_skipped(
     when the step is skipped by ``gate``); a 0 for every other param with state (a
     tensor, not None: ``torch.func.vmap`` returns tensors only), None for params
     without state."""
+    source = state.get(SKIPPED)
+    if (
+        not resting
+        and source is not None
+        and prepared.skipped is not None
+        and all(prepared.skipped[i] is not None for i in prepared.active)
+    ):
+        return source  # every count as it was (the common step once the field exists)
     leaves_ = list(prepared.skipped or [None] * len(prepared.params))
     device = prepared.step.device
     increment: Any = 1 if gate is None else (~gate).to(dtype=torch.int64, device=device)
@@ -1351,7 +1359,6 @@ def _count_skipped(
                 old.add_(add)
             else:
                 leaves_[i] = old + add
-    source = state.get(SKIPPED)
     if source is not None:
         return _rebuild_like(source, prepared, leaves_)
     return unflatten(prepared.spec, leaves_)
