@@ -686,3 +686,30 @@ def test_adafactor_continues_from_torch_state_whatever_its_params_keep(
     for p, q in zip(theirs, ours, strict=True):
         torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-5, atol=1e-6)
         assert float(adapter.state[q]["step"]) == float(reference.state[p]["step"])
+
+
+@pytest.mark.parametrize("name", sorted(TORCH_TWINS))
+def test_a_registry_name_takes_the_torch_classes_defaults(name: str) -> None:
+    """``TorchOptimizer(params, name)`` stands in for the torch class: its defaults, not
+    the registry's (the seed's SGD has momentum 0.9 and its AdamW no weight decay)."""
+    torch_class = getattr(torch.optim, TORCH_TWINS[name].torch_class, None)
+    if torch_class is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.optim.{TORCH_TWINS[name].torch_class}")
+    ours = TorchOptimizer([torch.nn.Parameter(torch.zeros(3, 2))], name)
+    theirs = torch_class([torch.nn.Parameter(torch.zeros(3, 2))])
+    shared = [k for k in theirs.param_groups[0] if k in ours.param_groups[0] and k != "params"]
+    assert "lr" in shared and len(shared) >= 3
+    for key in shared:
+        assert ours.param_groups[0][key] == theirs.param_groups[0][key], key
+
+
+@pytest.mark.parametrize(("name", "torch_name"), [("sgd", "SGD"), ("adamw", "AdamW")])
+def test_only_lr_given_runs_as_the_torch_class_does(name: str, torch_name: str) -> None:
+    ours = drive(lambda p: TorchOptimizer(p, name, lr=0.05), 10)
+    theirs = drive(lambda p: getattr(torch.optim, torch_name)(p, lr=0.05, foreach=False), 10)
+    fields = {"momentum": "momentum_buffer"} if name == "sgd" else ADAM_FIELDS
+    assert_same_run(ours, theirs, fields, rtol=1e-6, atol=1e-7)
+    registry = optorch.get_optimizer(name).config  # the registry keeps the seed's defaults
+    assert registry.weight_decay == 0.0
+    if name == "sgd":
+        assert registry.momentum == 0.9

@@ -74,6 +74,7 @@ __all__ = [
     "config_from_torch",
     "from_torch_state",
     "to_torch_state",
+    "torch_defaults",
     "torch_hyperparameters",
 ]
 
@@ -153,8 +154,13 @@ def config_from_torch(name: str, source: Any) -> Any:
     >>> config.max_lr, config.betas, config.mode.name
     (0.01, (0.8, 0.9), 'ADAMW')
     """
+    entry, _ = _twin(name)
+    return entry.make_config(**_config_kwargs(name, _first_group(source)))
+
+
+def _config_kwargs(name: str, group: Mapping[str, Any]) -> dict[str, Any]:
+    """A torch param group's hyperparameters as optorch config fields."""
     entry, twin = _twin(name)
-    group = _first_group(source)
     config_fields = {f.name for f in fields(entry.rule.config_type)}
     back = {torch_name: ours for ours, torch_name in twin.renamed.items()}
     kwargs: dict[str, Any] = {}
@@ -166,7 +172,28 @@ def config_from_torch(name: str, source: Any) -> Any:
             kwargs[ours] = value
     if entry.name in ("adam", "adamw") and "decoupled_weight_decay" in group:
         kwargs["mode"] = "ADAMW" if group["decoupled_weight_decay"] else "ORIGINAL"
-    return entry.make_config(**kwargs)
+    return kwargs
+
+
+def torch_defaults(name: str) -> dict[str, Any]:
+    """The defaults of registry ``name``'s torch.optim twin as optorch config fields
+    (``{}`` without a twin in this torch): what ``TorchOptimizer(params, name)``
+    starts from, so that it stands in for the torch class (``"sgd"``: ``momentum=0``;
+    ``"adamw"``: ``weight_decay=0.01``), where the registry keeps the seed's defaults.
+
+    >>> torch_defaults("sgd")["momentum"], torch_defaults("adamw")["weight_decay"]
+    (0, 0.01)
+    """
+    twin = TORCH_TWINS.get(name)
+    torch_class = getattr(torch.optim, twin.torch_class, None) if twin is not None else None
+    if torch_class is None:
+        return {}
+    group = {
+        key: parameter.default
+        for key, parameter in inspect.signature(torch_class.__init__).parameters.items()
+        if key not in ("self", "params") and parameter.default is not inspect.Parameter.empty
+    }
+    return _config_kwargs(name, group)
 
 
 def _first_group(source: Any) -> Mapping[str, Any]:

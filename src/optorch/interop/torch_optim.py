@@ -162,7 +162,10 @@ class TorchOptimizer(torch.optim.Optimizer):
     group's keys override the defaults for its params). ``optimizer``: a registry name
     (``"adamw"``, ``"lion"``, ...) or an :class:`optorch.Optimizer` (wrappers are not
     supported: param groups take their place). ``hyperparams``: config fields
-    (``lr`` or ``max_lr`` for the learning rate), applied to the optimizer's config.
+    (``lr`` or ``max_lr`` for the learning rate), applied to the optimizer's config. A
+    registry name with a torch.optim twin starts from the twin's defaults
+    (:func:`~optorch.interop.convert.torch_defaults`: ``"sgd"`` has ``momentum=0``,
+    ``"adamw"`` ``weight_decay=0.01``, as torch's), not the registry's.
 
     torch.optim's implementation flags are accepted, so that code constructing a torch
     optimizer keeps working: ``foreach=True`` selects ``impl="foreach"`` and
@@ -189,8 +192,11 @@ class TorchOptimizer(torch.optim.Optimizer):
             hyperparams["max_lr"] = hyperparams.pop("lr")
         if isinstance(optimizer, str):
             from optorch.builder import get_optimizer
+            from optorch.interop.convert import torch_defaults
 
-            functional = get_optimizer(optimizer, **hyperparams)
+            # a stand-in for the torch class: its defaults, not the registry's (the
+            # seed's SGD has momentum 0.9, torch's none)
+            functional = get_optimizer(optimizer, **{**torch_defaults(optimizer), **hyperparams})
         elif isinstance(optimizer, Optimizer):
             functional = optimizer.replace(**hyperparams) if hyperparams else optimizer
         else:
