@@ -10,6 +10,7 @@ trip through ``torch.save``/``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 from collections.abc import Callable
 from typing import Any
@@ -713,3 +714,56 @@ def test_only_lr_given_runs_as_the_torch_class_does(name: str, torch_name: str) 
     assert registry.weight_decay == 0.0
     if name == "sgd":
         assert registry.momentum == 0.9
+
+
+def test_a_group_with_its_own_momentum_may_ask_for_nesterov() -> None:
+    """The optimizer-wide SGD momentum is torch's 0; a group's own momentum is what its
+    nesterov=True is checked against (in the constructor's groups and added later)."""
+
+    def groups(params: list[torch.nn.Parameter]) -> list[Any]:
+        return [{"params": params[:2], "momentum": 0.9, "nesterov": True}, {"params": params[2:]}]
+
+    ours = drive(lambda g: TorchOptimizer(g, "sgd", lr=0.05), 10, groups=groups)
+    theirs = drive(lambda g: torch.optim.SGD(g, lr=0.05, foreach=False), 10, groups=groups)
+    assert_same_run(ours, theirs, {"momentum": "momentum_buffer"})
+    extra = torch.nn.Parameter(torch.ones(3))
+    ours[1].add_param_group({"params": [extra], "momentum": 0.5, "nesterov": True})
+    extra.grad = torch.ones(3)
+    ours[1].step()
+    # nesterov with momentum 0.5, first step: buf = g, update g + 0.5 * buf = 1.5 g
+    torch.testing.assert_close(extra.detach(), torch.full((3,), 1.0 - 0.05 * 1.5))
+
+
+@pytest.mark.skipif(
+    "decoupled_weight_decay" not in inspect.signature(torch.optim.Adam).parameters,
+    reason="this torch's Adam has no decoupled_weight_decay",
+)
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_adams_decoupled_weight_decay_flag_is_the_mode(decoupled: bool) -> None:
+    ours = drive(
+        lambda p: TorchOptimizer(
+            p, "adam", lr=0.01, weight_decay=0.3, decoupled_weight_decay=decoupled
+        ),
+        10,
+    )
+    theirs = drive(
+        lambda p: torch.optim.Adam(
+            p, lr=0.01, weight_decay=0.3, decoupled_weight_decay=decoupled, foreach=False
+        ),
+        10,
+    )
+    assert_same_run(ours, theirs, ADAM_FIELDS)
+    assert ours[1].param_groups[0]["mode"] == ("ADAMW" if decoupled else "ORIGINAL")
+    # a torch Adam state_dict with the flag, loaded into a default "adam" adapter, keeps it
+    loaded = TorchOptimizer([p.detach().clone().requires_grad_() for p in theirs[0]], "adam")
+    loaded.load_state_dict(copy.deepcopy(theirs[1].state_dict()))
+    params = [p for group in loaded.param_groups for p in group["params"]]
+    for step in range(3):
+        for p, q, g in zip(params, theirs[0], grads_for(10 + step, theirs[0]), strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        loaded.step()
+        theirs[1].step()
+    for p, q in zip(params, theirs[0], strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), **TOL)
+    with pytest.raises(ValueError, match="decoupled_weight_decay=True contradicts mode"):
+        TorchOptimizer(theirs[0], "adam", decoupled_weight_decay=True, mode="ORIGINAL")

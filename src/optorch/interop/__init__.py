@@ -29,6 +29,7 @@ from optorch.interop.convert import (
     config_from_torch,
     from_torch_state,
     to_torch_state,
+    torch_defaults,
 )
 from optorch.interop.recipe import Recipe, build_recipe
 from optorch.interop.torch_optim import TorchOptimizer
@@ -50,4 +51,5 @@ __all__ = [
     "rebuild_optimizer",
     "save",
     "to_torch_state",
+    "torch_defaults",
 ]

@@ -125,6 +125,26 @@ def _implementation_flags(hyperparams: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_adam(optimizer: Any) -> bool:
+    """A registry name or optimizer of the Adam rule (``adam``, ``adamw``)."""
+    if isinstance(optimizer, str):
+        return optimizer in ("adam", "adamw")
+    return optimizer.rule.name == "adam"
+
+
+def _decoupled_mode(hyperparams: Mapping[str, Any]) -> dict[str, Any]:
+    """torch.optim.Adam's ``decoupled_weight_decay`` as optorch's ``mode``: AdamW's decay
+    when true, L2 when false; a contradicting ``mode`` is refused."""
+    flag = hyperparams["decoupled_weight_decay"]
+    mode = "ADAMW" if flag else "ORIGINAL"
+    given = hyperparams.get("mode")
+    if given is not None and _group_value(given) != mode:
+        raise ValueError(
+            f"TorchOptimizer: decoupled_weight_decay={flag!r} contradicts mode={given!r}"
+        )
+    return {"mode": mode}
+
+
 def _differs(value: Any, default: Any) -> bool:
     """Whether a group's number (or tuple of numbers) is not the config's own."""
     if isinstance(value, (tuple, list)) and isinstance(default, (tuple, list)):
@@ -190,6 +210,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             if "max_lr" in hyperparams:
                 raise TypeError("TorchOptimizer: give the learning rate as lr or max_lr, not both")
             hyperparams["max_lr"] = hyperparams.pop("lr")
+        if "decoupled_weight_decay" in hyperparams and _is_adam(optimizer):
+            # torch.optim.Adam's flag is optorch's mode (NAdam and RAdam have the field)
+            hyperparams.update(_decoupled_mode(hyperparams))
+            del hyperparams["decoupled_weight_decay"]
         if isinstance(optimizer, str):
             from optorch.builder import get_optimizer
             from optorch.interop.convert import torch_defaults
@@ -250,6 +274,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         base = self.functional.config
         structural: dict[str, Any] = {}
         numeric: dict[str, Any] = {"max_lr": group["lr"]}
+        if "decoupled_weight_decay" in group and "mode" not in group and _is_adam(self.functional):
+            # a torch.optim.Adam group (a loaded torch state_dict): its flag is the mode
+            group = {**group, **_decoupled_mode(group)}
         for name in self._hyper_names:
             if name not in group:
                 continue
@@ -261,7 +288,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         key = tuple(sorted((k, _freeze(v)) for k, v in structural.items()))
         config = self._config_cache.get(key)
         if config is None:
-            config = base.replace(**structural) if structural else base
+            # validated with the group's numbers (a group's own momentum is what lets
+            # it ask for nesterov); each step's view takes the step's numbers
+            config = base.replace(**structural, **numeric) if structural else base
             self._config_cache[key] = config
         view = copy.copy(config)
         for name, value in numeric.items():
