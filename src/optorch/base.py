@@ -1303,21 +1303,24 @@ def _by_offset(offsets: list[Any]) -> dict[Any, list[int]]:
     return groups
 
 
+def _has_state(prepared: Prepared, names: tuple[str, ...]) -> Callable[[int], bool]:
+    """Whether param ``i`` holds state: a tensor with a leaf in some field (or a count)."""
+    columns = [prepared.fields[name] for name in names if prepared.fields[name]]
+    if prepared.skipped is not None:
+        columns.append(prepared.skipped)
+    return lambda i: (
+        isinstance(prepared.params[i], torch.Tensor)
+        and any(column[i] is not None for column in columns)
+    )
+
+
 def _resting(rule: Rule, prepared: Prepared, names: tuple[str, ...]) -> list[int]:
     """Params that have state but no gradient this step (their own count stays)."""
     if not rule.per_leaf_step or len(prepared.active) == len(prepared.params):
         return []
     active = set(prepared.active)
-    columns = [prepared.fields[name] for name in names if prepared.fields[name]]
-    if prepared.skipped is not None:
-        columns.append(prepared.skipped)
-    return [
-        i
-        for i, param in enumerate(prepared.params)
-        if i not in active
-        and isinstance(param, torch.Tensor)
-        and any(column[i] is not None for column in columns)
-    ]
+    has_state = _has_state(prepared, names)
+    return [i for i in range(len(prepared.params)) if i not in active and has_state(i)]
 
 
 def _count_skipped(
@@ -1344,12 +1347,9 @@ def _count_skipped(
     device = prepared.step.device
     increment: Any = 1 if gate is None else (~gate).to(dtype=torch.int64, device=device)
     active = set(prepared.active)
-    columns = [prepared.fields[name] for name in names if prepared.fields[name]]
-    for i, param in enumerate(prepared.params):
-        if leaves_[i] is None and (
-            i in active
-            or (isinstance(param, torch.Tensor) and any(c[i] is not None for c in columns))
-        ):
+    has_state = _has_state(prepared, names)
+    for i in range(len(prepared.params)):
+        if leaves_[i] is None and (i in active or has_state(i)):
             leaves_[i] = torch.zeros((), dtype=torch.int64, device=device)
     with torch.no_grad():
         for i in resting:  # each has state, so a count (made above if it was new)

@@ -53,6 +53,7 @@ __all__ = [
     "add_scaled_exact",
     "addcdiv",
     "addcmul",
+    "as_real",
     "lerp",
     "norm_sharing_pass",
     "on_full_tensor",
@@ -1858,7 +1859,7 @@ def run(
     """
     if not params:
         return [], [[] for _ in states]
-    if leaf_keys is None and any(p.is_complex() for p in params):
+    if leaf_keys is None and any(map(torch.is_complex, params)):
         return _run_as_real(rule, config, h, params, grads, states, gate)
     if rule.elementwise and _is_dtensor(params[0]):
         local = _local_shards(params, grads, states, config.inplace)
@@ -1907,7 +1908,10 @@ def _leaf_keys(rule: Any, config: Any, params: list[torch.Tensor]) -> list[Any]:
     return [rule.leaf_key(p, config) for p in params]
 
 
-def _as_real(t: torch.Tensor, *, read_only: bool = False) -> torch.Tensor:
+def as_real(t: torch.Tensor, *, read_only: bool = False) -> torch.Tensor:
+    """A complex tensor as its real and imaginary parts, a view with a trailing dim of 2
+    (``torch.view_as_real``): its L2 norm is the complex one, and elementwise math on it
+    treats the parts as two coordinates; any other tensor as it is."""
     if not t.is_complex():
         return t
     # a conjugate view (``z.conj()``) has no real view of its own memory: a gradient is
@@ -1956,8 +1960,8 @@ def _run_as_real(
         (params, grads, states),
         gate,
         _leaf_keys(rule, config, params),
-        lambda t: _as_real(t, read_only=pure),
-        lambda g: _as_real(g, read_only=True),
+        lambda t: as_real(t, read_only=pure),
+        lambda g: as_real(g, read_only=True),
         lambda new, old: _as_complex(new) if old.is_complex() else new,
     )
 

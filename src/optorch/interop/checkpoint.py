@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from optorch.base import SKIPPED
+from optorch.base import _STEP_DTYPES, SKIPPED
 from optorch.tree import PyTree, flatten, format_path
 
 __all__ = [
@@ -916,7 +916,7 @@ def _without_skipped(where: str, loaded: Any, reference: Any) -> Any:
                 if leaf is not None and (
                     not isinstance(leaf, torch.Tensor)
                     or leaf.dim() != 0
-                    or leaf.dtype not in (torch.int64, torch.int32)
+                    or leaf.dtype not in _STEP_DTYPES
                 ):
                     raise ValueError(
                         f"{where}: state {SKIPPED!r} at {format_path(path)} is "

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from optorch.base import _is_dtensor, check_range
-from optorch.engine import whole_flag
+from optorch.engine import as_real, whole_flag
 from optorch.tree import PyTree, flatten, unflatten
 from optorch.wrappers._core import (
     Wrapper,
@@ -89,16 +89,9 @@ def _norm_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(t.dtype in wide for t in tensors) else torch.float32
 
 
-def _real(tensor: torch.Tensor) -> torch.Tensor:
-    """A complex tensor as its real and imaginary parts (a view); others as they are.
-    Its L2 norm is the complex tensor's; clamping it clamps each part."""
-    if not tensor.is_complex():
-        return tensor
-    return torch.view_as_real(tensor.resolve_conj())
-
-
 def _norm(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.linalg.vector_norm(_real(tensor), dtype=dtype)
+    # a complex tensor's norm is that of its real and imaginary parts together
+    return torch.linalg.vector_norm(as_real(tensor, read_only=True), dtype=dtype)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -186,7 +179,9 @@ class _ClipByValue(GradientTransformation):
     ) -> tuple[PyTree, dict[str, Any], dict[str, Any]]:
         def clip(g: torch.Tensor) -> torch.Tensor:
             if g.is_complex():  # the real and imaginary parts each, as two coordinates
-                return torch.view_as_complex(_real(g).clamp(-self.limit, self.limit))
+                return torch.view_as_complex(
+                    as_real(g, read_only=True).clamp(-self.limit, self.limit)
+                )
             return g.clamp(-self.limit, self.limit)
 
         return _map_grads(grads, clip), {}, {}
@@ -464,7 +459,7 @@ class _ZeroNans(GradientTransformation):
 
         def clean(g: torch.Tensor) -> torch.Tensor:
             if g.is_complex():  # the real and imaginary parts each, as two coordinates
-                parts = _real(g)
+                parts = as_real(g, read_only=True)
                 return torch.view_as_complex(torch.where(parts.isnan(), 0.0, parts))
             return torch.where(g.isnan(), torch.zeros_like(g), g)
 
