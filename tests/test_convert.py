@@ -403,6 +403,58 @@ def test_different_step_counts_convert_to_skipped_steps() -> None:
         torch.testing.assert_close(ours[k], p.detach(), rtol=1e-6, atol=1e-7)
 
 
+def test_nadam_mu_product_with_a_changed_beta1_converts_both_ways() -> None:
+    """torch's mu_product after steps with different beta1s is no closed form of the
+    count: it is carried over (both ways), and the runs continue alike; a param that sat
+    out steps gets the closed form at its own count."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        params = make_params(0, shapes=SHAPES, dtype=torch.float64)
+        tensors = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+        nadam = torch.optim.NAdam(list(tensors.values()), lr=0.01, foreach=False)
+        grads = grad_sequence(3, params, 16)
+        for step in range(8):
+            nadam.param_groups[0]["betas"] = (0.8 + 0.02 * step, 0.999)
+            for name, p in tensors.items():
+                # "gain" sits out the first three steps: its own count is 5
+                p.grad = None if (name == "gain" and step < 3) else grads[step][name].clone()
+            nadam.step()
+        ours = {k: v.detach().clone() for k, v in tensors.items()}
+        state = from_torch_state(nadam.state_dict(), ours, "nadam")
+        weight = tensors["layer.weight"]
+        assert float(state["mu_product"]) == float(nadam.state[weight]["mu_product"])
+        assert int(state["skipped_steps"]["gain"]) == 3
+        config = optorch.nadam.NAdamConfig(max_lr=0.01, betas=(0.94, 0.999))
+        groups = nadam.state_dict()["param_groups"]
+        back = to_torch_state(state, ours, "nadam", config=config, param_groups=groups)
+        for index, (name, p) in enumerate(tensors.items()):
+            expected = nadam.state[p]["mu_product"]
+            if name == "gain":  # the closed form at its own count, the current beta1
+                expected = torch.tensor(
+                    optorch.nadam.nadam_mu_product(5, 0.94, 0.004), dtype=torch.float64
+                )
+            torch.testing.assert_close(back["state"][index]["mu_product"], expected, rtol=0, atol=0)
+        opt = optorch.Optimizer(optorch.nadam.RULE, config)
+        for step in range(8, 16):
+            for name, p in tensors.items():
+                p.grad = grads[step][name].clone()
+            nadam.step()
+            ours, state = opt.step(ours, {k: grads[step][k].clone() for k in ours}, state)
+            # the params at the optimizer's count continue torch's product exactly ("gain"
+            # continues the closed form, torch its product over beta1s 0.86 to 0.94)
+            for name, p in tensors.items():
+                if name != "gain":
+                    torch.testing.assert_close(
+                        ours[name], p.detach(), rtol=1e-12, atol=1e-14, msg=name
+                    )
+            assert float(state["mu_product"]) == pytest.approx(
+                float(nadam.state[weight]["mu_product"]), rel=1e-14
+            )
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _frozen_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))

@@ -353,13 +353,35 @@ RULES = {
 @pytest.mark.parametrize("config", SCALAR_CONFIGS, ids=repr)
 def test_scalars_from_a_tensor_step_match_python_step(config: Any) -> None:
     rule = RULES[type(config)]
-    for t in range(1, 13):
-        expected = rule.scalars(config, t, 0.01, 1.0)
-        traced = rule.scalars(config, torch.tensor(float(t), dtype=torch.float64), 0.01, 1.0)
+    old = {name: 0.3 for name in rule.global_fields(config)}  # a product mid-run
+    for t, offset in [(t, offset) for t in range(1, 13) for offset in (0, 2) if offset < t]:
+        # the values the step runs with: scalars at the param's own count, combined
+        # with what advance() derives from the global fields at the optimizer's count
+        own = t - offset
+        _, extra = rule.advance(config, t, 0.01, 1.0, old)
+        expected = rule.own_scalars(config, rule.scalars(config, own, 0.01, 1.0), extra, offset)
+        as_tensor = torch.tensor(float(t), dtype=torch.float64)
+        _, traced_extra = rule.advance(
+            config,
+            as_tensor,
+            0.01,
+            1.0,
+            {k: torch.tensor(v, dtype=torch.float64) for k, v in old.items()},
+        )
+        traced = rule.own_scalars(
+            config,
+            rule.scalars(config, as_tensor - offset, 0.01, 1.0),
+            traced_extra,
+            torch.tensor(offset),
+        )
         assert expected.keys() == traced.keys()
         for key, value in expected.items():
-            assert math.isfinite(float(traced[key])), (key, t)
-            assert float(traced[key]) == pytest.approx(value, rel=1e-12, abs=1e-15), (key, t)
+            assert math.isfinite(float(traced[key])), (key, t, offset)
+            assert float(traced[key]) == pytest.approx(value, rel=1e-12, abs=1e-15), (
+                key,
+                t,
+                offset,
+            )
 
 
 @pytest.mark.parametrize(
@@ -440,6 +462,91 @@ def test_nadam_mu_product_matches_torch_state() -> None:
             )
     finally:
         torch.set_default_dtype(previous)
+
+
+def _cycled_beta1(step: int) -> float:
+    """A beta1 that moves every step, as OneCycleLR(cycle_momentum=True) moves it."""
+    return 0.85 + 0.1 * abs(math.sin(0.7 * step))
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+@pytest.mark.parametrize("impl", ["reference", "foreach", "compiled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_nadam_with_a_beta1_changed_every_step_matches_torch(
+    dtype: torch.dtype, impl: str, inplace: bool
+) -> None:
+    """torch multiplies mu_product by each step's mu_t, with that step's beta1; the closed
+    form from the current beta1 alone drifted 6e-5-8e-5 relative from the sixth step."""
+    params0, grads = make_problem(dtype, seed=3)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # torch's mu_product in the params' dtype, as ours
+    try:
+        tparams = {k: torch.nn.Parameter(v.clone()) for k, v in params0.items()}
+        topt = torch.optim.NAdam(list(tparams.values()), lr=0.02, weight_decay=0.01, foreach=False)
+        expected = []
+        for step, grad in enumerate(grads):
+            topt.param_groups[0]["betas"] = (_cycled_beta1(step), 0.999)
+            for name, param in tparams.items():
+                param.grad = grad[name].clone()
+            topt.step()
+            expected.append(
+                (
+                    {k: p.detach().clone() for k, p in tparams.items()},
+                    {
+                        key: {k: topt.state[p][key].clone() for k, p in tparams.items()}
+                        for key in (*ADAM_KEYS, "mu_product")
+                    },
+                )
+            )
+    finally:
+        torch.set_default_dtype(previous)
+    config = nadam.NAdamConfig(max_lr=0.02, weight_decay=0.01, impl=impl, inplace=inplace)
+    optimizer = optorch.wrappers.inject_hyperparams(Optimizer(nadam.RULE, config), names=["betas"])
+    params = clone_tree(params0)
+    state = optimizer.init(params)
+    rtol, atol = (COMPILED_TOLERANCES if impl == "compiled" else TOLERANCES)[dtype]
+    for step, (grad, (ref_params, ref_state)) in enumerate(zip(grads, expected, strict=True)):
+        optorch.wrappers.set_hyperparam(state, "betas", (_cycled_beta1(step), 0.999))
+        params, state = optimizer.step(params, grad, state)
+        inner = state["inner"]
+        for what, actual, reference in [
+            ("params", params, ref_params),
+            *((key, inner[key], ref_state[key]) for key in ADAM_KEYS),
+        ]:
+            torch.testing.assert_close(
+                _flat(actual, ref_params),
+                _flat(reference, ref_params),
+                rtol=rtol,
+                atol=atol,
+                msg=lambda m, w=what, s=step: f"{w} after step {s + 1}: {m}",
+            )
+        assert inner["mu_product"].dtype == torch.float64
+        for name in ref_params:  # torch keeps one per param; ours is the optimizer's
+            assert float(inner["mu_product"]) == pytest.approx(
+                float(ref_state["mu_product"][name]), rel=1e-6 if dtype == torch.float32 else 1e-13
+            )
+
+
+def test_nadam_state_saved_without_mu_product_resumes_from_its_closed_form() -> None:
+    """A state from before mu_product was kept (step, exp_avg, exp_avg_sq) continues as the
+    uninterrupted run, in every impl."""
+    params0, grads = make_problem(torch.float64, seed=4)
+    for impl in ("reference", "foreach", "compiled"):
+        optimizer = Optimizer(nadam.RULE, nadam.NAdamConfig(max_lr=0.01, impl=impl))
+        straight = clone_tree(params0)
+        state = optimizer.init(straight)
+        for grad in grads:
+            straight, state = optimizer.step(straight, grad, state)
+        resumed = clone_tree(params0)
+        saved = optimizer.init(resumed)
+        for grad in grads[:7]:
+            resumed, saved = optimizer.step(resumed, grad, saved)
+        saved = {k: v for k, v in saved.items() if k != "mu_product"}
+        for grad in grads[7:]:
+            resumed, saved = optimizer.step(resumed, grad, saved)
+        for name in SHAPES:
+            torch.testing.assert_close(resumed[name], straight[name], rtol=1e-12, atol=1e-14)
+        assert float(saved["mu_product"]) == pytest.approx(float(state["mu_product"]), rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------

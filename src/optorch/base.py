@@ -410,6 +410,22 @@ class Rule:
         """
         return {}, {}
 
+    def resume_global(self, config: Any, name: str, taken: int | torch.Tensor) -> Any:
+        """The value of global field ``name`` for a state that lacks it after ``taken``
+        steps (a state saved before the rule kept the field). Default: its initial
+        value, which is exact at step 0."""
+        return self.global_fields(config)[name]
+
+    def own_scalars(
+        self, config: Any, values: dict[str, Any], extra: dict[str, Any], offset: Any
+    ) -> dict[str, Any]:
+        """The per-step values of params whose own count lags the optimizer's by
+        ``offset`` steps (``0``, an int, or a 0-d tensor on the device path):
+        ``values`` are :meth:`scalars` at their own count, ``extra`` what
+        :meth:`advance` derived from the global fields for the optimizer's count.
+        Default: ``values`` updated with ``extra``."""
+        return {**values, **extra}
+
     def leaf_key(self, param: torch.Tensor, config: Any) -> Hashable:
         """A per-leaf class the rule branches on (e.g. "is 1-D"), seen as ``h.leaf``."""
         return None
@@ -1207,10 +1223,11 @@ def _advance(
     values = rule.scalars(config, t_value, lr, multiplier)
     global_init = rule.global_fields(config)
     old_globals: dict[str, torch.Tensor] = {}
-    for name, initial in global_init.items():
+    for name in global_init:
         current = state.get(name)
         if not isinstance(current, torch.Tensor):
-            current = torch.tensor(initial, dtype=torch.float64, device=step.device)
+            initial = rule.resume_global(config, name, taken)
+            current = torch.as_tensor(initial, dtype=torch.float64, device=step.device)
         old_globals[name] = current
     new_globals: dict[str, Any] = {}
     extra: dict[str, Any] = {}
@@ -1221,8 +1238,7 @@ def _advance(
             k: (float(v) if host and not v.requires_grad else v) for k, v in old_globals.items()
         }
         new_globals, extra = rule.advance(config, t_value, lr, multiplier, seen)
-        values.update(extra)
-    h = Hyper(values, rule.static(config))
+    h = Hyper(rule.own_scalars(config, values, extra, 0), rule.static(config))
 
     p_active = [prepared.params[i] for i in prepared.active]
     g_active = [prepared.grads[i] for i in prepared.active]
@@ -1237,15 +1253,15 @@ def _advance(
         new_fields: list[list[Any]] = [[None] * len(p_active) for _ in names]
         result = (new_params, new_fields)
         for offset, members in _by_offset(offsets).items():
-            own_t = t - offset if isinstance(offset, int) else t - offsets[members[0]]
+            own_offset = offset if isinstance(offset, int) else offsets[members[0]]
+            own_t = t - own_offset
             if isinstance(own_t, torch.Tensor):
                 own_t = own_t.to(torch.float64)
             own_values = rule.scalars(config, own_t, lr, multiplier)
-            own_values.update(extra)
             new_p, new_s = engine.run(
                 rule,
                 config,
-                Hyper(own_values, rule.static(config)),
+                Hyper(rule.own_scalars(config, own_values, extra, own_offset), rule.static(config)),
                 [p_active[k] for k in members],
                 [g_active[k] for k in members],
                 [[column[k] for k in members] for column in s_active],

@@ -21,9 +21,14 @@ multiplier:
 
 The same conventions and numbers as ``torch.optim.NAdam`` (its momentum schedule
 :math:`\mu_t` is Dozat's, with :math:`\psi = 0.004`). The state fields ``exp_avg`` and
-``exp_avg_sq`` carry torch's names. torch also keeps ``mu_product`` (:math:`\Pi_t`) per
-param; here it is not state: it depends only on the step count, and
-:func:`nadam_mu_product` computes it in closed form from ``state["step"]``:
+``exp_avg_sq`` carry torch's names, and ``mu_product`` (:math:`\Pi_t`, a 0-d float64
+tensor) is torch's running product, multiplied by :math:`\mu_t` with the
+:math:`\beta_1` of each step, so a :math:`\beta_1` that changes between steps (a
+scheduler cycling it, :func:`optorch.inject_hyperparams`) enters the product as torch's
+does. torch keeps it per param; here it is one value for the optimizer's count. A param
+that sat out steps (its own count lags, see ``skipped_steps``) takes the product over its
+own count in closed form, :func:`nadam_mu_product` (exact while :math:`\beta_1` has
+stayed fixed; a state saved without ``mu_product`` resumes from it too):
 
 .. math::
 
@@ -33,8 +38,7 @@ param; here it is not state: it depends only on the step count, and
 
 the expansion :math:`\log(1 - x/2) = -\sum_k 2^{-k} x^k / k` summed over
 :math:`x = q^i` as geometric series; it converges like :math:`2^{-k}`, so a fixed number
-of terms (at most about 120) reaches float64 precision at any step count, with no running
-product to carry.
+of terms (at most about 120) reaches float64 precision at any step count.
 
 >>> import torch
 >>> from optorch.nadam import NAdamConfig, default_nadam_state, nadam_step
@@ -69,7 +73,7 @@ from optorch.base import (
     is_zero,
 )
 from optorch.common import OPTIMIZER_STATE_TYPE, PARAMS_GRADS_TYPE
-from optorch.engine import addcmul, floats_may_be_symbolic, lerp, scalar_sqrt
+from optorch.engine import addcmul, floats_may_be_symbolic, lerp, scalar_sqrt, where
 
 __all__ = [
     "NAdamConfig",
@@ -184,6 +188,11 @@ def nadam_mu_product(step: Any, beta1: Any, momentum_decay: float) -> Any:
     return math.exp(step * math.log(beta1) + log_schedule_py)
 
 
+def _mu(beta1: Any, t: Any, momentum_decay: float) -> Any:
+    r""":math:`\mu_t = \beta_1 (1 - \frac12 0.96^{t \psi})`."""
+    return beta1 * (1.0 - 0.5 * _SCHEDULE_BASE ** (t * momentum_decay))
+
+
 def _log(value: float) -> float:
     return math.log(value) if value > 0 else -math.inf
 
@@ -202,22 +211,51 @@ class NAdamRule(Rule):
 
     config_scalars = ("beta1", "beta2", "eps", "weight_decay")
 
+    def global_fields(self, config: NAdamConfig) -> dict[str, float]:
+        return {"mu_product": 1.0}
+
+    def resume_global(self, config: NAdamConfig, name: str, taken: Any) -> Any:
+        # a state saved before mu_product was kept: its closed form at the count (exact
+        # while beta1 has stayed what it is now)
+        return nadam_mu_product(taken, config.betas[0], config.momentum_decay)
+
     def scalars(self, config: NAdamConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         beta1, beta2 = config.betas
-        psi = config.momentum_decay
-        mu = beta1 * (1.0 - 0.5 * _SCHEDULE_BASE ** (t * psi))
-        mu_next = beta1 * (1.0 - 0.5 * _SCHEDULE_BASE ** ((t + 1) * psi))
-        mu_product = nadam_mu_product(t, beta1, psi)
         return {
             "beta1": beta1,
             "beta2": beta2,
             "eps": config.eps,
             "weight_decay": config.weight_decay,
             "shrink": 1.0 - lr * config.weight_decay,
-            "grad_step": lr * (1.0 - mu) / (1.0 - mu_product),
-            "exp_avg_step": lr * mu_next / (1.0 - mu_product * mu_next),
+            "lr": lr,
+            "t": t,
+            "mu": _mu(beta1, t, config.momentum_decay),
+            "mu_next": _mu(beta1, t + 1, config.momentum_decay),
             "bias_correction2_sqrt": scalar_sqrt(1.0 - beta2**t),
         }
+
+    def advance(
+        self, config: NAdamConfig, t: Any, lr: Any, multiplier: Any, old: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        # torch's running product, with beta1 as it is at each step (a scheduler may
+        # cycle it)
+        mu_product = old["mu_product"] * _mu(config.betas[0], t, config.momentum_decay)
+        return {"mu_product": mu_product}, {"mu_product": mu_product}
+
+    def own_scalars(
+        self, config: NAdamConfig, values: dict[str, Any], extra: dict[str, Any], offset: Any
+    ) -> dict[str, Any]:
+        values = dict(values)
+        lr, t, mu, mu_next = (values.pop(name) for name in ("lr", "t", "mu", "mu_next"))
+        mu_product = extra["mu_product"]
+        if not isinstance(offset, int) or offset != 0:
+            # a param that sat out steps: the product over its own steps, in closed form
+            # from its count (torch's running product while beta1 has been fixed)
+            own = nadam_mu_product(t, config.betas[0], config.momentum_decay)
+            mu_product = own if isinstance(offset, int) else where(offset == 0, mu_product, own)
+        values["grad_step"] = lr * (1.0 - mu) / (1.0 - mu_product)
+        values["exp_avg_step"] = lr * mu_next / (1.0 - mu_product * mu_next)
+        return values
 
     def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
         exp_avg, exp_avg_sq, h = rest
@@ -240,7 +278,8 @@ RULE = NAdamRule()
 
 
 def default_nadam_state(model: Any) -> OPTIMIZER_STATE_TYPE:
-    """``{"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros}`` for the trainable params."""
+    """``{"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros, "mu_product": 1}`` for the
+    trainable params."""
     return init_state(RULE, model, NAdamConfig())
 
 

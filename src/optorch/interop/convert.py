@@ -23,9 +23,11 @@ The twins (:data:`TORCH_TWINS`): ``sgd`` (``torch.optim.SGD``), ``adam``, ``adam
 * **SGD's buffer**: torch starts it at the first gradient (``momentum_buffer`` absent or
   ``None`` before the first step, and no state at all with ``momentum=0``); optorch
   keeps zeros and knows the first step from the count.
-* **NAdam's** ``mu_product`` (:math:`\Pi_t = \prod_{i \le t} \mu_i`): optorch computes it
-  from the step in closed form (:func:`optorch.nadam.nadam_mu_product`); it is dropped
-  going to optorch and computed going to torch.
+* **NAdam's** ``mu_product`` (:math:`\Pi_t = \prod_{i \le t} \mu_i`): torch keeps it per
+  param, optorch once for the optimizer's count. Going to optorch it is taken from a
+  param at the largest count; going to torch every param at that count gets it, and a
+  param that sat out steps the closed form at its own count
+  (:func:`optorch.nadam.nadam_mu_product`).
 * **Adafactor**: optorch keeps ``row_var``/``col_var``/``variance`` for every param, with
   an empty placeholder where torch has no entry (``variance`` of a matrix, the factors
   of a vector).
@@ -91,6 +93,9 @@ class TorchTwin:
     has_step: bool = True
     #: Config fields whose torch names differ: optorch name -> torch name.
     renamed: Mapping[str, str] = field(default_factory=dict)
+    #: Rule-wide optorch state (:meth:`optorch.base.Rule.global_fields`) that torch
+    #: keeps per param under the same key (NAdam's ``mu_product``).
+    per_param_globals: tuple[str, ...] = ()
 
     @property
     def available(self) -> bool:
@@ -105,7 +110,7 @@ TORCH_TWINS: dict[str, TorchTwin] = {
     "adam": TorchTwin("Adam", {**_ADAM_FIELDS, "max_exp_avg_sq": "max_exp_avg_sq"}),
     "adamw": TorchTwin("AdamW", {**_ADAM_FIELDS, "max_exp_avg_sq": "max_exp_avg_sq"}),
     "adamax": TorchTwin("Adamax", {"exp_avg": "exp_avg", "exp_inf": "exp_inf"}),
-    "nadam": TorchTwin("NAdam", dict(_ADAM_FIELDS)),
+    "nadam": TorchTwin("NAdam", dict(_ADAM_FIELDS), per_param_globals=("mu_product",)),
     "radam": TorchTwin("RAdam", dict(_ADAM_FIELDS)),
     "rmsprop": TorchTwin(
         "RMSprop",
@@ -356,8 +361,9 @@ def _state_dict_of(source: Any) -> Mapping[str, Any]:
     )
 
 
-def _torch_scalar_dtype() -> torch.dtype:
-    # torch.optim keeps float64 steps when the default dtype is float64, float32 otherwise
+def torch_scalar_dtype() -> torch.dtype:
+    """The dtype torch.optim keeps per-param scalars in (``step``, NAdam's
+    ``mu_product``): float64 when the default dtype is float64, float32 otherwise."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
@@ -458,8 +464,16 @@ def from_torch_state(
                 value = value.detach().to(device=param.device, dtype=param.dtype, copy=True)
             leaves.append(value)
         state[field_name] = unflatten(layout.spec, leaves)
-    for global_name, initial in rule.global_fields(config).items():
-        state[global_name] = torch.tensor(initial, dtype=torch.float64, device=device)
+    for global_name in rule.global_fields(config):
+        # a rule-wide value torch keeps per param (NAdam's mu_product): a param at the
+        # largest count has the optimizer's; with none, it is resumed from the count
+        kept = [
+            per_param[index][global_name]
+            for index in sorted(per_param)
+            if own.get(index, 0) == taken and per_param[index].get(global_name) is not None
+        ]
+        value = kept[0] if kept else rule.resume_global(config, global_name, taken)
+        state[global_name] = torch.as_tensor(value, dtype=torch.float64).to(device).clone()
     return state
 
 
@@ -630,7 +644,7 @@ def to_torch_state(
             )
         trees[field_name] = leaves
     lags = _skipped_leaves(state, layout, taken)
-    scalar_dtype = _torch_scalar_dtype()
+    scalar_dtype = torch_scalar_dtype()
     out_state: dict[int, dict[str, Any]] = {}
     for torch_id, index in enumerate(layout.order):
         param = layout.leaves[index]
@@ -650,11 +664,13 @@ def to_torch_state(
                     f"{tuple(value.shape)}, not what {entry.name} keeps for this param"
                 )
             per[twin.fields[field_name]] = value.detach().clone()
-        if entry.name == "nadam":
-            from optorch.nadam import nadam_mu_product
-
-            product = nadam_mu_product(own, float(config.betas[0]), float(config.momentum_decay))
-            per["mu_product"] = torch.tensor(float(product), dtype=scalar_dtype)
+        for global_name in twin.per_param_globals:
+            # the optimizer's value where the param is at its count; else (it sat out
+            # steps) the value at its own count, as when resuming without one
+            value = state.get(global_name) if own == taken else None
+            if value is None:
+                value = rule.resume_global(config, global_name, own)
+            per[global_name] = torch.as_tensor(value).detach().to(dtype=scalar_dtype, copy=True)
         if per:
             out_state[torch_id] = per
     if param_groups is None:

@@ -240,6 +240,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         #: optorch field -> the key of the per-param state (the torch twin's name)
         self._keys: dict[str, str] = dict(twin.fields) if twin is not None else {}
         self._keeps_step = twin is None or twin.has_step
+        #: rule-wide values the twin keeps per param in its scalar dtype (NAdam's
+        #: mu_product); the others (Schedule-Free's weight_sum) stay float64
+        self._twin_globals: tuple[str, ...] = twin.per_param_globals if twin is not None else ()
         config = functional.config
         self._hyper_names = tuple(
             f.name for f in dataclasses.fields(config) if f.name not in _NOT_HYPER
@@ -256,12 +259,13 @@ class TorchOptimizer(torch.optim.Optimizer):
         # torch's keeps only defaults, state and param_groups: a deepcopy or an unpickled
         # copy would have lost the optorch optimizer it steps with
         state: dict[str, Any] = super().__getstate__()
-        for name in ("functional", "_keys", "_keeps_step", "_hyper_names"):
+        for name in ("functional", "_keys", "_keeps_step", "_twin_globals", "_hyper_names"):
             state[name] = getattr(self, name)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_twin_globals", ())  # pickled before NAdam kept it
         self._config_cache = {}
         self._takes_tensor = {}
 
@@ -319,22 +323,18 @@ class TorchOptimizer(torch.optim.Optimizer):
                     self._takes_tensor[name] = True
         return view
 
-    @staticmethod
-    def _mu_product(config: Any, taken: int) -> torch.Tensor:
-        """NAdam's ``mu_product`` after ``taken`` steps, kept as torch keeps it."""
-        from optorch.nadam import nadam_mu_product
-
-        product = nadam_mu_product(taken, float(config.betas[0]), float(config.momentum_decay))
-        return torch.tensor(float(product), dtype=torch.float32)
-
     def _new_param_state(self, param: torch.Tensor, config: Any) -> dict[str, Any]:
+        from optorch.interop import convert
+
         rule = self.functional.rule
         state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
         with torch.no_grad():
             for name in rule.fields(config):
                 state[self._keys.get(name, name)] = rule.init_field(name, param.detach(), config)
             for name, initial in rule.global_fields(config).items():
-                state[name] = torch.tensor(initial, dtype=torch.float64, device=param.device)
+                twin_kept = name in self._twin_globals
+                dtype = convert.torch_scalar_dtype() if twin_kept else torch.float64
+                state[name] = torch.tensor(initial, dtype=dtype, device=param.device)
         return state
 
     @torch.no_grad()
@@ -443,8 +443,6 @@ class TorchOptimizer(torch.optim.Optimizer):
             # so a graph of this step could never be replayed
             with graphs.enabled(False):
                 _, new_state = apply_step(rule, config, bucket.params, bucket.grads, bucket.state)
-            nadam = rule.name == "nadam"
-            mu_product = self._mu_product(config, bucket.taken + 1) if nadam else None
             for index, (param, state) in enumerate(zip(bucket.params, bucket.states, strict=True)):
                 state["step"].add_(1)
                 for name in names:
@@ -455,8 +453,6 @@ class TorchOptimizer(torch.optim.Optimizer):
                         state[name] = value if index == 0 else value.clone()
                     else:
                         state[name].copy_(value)
-                if mu_product is not None:  # one tensor per param, as torch keeps it
-                    state["mu_product"] = mu_product.clone()
                 self.state[param] = state
 
     # ----------------------------------------------------------------------------------
