@@ -141,6 +141,28 @@ def test_onecycle_with_cycled_betas_matches_torch_nadam(dtype: torch.dtype) -> N
         )
 
 
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_momentum_turned_on_mid_run_matches_torch(dampening: float) -> None:
+    """torch starts a missing buffer at the next gradient, undamped: a momentum written
+    into the group after some plain steps (a warm-up callback) starts it then."""
+
+    def run(make: Callable[[list[Any]], torch.optim.Optimizer]) -> Any:
+        params = make_model_params(0)
+        optimizer = make(params)
+        for step in range(12):
+            if step == 4:
+                for group in optimizer.param_groups:
+                    group["momentum"] = 0.9
+            for index, (p, g) in enumerate(zip(params, grads_for(step, params), strict=True)):
+                p.grad = None if (index == 1 and step in (4, 5)) else g
+            optimizer.step()
+        return params, optimizer
+
+    ours = run(lambda p: TorchOptimizer(p, "sgd", lr=0.05, dampening=dampening))
+    theirs = run(lambda p: torch.optim.SGD(p, lr=0.05, dampening=dampening, foreach=False))
+    assert_same_run(ours, theirs, {"momentum": "momentum_buffer"})
+
+
 def test_grad_scaler_with_overflows_matches_torch() -> None:
     overflow_at = {2, 6, 7}
 

@@ -455,6 +455,34 @@ def test_nadam_mu_product_with_a_changed_beta1_converts_both_ways() -> None:
         torch.set_default_dtype(previous)
 
 
+def test_sgd_params_without_a_buffer_start_it_undamped_after_conversion() -> None:
+    """A torch SGD param that has no momentum buffer yet (no gradient so far) starts it
+    at its next gradient, undamped: after conversion, as in torch; exported back, it
+    has no buffer."""
+    params = make_params(0, shapes=SHAPES)
+    tensors = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    options = {"lr": 0.05, "momentum": 0.9, "dampening": 0.5}
+    sgd = torch.optim.SGD(list(tensors.values()), foreach=False, **options)
+    grads = grad_sequence(5, params, 10)
+    for step in range(4):
+        for name, p in tensors.items():
+            p.grad = None if name == "gain" else grads[step][name].clone()
+        sgd.step()
+    ours = {k: v.detach().clone() for k, v in tensors.items()}
+    state = from_torch_state(sgd.state_dict(), ours, "sgd", step=4)
+    assert int(state["skipped_steps"]["gain"]) == 4
+    back = to_torch_state(state, ours, "sgd", config=config_from_torch("sgd", sgd.param_groups[0]))
+    assert 3 not in back["state"]  # "gain" (torch id 3): no buffer, as in torch
+    opt = optorch.get_optimizer("sgd", max_lr=0.05, momentum=0.9, dampening=0.5)
+    for step in range(4, 10):
+        for name, p in tensors.items():
+            p.grad = grads[step][name].clone()
+        sgd.step()
+        ours, state = opt.step(ours, {k: grads[step][k].clone() for k in ours}, state)
+        for name, p in tensors.items():
+            torch.testing.assert_close(ours[name], p.detach(), rtol=1e-6, atol=1e-7, msg=name)
+
+
 def _frozen_model() -> torch.nn.Module:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))

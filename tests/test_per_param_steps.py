@@ -35,7 +35,7 @@ STEPS = 20
 SHAPES = {"w": (3, 4), "b": (5,), "c": (2, 3)}
 
 #: (optorch name, torch.optim class, options): the rules that read t, and two that
-#: do not (their state has no skipped_steps)
+#: do not (their state has no skipped_steps: RMSprop, SGD without dampening)
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("adam", "Adam", {"weight_decay": 0.01}),
     ("adam", "Adam", {"amsgrad": True, "maximize": True}),
@@ -49,7 +49,15 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("adafactor", "Adafactor", {"beta2_decay": -0.6}),
     ("rmsprop", "RMSprop", {"momentum": 0.9, "centered": True}),
     ("sgd", "SGD", {"momentum": 0.9}),
+    # a damped buffer's first step is undamped: SGD reads a param's own count then
+    ("sgd", "SGD", {"momentum": 0.9, "dampening": 0.5, "weight_decay": 0.01}),
 ]
+
+
+def _reads_count(name: str, options: dict[str, Any]) -> bool:
+    return name != "rmsprop" and (name != "sgd" or bool(options.get("dampening")))
+
+
 TOL = {torch.float32: (1e-5, 1e-6), torch.float64: (1e-12, 1e-12)}
 
 
@@ -124,7 +132,7 @@ def test_params_sitting_out_steps_match_torch_optim(
                         continue
                     mine = state["momentum" if name == "sgd" else field][k]
                     torch.testing.assert_close(mine, value, rtol=rtol, atol=atol)
-        if name in ("rmsprop", "sgd"):
+        if not _reads_count(name, options):
             assert "skipped_steps" not in state  # their rules read no count
         else:
             # "w" never sat out a step: 0
@@ -249,7 +257,7 @@ def test_a_malformed_skipped_count_is_refused_naming_the_leaf(leaf: Any, message
 
 
 def test_rules_that_read_no_count_refuse_a_skipped_steps_field() -> None:
-    opt = optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.9)
+    opt = optorch.get_optimizer("rmsprop", max_lr=0.1, momentum=0.9)
     params = {"w": torch.randn(3)}
     state = {**opt.init(params), "skipped_steps": {"w": torch.tensor(0)}}
     with pytest.raises(ValueError, match=r"unexpected field\(s\) \['skipped_steps'\]"):
@@ -335,3 +343,38 @@ def test_vmap_over_a_pure_step_with_a_param_sitting_out() -> None:
             torch.testing.assert_close(mapped_params[k][i], looped_params[k])
             assert int(mapped_state["skipped_steps"][k][i]) == int(looped_state["skipped_steps"][k])
     assert mapped_state["skipped_steps"]["b"].tolist() == [1, 0, 1]
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+@pytest.mark.parametrize("impl", ["reference", "foreach", "compiled"])
+@pytest.mark.parametrize("inplace", [True, False], ids=["inplace", "pure"])
+def test_sgd_momentum_turned_on_by_a_new_config_starts_the_buffer_as_torch(
+    dampening: float, impl: str, inplace: bool
+) -> None:
+    """A buffer created after the first step starts its own count: its first step is
+    undamped, as torch.optim.SGD's first step of a missing buffer."""
+    gen = torch.Generator().manual_seed(6)
+    start = {
+        k: torch.randn(shape, dtype=torch.float64, generator=gen) for k, shape in SHAPES.items()
+    }
+    grads = _grads(torch.float64, seed=7)[:10]
+    theirs = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    reference = torch.optim.SGD(list(theirs.values()), lr=0.05, dampening=dampening)
+    opt = optorch.get_optimizer(
+        "sgd", max_lr=0.05, momentum=0.0, dampening=dampening, impl=impl, inplace=inplace
+    )
+    params = {k: v.clone() for k, v in start.items()}
+    state = opt.init(params)
+    for step, g in enumerate(grads):
+        if step == 3:
+            reference.param_groups[0]["momentum"] = 0.9
+            opt = opt.replace(momentum=0.9)
+        for k, p in theirs.items():
+            p.grad = None if g[k] is None else g[k].clone()
+        reference.step()
+        params, state = opt.step(params, g, state)
+        for k, p in theirs.items():
+            torch.testing.assert_close(params[k], p.detach(), rtol=1e-12, atol=1e-12)
+            buffer = reference.state.get(p, {}).get("momentum_buffer")
+            if buffer is not None:
+                torch.testing.assert_close(state["momentum"][k], buffer, rtol=1e-12, atol=1e-12)

@@ -698,6 +698,28 @@ def test_injected_betas_and_decay_equal_replaced_configs(inplace: bool) -> None:
             assert_trees_close(state["inner"][field], ref_state[field], **F32, what=field)
 
 
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+@pytest.mark.parametrize("inplace", MODES, ids=MODE_IDS)
+def test_injected_momentum_of_zero_with_dampening_is_plain_sgd(inplace: bool, impl: str) -> None:
+    """An injected momentum (a tensor) of 0 steps on the gradient itself, as torch.optim.SGD
+    with momentum 0, whatever the dampening (the damped buffer made half steps)."""
+    params = make_params(35)
+    sgd = optorch.get_optimizer(
+        "sgd", max_lr=0.05, momentum=0.0, dampening=0.5, inplace=inplace, impl=impl
+    )
+    opt = wrappers.inject_hyperparams(sgd, names=["momentum"])
+    tensors = {k: torch.nn.Parameter(v.clone()) for k, v in params.items()}
+    reference = torch.optim.SGD(list(tensors.values()), lr=0.05, dampening=0.5, foreach=False)
+    state = opt.init(params)
+    for k, grads in enumerate(grad_sequence(35, params, 8)):
+        for name, p in tensors.items():
+            p.grad = grads[name].clone()
+        reference.step()
+        params, state = opt.step(params, grads, state)
+        expected = {name: p.detach() for name, p in tensors.items()}
+        assert_trees_close(params, expected, **F32, what=f"params step {k}")
+
+
 @pytest.mark.slow  # compiles AdamW once (seconds to a minute on a loaded machine)
 def test_changing_the_injected_lr_does_not_recompile() -> None:
     from torch._dynamo.utils import counters

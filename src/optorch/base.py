@@ -352,6 +352,10 @@ class Rule:
     #: ``None`` gradient) does not advance its count. The state then records how many
     #: steps each param sat out (``"skipped_steps"``, made on the first such step).
     per_leaf_step: ClassVar[bool] = False
+    #: Whether a state field created after the first step (a config that now needs it:
+    #: SGD's momentum turned on mid-run) starts its params' own counts again, as
+    #: torch.optim starts a missing buffer at its next gradient (needs ``per_leaf_step``).
+    new_fields_restart_count: ClassVar[bool] = False
 
     # a rule holds no data: copies (``copy.deepcopy`` or pickling of an optimizer, of a
     # TorchOptimizer) keep the module's own instance, which checkpoints look up by
@@ -392,6 +396,12 @@ class Rule:
     def state_shape(self, name: str, param: torch.Tensor, config: Any) -> torch.Size:
         """The shape state field ``name`` has for ``param`` (the param's, by default)."""
         return param.shape
+
+    def tracks_own_count(self, config: Any) -> bool:
+        """Whether, with ``config``, a param that sits out a step keeps a count of its own
+        (``"skipped_steps"``); only where the update reads it. Default:
+        :attr:`per_leaf_step`."""
+        return self.per_leaf_step
 
     def global_fields(self, config: Any) -> dict[str, float]:
         """Non-params-shaped state: name -> initial value, kept as 0-d float64 tensors.
@@ -1120,7 +1130,10 @@ def apply_step(
         # a skip decided on the host: every check above has run, and nothing changes
         return params, new_state
 
-    resting = _resting(rule, prepared, names)
+    restarted = bool(created) and rule.new_fields_restart_count
+    if restarted:
+        restarted = _restart_counts(rule, config, prepared, tuple(created))
+    resting = _resting(rule, config, prepared, names)
     tracked = rule.per_leaf_step and (prepared.skipped is not None or bool(resting))
 
     def advance(config: Any, prepared: Prepared, gate: torch.Tensor | None) -> Any:
@@ -1136,7 +1149,9 @@ def apply_step(
         return params, new_state
     new_p, new_s = advance(config, prepared, gate)
     if tracked:
-        skipped = _count_skipped(prepared, resting, names, state, gate, config.inplace)
+        skipped = _count_skipped(
+            prepared, resting, names, state, gate, config.inplace, restarted=restarted
+        )
         if config.inplace:
             created[SKIPPED] = skipped
         else:
@@ -1197,6 +1212,21 @@ def _missing_fields(
             prepared.fields[name] = leaves_
             created[name] = unflatten(prepared.spec, leaves_)
     return created
+
+
+def _restart_counts(rule: Rule, config: Any, prepared: Prepared, created: tuple[str, ...]) -> bool:
+    """The params that just got fields (``created``) start their own counts: each sat
+    out the steps before this one (a ``"skipped_steps"`` of ``step``). Nothing where the
+    count is known to be 0 on the host, or the rule reads no own count."""
+    step = prepared.step
+    if not rule.tracks_own_count(config) or (_host_readable(step) and int(step) == 0):
+        return False
+    skipped = list(prepared.skipped or [None] * len(prepared.params))
+    for i in range(len(prepared.params)):
+        if any(prepared.fields[name][i] is not None for name in created):
+            skipped[i] = step.detach().to(torch.int64, copy=True)
+    prepared.skipped = skipped
+    return True
 
 
 def _advance(
@@ -1330,10 +1360,12 @@ def _has_state(prepared: Prepared, names: tuple[str, ...]) -> Callable[[int], bo
     )
 
 
-def _resting(rule: Rule, prepared: Prepared, names: tuple[str, ...]) -> list[int]:
+def _resting(rule: Rule, config: Any, prepared: Prepared, names: tuple[str, ...]) -> list[int]:
     """Params that have state but no gradient this step (their own count stays)."""
     if not rule.per_leaf_step or len(prepared.active) == len(prepared.params):
         return []
+    if prepared.skipped is None and not rule.tracks_own_count(config):
+        return []  # the update reads no own count (SGD without dampening)
     active = set(prepared.active)
     has_state = _has_state(prepared, names)
     return [i for i in range(len(prepared.params)) if i not in active and has_state(i)]
@@ -1346,14 +1378,17 @@ def _count_skipped(
     state: Mapping[str, Any],
     gate: torch.Tensor | None,
     inplace: bool,
+    *,
+    restarted: bool = False,
 ) -> PyTree:
     """The ``"skipped_steps"`` tree after this step: +1 for the resting params (none
     when the step is skipped by ``gate``); a 0 for every other param with state (a
     tensor, not None: ``torch.func.vmap`` returns tensors only), None for params
-    without state."""
+    without state. ``restarted``: some counts were restarted (:func:`_restart_counts`)."""
     source = state.get(SKIPPED)
     if (
         not resting
+        and not restarted
         and source is not None
         and prepared.skipped is not None
         and all(prepared.skipped[i] is not None for i in prepared.active)

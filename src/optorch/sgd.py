@@ -14,6 +14,17 @@ With :math:`g_t` the gradient (negated when ``maximize``), :math:`\lambda` =
 (Sutskever et al. 2013; the same conventions as ``torch.optim.SGD``.) With
 ``momentum=0`` no buffer is kept and :math:`d_t = g_t`.
 
+:math:`t` is the buffer's own count, as torch.optim starts each param's buffer at its
+first gradient: with ``dampening`` (the only case where the first step differs), a param
+that sat out steps (a ``None`` gradient) keeps ``state["skipped_steps"]``, and a buffer
+created after the first step (momentum turned on mid-run, a ``TorchOptimizer`` group's
+``momentum`` set from 0, a config replaced by one with momentum) starts its count
+there. A momentum injected as a tensor (:func:`optorch.wrappers.inject_hyperparams`)
+steps on :math:`g_t` while it is 0, as torch's; but its buffer exists through those
+steps (it holds the last gradient), so when the tensor then rises the buffer continues
+where torch would start a new one: to turn momentum on mid-run as torch does, replace
+the config (``opt.replace(momentum=0.9)``), which creates the buffer then.
+
 Rounding: with ``dampening=0`` and float32/float64 buffers, the buffer update
 :math:`g_t + \mu\, b_{t-1}` is one ``torch.add(grad, buf, alpha=momentum)`` (rounded
 once, one pass over the buffer), where ``torch.optim.SGD`` runs
@@ -88,6 +99,14 @@ class SGDRule(Rule):
     complex_ok = True  # as torch.optim: real and imaginary parts as two coordinates
     config_type = SGDConfig
     optional_fields = ("momentum",)
+    # the first step of a buffer is undamped: torch.optim.SGD starts each param's buffer
+    # at its first gradient (one that sat out steps, or a momentum turned on mid-run)
+    per_leaf_step = True
+    new_fields_restart_count = True
+
+    def tracks_own_count(self, config: SGDConfig) -> bool:
+        # only a damped buffer's first step differs from the others
+        return not is_zero(config.momentum) and not is_zero(config.dampening)
 
     def fields(self, config: SGDConfig) -> tuple[str, ...]:
         return () if is_zero(config.momentum) else ("momentum",)
@@ -105,13 +124,17 @@ class SGDRule(Rule):
 
     def scalars(self, config: SGDConfig, t: Any, lr: Any, multiplier: Any) -> dict[str, Any]:
         first = t == 1
+        momentum = config.momentum
+        # torch.optim.SGD starts the buffer at the first gradient, undamped; and with
+        # momentum 0 (here a tensor, as inject_hyperparams passes it) it steps on the
+        # gradient itself, so the buffer then takes it whole
+        plain = first | (momentum == 0) if isinstance(momentum, torch.Tensor) else first
         return {
             "lr": lr,
-            "momentum": config.momentum,
+            "momentum": momentum,
             "weight_decay": config.weight_decay,
-            # torch.optim.SGD starts the buffer at the first gradient, undamped
-            "keep": where(first, 0.0, config.momentum),
-            "grad_scale": where(first, 1.0, 1.0 - config.dampening),
+            "keep": where(first, 0.0, momentum),
+            "grad_scale": where(plain, 1.0, 1.0 - config.dampening),
         }
 
     def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:

@@ -423,7 +423,7 @@ def from_torch_state(
     first = next((x for x in layout.leaves if isinstance(x, torch.Tensor)), None)
     device = first.device if first is not None else torch.device("cpu")
     state: dict[str, Any] = {"step": torch.tensor(taken, dtype=torch.int64, device=device)}
-    if rule.per_leaf_step:
+    if rule.per_leaf_step and rule.tracks_own_count(config):
         # a param's own count: torch's, or 0 where torch never stepped it
         lags = [
             taken - own.get(index, 0) if isinstance(param, torch.Tensor) else None
@@ -532,17 +532,21 @@ def _common_step(
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if not twin.has_step:
-        if step is not None:
-            return step, {}
-        if getattr(config, "schedule", None) is not None:
-            raise ValueError(
-                f"torch.optim.{twin.torch_class} keeps no step count and the config has a "
-                "schedule: pass step= (the number of steps taken)"
-            )
-        has_buffer = any(
-            isinstance(s.get(key), torch.Tensor) for s in per_param.values() for key in s
-        )
-        return (1 if has_buffer else 0), {}
+        # a param with a buffer has taken every step; one without (SGD: it never had a
+        # gradient with momentum on) has taken none, as torch starts its buffer next
+        buffered = [
+            index
+            for index, s in per_param.items()
+            if any(isinstance(value, torch.Tensor) for value in s.values())
+        ]
+        if step is None:
+            if getattr(config, "schedule", None) is not None:
+                raise ValueError(
+                    f"torch.optim.{twin.torch_class} keeps no step count and the config has "
+                    "a schedule: pass step= (the number of steps taken)"
+                )
+            step = 1 if buffered else 0
+        return step, dict.fromkeys(buffered, step)
     own: dict[int, int] = {}
     for index, entry_state in per_param.items():
         value = entry_state.get("step")
@@ -652,8 +656,8 @@ def to_torch_state(
         own = taken - lags[index]
         if twin.has_step:
             per["step"] = torch.tensor(float(own), dtype=scalar_dtype)
-        if entry.name == "sgd" and taken == 0:
-            continue  # torch starts the buffer at the first gradient
+        if entry.name == "sgd" and own == 0:
+            continue  # torch starts the buffer at the param's first gradient
         for field_name in names:
             value = trees[field_name][index]
             if value is None or not _uses(entry.name, field_name, param):
