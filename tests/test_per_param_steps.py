@@ -176,14 +176,23 @@ def test_a_param_sitting_out_steps_ends_where_a_run_on_it_alone_ends(name: str) 
     torch.testing.assert_close(params["b"], alone["b"], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["adam", "nadam", "radam", "adagrad", "adafactor", "lamb"])
-def test_the_device_path_equals_the_host_path(name: str, monkeypatch: Any) -> None:
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        *((name, {}) for name in ["adam", "nadam", "radam", "adagrad", "adafactor", "lamb"]),
+        ("sgd", {"momentum": 0.9, "dampening": 0.5}),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_the_device_path_equals_the_host_path(
+    name: str, options: dict[str, Any], monkeypatch: Any
+) -> None:
     """On a GPU (or traced) counts are not read on the host: each lagging param runs
     with its own count as a tensor. The CPU does the same when told the count is not
     host-readable (``base._host_step``)."""
 
     def run() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        opt = optorch.get_optimizer(name, max_lr=0.01)
+        opt = optorch.get_optimizer(name, max_lr=0.01, **options)
         gen = torch.Generator().manual_seed(5)
         params = {k: torch.randn(shape, generator=gen) for k, shape in SHAPES.items()}
         state = opt.init(params)
@@ -378,3 +387,27 @@ def test_sgd_momentum_turned_on_by_a_new_config_starts_the_buffer_as_torch(
             buffer = reference.state.get(p, {}).get("momentum_buffer")
             if buffer is not None:
                 torch.testing.assert_close(state["momentum"][k], buffer, rtol=1e-12, atol=1e-12)
+
+
+def test_sgd_buffer_restart_on_the_device_path_equals_the_host_path(monkeypatch: Any) -> None:
+    """Counts not read on the host (a GPU, traced): the restarted counts are tensors."""
+
+    def run() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        opt = optorch.get_optimizer("sgd", max_lr=0.05, momentum=0.0, dampening=0.5)
+        gen = torch.Generator().manual_seed(8)
+        params = {k: torch.randn(shape, generator=gen) for k, shape in SHAPES.items()}
+        state = opt.init(params)
+        for step, g in enumerate(_grads(torch.float32, seed=9)[:10]):
+            if step == 3:
+                opt = opt.replace(momentum=0.9)
+            params, state = opt.step(params, g, state)
+        return params, state
+
+    host_params, host_state = run()
+    monkeypatch.setattr(base, "_host_step", lambda step: False)
+    monkeypatch.setattr(base, "_host_readable", lambda value: False)
+    device_params, device_state = run()
+    for k in SHAPES:
+        torch.testing.assert_close(device_params[k], host_params[k], rtol=1e-6, atol=1e-7)
+    assert _counts(device_state) == _counts(host_state)
+    assert _counts(host_state)["w"] == 3  # the buffer started at the fourth step
