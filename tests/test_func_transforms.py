@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import optree
 import pytest
 import torch
 import torch._dynamo
@@ -686,6 +687,55 @@ def test_every_optimizer_step_compiles_whole_in_user_code(name: str) -> None:
     assert len(leaves) == len(eager_leaves)
     for got, want in zip(leaves, eager_leaves, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(optorch.builder.REGISTRY))
+def test_a_submodule_whose_grads_are_all_none_compiles_in_user_code(name: str) -> None:
+    """Grads of a frozen or unused submodule are a dict of ``None``s, which dynamo's
+    stand-in for optree could not flatten (torch 2.13: "Unexpected type in sourceless
+    builder"; every optimizer's compiled step failed). A frozen submodule ("frozen",
+    no state either) and an expert that sits out the second step; compiled equals
+    eager, params and state."""
+    gen = generator(92)
+    matrix = (8, 6)
+    params0 = {
+        "frozen": {"w": torch.randn(matrix, generator=gen)},
+        "expert": {"w": torch.randn(matrix, generator=gen)},
+        "head": {"w": torch.randn(matrix, generator=gen)},
+    }
+    if name != "muon":  # Muon takes matrices only
+        params0["head"]["b"] = torch.randn(6, generator=gen)
+    grads = []
+    for step in range(3):
+        g: dict[str, Any] = {"frozen": {"w": None}}
+        for part in ("expert", "head"):
+            g[part] = {k: torch.randn(v.shape, generator=gen) for k, v in params0[part].items()}
+        if step == 1:
+            g["expert"] = {"w": None}
+        grads.append(g)
+    opt = optorch.get_optimizer(name, inplace=False)
+
+    def run(step: Callable[..., Any]) -> tuple[Any, Any]:
+        params = optree.tree_map(torch.clone, params0)
+        state = opt.init(params)
+        state = {  # no state for the frozen submodule, as init(module) gives
+            k: {**v, "frozen": {"w": None}} if isinstance(v, dict) and "frozen" in v else v
+            for k, v in state.items()
+        }
+        for g in grads:
+            params, state = step(params, g, state)
+        return params, state
+
+    eager_params, eager_state = run(opt.step)
+    torch._dynamo.reset()
+    params, state = run(torch.compile(opt.step, backend="aot_eager", fullgraph=True))
+    assert_trees_close(params, eager_params, rtol=1e-5, atol=1e-6, what=f"{name} params")
+    assert optree.tree_structure(state, none_is_leaf=True) == optree.tree_structure(
+        eager_state, none_is_leaf=True
+    )
+    for got, want in zip(optree_leaves(state), optree_leaves(eager_state), strict=True):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 #: (id, registry name, hyperparameters): the rules that add ``alpha * y`` to a gradient or

@@ -15,7 +15,6 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import optree
 import torch
 
 from optorch.base import _STEP_DTYPES, _first_structure_difference, check_range
@@ -237,7 +236,8 @@ def check_step(
     skip = torch.ones((), dtype=torch.bool)
     # on new containers (the same tensors): a skipped in-place step still adds the state
     # fields it creates on a first step, which the check must not do to the caller's dicts
-    containers = optree.tree_map(lambda leaf: leaf, state, none_is_leaf=True)
+    _, state_leaves, state_spec = flatten(state)
+    containers = unflatten(state_spec, state_leaves)
     optimizer.step(params, grads, containers, hyper_overrides=hyper_overrides, skip_if=skip)
 
 
@@ -352,9 +352,7 @@ def select_leaves(who: str, what: str, selector: LeafFn | PyTree, params: PyTree
             selector(leaf_name(path), p) if isinstance(p, torch.Tensor) else None
             for path, p in zip(paths, p_leaves, strict=True)
         ]
-    s_paths, s_leaves, _ = optree.tree_flatten_with_path(
-        selector, is_leaf=_is_leaf, none_is_leaf=True
-    )
+    s_paths, s_leaves, _ = flatten(selector)
     if list(s_paths) != paths:
         raise ValueError(
             f"{who}: the {what} tree does not match params "

@@ -13,10 +13,9 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import optree
 import torch
 
-from optorch.tree import PyTree, flatten
+from optorch.tree import PyTree, flatten, unflatten
 from optorch.wrappers._core import (
     Wrapper,
     as_gate,
@@ -55,20 +54,20 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 def _keep_dtypes(before: PyTree, after: PyTree) -> PyTree:
     """``after`` with each tensor leaf cast to the dtype of the leaf at the same path in
     ``before``: a 0-d param combined with a wider 0-d hyperparameter is promoted."""
-    old_paths, old_leaves, _ = optree.tree_flatten_with_path(before, none_is_leaf=True)
+    old_paths, old_leaves, _ = flatten(before)
     dtypes = {
         path: leaf.dtype
         for path, leaf in zip(old_paths, old_leaves, strict=True)
         if isinstance(leaf, torch.Tensor)
     }
-    paths, leaves_, spec = optree.tree_flatten_with_path(after, none_is_leaf=True)
+    paths, leaves_, spec = flatten(after)
     fixed = [
         leaf.to(dtypes[path])
         if isinstance(leaf, torch.Tensor) and path in dtypes and leaf.dtype != dtypes[path]
         else leaf
         for path, leaf in zip(paths, leaves_, strict=True)
     ]
-    return optree.tree_unflatten(spec, fixed)
+    return unflatten(spec, fixed)
 
 
 class InjectHyperparams(Wrapper):
