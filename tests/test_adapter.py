@@ -163,6 +163,43 @@ def test_sgd_momentum_turned_on_mid_run_matches_torch(dampening: float) -> None:
     assert_same_run(ours, theirs, {"momentum": "momentum_buffer"})
 
 
+def test_params_at_one_count_with_other_histories_keep_their_own_state() -> None:
+    """Params are stepped together only where torch's per-param state agrees: NAdam's
+    mu_product (two params reaching one count by sitting out different steps while
+    beta1 moves), SGD's buffer (one param without a buffer next to one with: torch starts
+    the missing one undamped)."""
+
+    def nadam(make: Callable[[list[Any]], torch.optim.Optimizer]) -> Any:
+        params = make_model_params(3, {"a": (3,), "b": (3,)})
+        optimizer = make(params)
+        pattern = [(True, False), (False, True), (True, True), (True, True)]
+        for step, (beta1, present) in enumerate(zip([0.9, 0.8, 0.7, 0.95], pattern, strict=True)):
+            optimizer.param_groups[0]["betas"] = (beta1, 0.999)
+            for p, g, has in zip(params, grads_for(step, params), present, strict=True):
+                p.grad = g if has else None
+            optimizer.step()
+        return params, optimizer
+
+    ours = nadam(lambda p: TorchOptimizer(p, "nadam", lr=0.1))
+    theirs = nadam(lambda p: torch.optim.NAdam(p, lr=0.1, foreach=False))
+    assert_same_run(ours, theirs, {**ADAM_FIELDS, "mu_product": "mu_product"})
+
+    def sgd(make: Callable[[list[Any]], torch.optim.Optimizer]) -> Any:
+        params = make_model_params(4, {"a": (3,), "b": (3,)})
+        optimizer = make(params)
+        plan = [(0.0, True, True), (0.0, True, False), (0.9, False, True), (0.9, True, True)]
+        for step, (momentum, has_a, has_b) in enumerate(plan * 2):
+            optimizer.param_groups[0]["momentum"] = momentum
+            for p, g, has in zip(params, grads_for(step, params), (has_a, has_b), strict=True):
+                p.grad = g if has else None
+            optimizer.step()
+        return params, optimizer
+
+    ours = sgd(lambda p: TorchOptimizer(p, "sgd", lr=0.1, dampening=0.5))
+    theirs = sgd(lambda p: torch.optim.SGD(p, lr=0.1, dampening=0.5, foreach=False))
+    assert_same_run(ours, theirs, {"momentum": "momentum_buffer"})
+
+
 def test_grad_scaler_with_overflows_matches_torch() -> None:
     overflow_at = {2, 6, 7}
 

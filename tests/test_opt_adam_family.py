@@ -633,3 +633,116 @@ def test_seed_style_functions(module: Any, prefix: str) -> None:
     getattr(module, f"{prefix}_step")(params, grads, state, config)
     assert torch.all(model.weight < before)  # in place, on the model's own tensor
     assert int(state["step"]) == 1
+
+
+# --------------------------------------------------------------------------------------
+# NAdam's mu_product state: old states, transforms, validation
+# --------------------------------------------------------------------------------------
+
+
+def _nadam_run(
+    optimizer: Any, steps: int, state: Any = None, betas: Any = None
+) -> tuple[dict[str, torch.Tensor], Any]:
+    params = {"w": torch.linspace(-1.0, 1.0, 6, dtype=torch.float64)}
+    state = optimizer.init(params) if state is None else state
+    overrides = None if betas is None else {"betas": betas}
+    for k in range(steps):
+        grad = {"w": torch.sin(torch.arange(6.0, dtype=torch.float64) + k)}
+        params, state = optimizer.step(params, grad, state, hyper_overrides=overrides)
+    return params, state
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_a_checkpoint_saved_without_mu_product_loads_in_every_checked_loader(
+    suffix: str, tmp_path: Any
+) -> None:
+    from optorch.interop import checkpoint
+
+    optimizer = optorch.get_optimizer("nadam", max_lr=0.01)
+    params, state = _nadam_run(optimizer, 4)
+    old = {k: v for k, v in state.items() if k != "mu_product"}  # the earlier format
+    path = tmp_path / f"old.{suffix}"
+    checkpoint.save(path, old, optimizer=optimizer, params=params)
+    for loaded in (
+        checkpoint.load(path, params=params, optimizer=optimizer),
+        checkpoint.load(path, like=optimizer.init(params)),
+        checkpoint.load_optimizer(path, params=params)[1],
+        optorch.load(path, params=params)[1],
+    ):
+        assert "mu_product" not in loaded
+        resumed = optimizer.step(
+            {"w": params["w"].clone()}, {"w": torch.ones(6, dtype=torch.float64)}, loaded
+        )[1]
+        assert float(resumed["mu_product"]) == pytest.approx(
+            float(
+                optimizer.step(
+                    {"w": params["w"].clone()},
+                    {"w": torch.ones(6, dtype=torch.float64)},
+                    clone_tree(state),
+                )[1]["mu_product"]
+            ),
+            rel=1e-12,
+        )
+
+
+def test_a_sharded_checkpoint_saved_without_mu_product_resumes(tmp_path: Any) -> None:
+    from optorch.interop.distributed import load_sharded, save_sharded
+
+    optimizer = optorch.get_optimizer("nadam", max_lr=0.01)
+    straight, _ = _nadam_run(optimizer, 8)
+    params, state = _nadam_run(optimizer, 4)
+    save_sharded(tmp_path / "ck", {"optim": {k: v for k, v in state.items() if k != "mu_product"}})
+    loaded = load_sharded(tmp_path / "ck", {"optim": optimizer.init(params)})["optim"]
+    for k in range(4, 8):
+        grad = {"w": torch.sin(torch.arange(6.0, dtype=torch.float64) + k)}
+        params, loaded = optimizer.step(params, grad, loaded)
+    torch.testing.assert_close(params["w"], straight["w"], rtol=1e-12, atol=1e-14)
+
+
+def test_vmap_over_beta1_from_one_shared_init() -> None:
+    """The state's mu_product becomes batched on the second step: not read on the host."""
+    optimizer = optorch.get_optimizer("nadam", max_lr=0.01, inplace=False)
+    values = torch.tensor([0.8, 0.9], dtype=torch.float64)
+    batched = torch.func.vmap(lambda b1: _nadam_run(optimizer, 3, betas=(b1, 0.999))[0]["w"])(
+        values
+    )
+    for index, beta1 in enumerate(values.tolist()):
+        single = _nadam_run(optorch.get_optimizer("nadam", max_lr=0.01, betas=(beta1, 0.999)), 3)
+        torch.testing.assert_close(batched[index], single[0]["w"], rtol=1e-12, atol=1e-14)
+
+
+def test_forward_mode_derivative_through_mu_product_matches_a_central_difference() -> None:
+    import torch.autograd.forward_ad as fwad
+
+    optimizer = optorch.get_optimizer("nadam", max_lr=0.01, inplace=False)
+
+    def loss(beta1: torch.Tensor) -> torch.Tensor:
+        return (_nadam_run(optimizer, 4, betas=(beta1, 0.999))[0]["w"] ** 2).sum()
+
+    x, eps = torch.tensor(0.9, dtype=torch.float64), 1e-6
+    central = float((loss(x + eps) - loss(x - eps)) / (2 * eps))
+    with fwad.dual_level():
+        tangent = fwad.unpack_dual(loss(fwad.make_dual(x, torch.tensor(1.0, dtype=torch.float64))))
+        assert float(tangent.tangent) == pytest.approx(central, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.tensor(float("nan"), dtype=torch.float64), r"is nan, outside \[0.0, 1.0\]"),
+        (torch.tensor(-0.3, dtype=torch.float64), r"is -0.3, outside \[0.0, 1.0\]"),
+        (torch.tensor(0), r"must be a floating-point 0-d tensor.*int64"),
+        (torch.tensor([0.5], dtype=torch.float64), r"must be a 0-d float64 tensor"),
+        ("garbage", r"must be a 0-d float64 tensor, got 'garbage'"),
+    ],
+    ids=["nan", "negative", "int", "shape", "string"],
+)
+def test_a_malformed_mu_product_is_refused_and_changes_nothing(value: Any, message: str) -> None:
+    optimizer = optorch.get_optimizer("nadam", max_lr=0.01)
+    params, state = _nadam_run(optimizer, 2)
+    state["mu_product"] = value
+    before = clone_tree((params, {k: v for k, v in state.items() if k != "mu_product"}))
+    with pytest.raises(ValueError, match=r"nadam: state\['mu_product'\] " + message):
+        optimizer.step(params, {"w": torch.ones(6, dtype=torch.float64)}, state)
+    assert_trees_equal(params, before[0])
+    assert_trees_equal({k: v for k, v in state.items() if k != "mu_product"}, before[1])

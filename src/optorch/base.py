@@ -356,6 +356,13 @@ class Rule:
     #: SGD's momentum turned on mid-run) starts its params' own counts again, as
     #: torch.optim starts a missing buffer at its next gradient (needs ``per_leaf_step``).
     new_fields_restart_count: ClassVar[bool] = False
+    #: Global fields (:meth:`global_fields`) a state may lack, :meth:`resume_global`
+    #: giving their value at the state's count (a state saved before the rule kept
+    #: them); checkpoint loaders accept such states.
+    resumable_globals: ClassVar[tuple[str, ...]] = ()
+    #: The closed range of each global field's values (checked where it is read on the
+    #: host): a value outside it is not a state this rule can have made.
+    global_bounds: ClassVar[Mapping[str, tuple[float, float]]] = MappingProxyType({})
 
     # a rule holds no data: copies (``copy.deepcopy`` or pickling of an optimizer, of a
     # TorchOptimizer) keep the module's own instance, which checkpoints look up by
@@ -754,6 +761,9 @@ _CHECKED = _CheckedInputs()
 
 
 def _flat(tree: PyTree) -> tuple[list[Any], Any]:
+    if torch.compiler.is_compiling():  # None leaves as optorch.tree.flatten takes them
+        _, leaves_, spec = flatten(tree)
+        return leaves_, spec
     # tensors are not pytree nodes, so they are leaves without an is_leaf callback
     leaves_, spec = optree.tree_flatten(tree, none_is_leaf=True)
     return leaves_, spec
@@ -925,7 +935,38 @@ def prepare(
     if rule.per_leaf_step and state.get(SKIPPED) is not None:
         skipped = _align_field(SKIPPED, state[SKIPPED], spec, params)
         _check_skipped(rule, spec, skipped, step)
+    _check_globals(rule, config, state)
     return Prepared(spec, param_leaves, grad_leaves, fields, active, step, skipped)
+
+
+def _check_globals(rule: Rule, config: Any, state: Mapping[str, Any]) -> None:
+    """Each global field present: a 0-d floating tensor, finite where it can be read on
+    the host (a missing one is resumed, see :meth:`Rule.resume_global`)."""
+    for name in rule.global_fields(config):
+        value = state.get(name)
+        if value is None:
+            if name in rule.resumable_globals:
+                continue
+            raise ValueError(
+                f"{rule.name}: optimizer state lacks {name!r} (a 0-d float64 tensor; "
+                f"init() makes it)"
+            )
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise ValueError(
+                f"{rule.name}: state[{name!r}] must be a 0-d float64 tensor, got {value!r}"
+            )
+        if not value.is_floating_point():
+            raise ValueError(
+                f"{rule.name}: state[{name!r}] must be a floating-point 0-d tensor (float64), "
+                f"got dtype {value.dtype} ({value!r})"
+            )
+        if _plain_number(value):
+            number = float(value)
+            low, high = rule.global_bounds.get(name, (-math.inf, math.inf))
+            if not (math.isfinite(number) and low <= number <= high):
+                raise ValueError(
+                    f"{rule.name}: state[{name!r}] is {number}, outside [{low}, {high}] (finite)"
+                )
 
 
 def _check_skipped(rule: Rule, spec: Any, skipped: list[Any], step: torch.Tensor) -> None:
@@ -1051,6 +1092,15 @@ def _host_readable(value: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - older torch
         return True
     return not is_functorch_wrapped_tensor(value)
+
+
+def _plain_number(value: torch.Tensor) -> bool:
+    """Whether a 0-d tensor may be read as a Python number, losing nothing: on the host,
+    not batched or traced, and carrying no derivative (autograd's, or a forward-mode
+    tangent)."""
+    if value.requires_grad or not _host_readable(value):
+        return False
+    return torch.autograd.forward_ad.unpack_dual(value).tangent is None
 
 
 def transform_active() -> bool:
@@ -1255,7 +1305,7 @@ def _advance(
     old_globals: dict[str, torch.Tensor] = {}
     for name in global_init:
         current = state.get(name)
-        if not isinstance(current, torch.Tensor):
+        if current is None:
             initial = rule.resume_global(config, name, taken)
             current = torch.as_tensor(initial, dtype=torch.float64, device=step.device)
         old_globals[name] = current
@@ -1264,9 +1314,7 @@ def _advance(
     if global_init:
         # read as numbers where that is free (no sync) and loses nothing: not when
         # autograd records them (a differentiable Schedule-Free run through its lr)
-        seen = {
-            k: (float(v) if host and not v.requires_grad else v) for k, v in old_globals.items()
-        }
+        seen = {k: (float(v) if host and _plain_number(v) else v) for k, v in old_globals.items()}
         new_globals, extra = rule.advance(config, t_value, lr, multiplier, seen)
     h = Hyper(rule.own_scalars(config, values, extra, 0), rule.static(config))
 

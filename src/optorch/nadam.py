@@ -58,6 +58,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -210,6 +211,9 @@ class NAdamRule(Rule):
         return (config.maximize, not is_zero(config.weight_decay), config.decoupled_weight_decay)
 
     config_scalars = ("beta1", "beta2", "eps", "weight_decay")
+
+    resumable_globals = ("mu_product",)
+    global_bounds = MappingProxyType({"mu_product": (0.0, 1.0)})
 
     def global_fields(self, config: NAdamConfig) -> dict[str, float]:
         return {"mu_product": 1.0}

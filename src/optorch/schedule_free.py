@@ -62,8 +62,10 @@ tensor([ 0.7968, -1.7933])
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -140,6 +142,8 @@ class ScheduleFreeAdamWRule(Rule):
         if name == "z":  # z_0 = x_0 = y_0
             return param.clone(memory_format=torch.preserve_format)
         return super().init_field(name, param, config)
+
+    global_bounds = MappingProxyType({"weight_sum": (0.0, math.inf), "lr_max": (0.0, math.inf)})
 
     def global_fields(self, config: ScheduleFreeAdamWConfig) -> dict[str, float]:
         return {"weight_sum": 0.0, "lr_max": 0.0}

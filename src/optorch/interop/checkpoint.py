@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from optorch.base import _STEP_DTYPES, SKIPPED
+from optorch.base import _STEP_DTYPES, SKIPPED, STEP
 from optorch.tree import PyTree, flatten, format_path
 
 __all__ = [
@@ -927,6 +927,27 @@ def _without_skipped(where: str, loaded: Any, reference: Any) -> Any:
     return type(loaded)(out) if isinstance(loaded, dict) else out
 
 
+def _resumable_globals() -> frozenset[str]:
+    from optorch.builder import REGISTRY
+
+    return frozenset(name for entry in REGISTRY.values() for name in entry.rule.resumable_globals)
+
+
+def _without_resumed(loaded: Any, reference: Any) -> Any:
+    """``reference`` without the rule-wide values a state may lack (NAdam's
+    ``mu_product``, kept since a later version: the step resumes it from the count,
+    :meth:`optorch.base.Rule.resume_global`) where ``loaded`` lacks them."""
+    if not isinstance(loaded, Mapping) or not isinstance(reference, Mapping):
+        return reference
+    resumable = _resumable_globals() if STEP in reference else frozenset()
+    out = {
+        key: _without_resumed(loaded.get(key), value)
+        for key, value in reference.items()
+        if not (key in resumable and key not in loaded)
+    }
+    return type(reference)(out) if isinstance(reference, dict) else out
+
+
 def _check_against(what: str, loaded: PyTree, reference: PyTree) -> None:
     """Raise ``ValueError`` naming the first difference of ``loaded`` from ``reference``:
     a missing or extra leaf, a container of another kind, a wrong shape or dtype."""
@@ -1085,7 +1106,11 @@ def _load(
                 )
             like = checker.init(_meta_params(params))
         if like is not None:
-            _check_against(f"{where}: state", _without_skipped(where, state_cpu, like), like)
+            _check_against(
+                f"{where}: state",
+                _without_skipped(where, state_cpu, like),
+                _without_resumed(state_cpu, like),
+            )
     saved_params_cpu = build("params")
     if restore_params:
         if params is None:

@@ -126,21 +126,31 @@ def _add_skipped_counts(template: Any, checkpoint_id: str) -> None:
     """Give each optimizer state of ``template`` the ``"skipped_steps"`` tree that the
     checkpoint holds for it and the template (a fresh ``optimizer.init``) lacks: a state
     gains it once a param sits out a step (:data:`optorch.base.SKIPPED`), and DCP reads
-    only the keys a template has, so the per-param counts would be lost."""
+    only the keys a template has, so the per-param counts would be lost. And take out
+    of the template the rule-wide values a checkpoint may predate (NAdam's
+    ``mu_product``), which DCP would report missing."""
     import torch.distributed.checkpoint as dcp
 
     try:
         saved = list(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
     except Exception:  # an unreadable checkpoint: dcp.load says why
         return
-    if not any(SKIPPED in key.split(".") for key in saved):
-        return
+    from optorch.interop.checkpoint import _resumable_globals
+
+    resumable = _resumable_globals()
+    counted = any(SKIPPED in key.split(".") for key in saved)
 
     def visit(node: Any, prefix: str) -> None:
         if not isinstance(node, dict):
             return
+        if STEP in node:
+            # a rule-wide value the checkpoint predates (NAdam's mu_product): the step
+            # resumes it from the count
+            for name in [n for n in node if n in resumable and prefix + n not in saved]:
+                del node[name]
         if (
-            STEP in node
+            counted
+            and STEP in node
             and SKIPPED not in node
             and any(key.startswith(prefix + SKIPPED + ".") for key in saved)
         ):

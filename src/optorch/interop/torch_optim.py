@@ -332,9 +332,10 @@ class TorchOptimizer(torch.optim.Optimizer):
             for name in rule.fields(config):
                 state[self._keys.get(name, name)] = rule.init_field(name, param.detach(), config)
             for name, initial in rule.global_fields(config).items():
-                twin_kept = name in self._twin_globals
-                dtype = convert.torch_scalar_dtype() if twin_kept else torch.float64
-                state[name] = torch.tensor(initial, dtype=dtype, device=param.device)
+                if name in self._twin_globals:  # as the twin keeps it: on the CPU
+                    state[name] = torch.tensor(initial, dtype=convert.torch_scalar_dtype())
+                else:
+                    state[name] = torch.tensor(initial, dtype=torch.float64, device=param.device)
         return state
 
     @torch.no_grad()
@@ -402,12 +403,12 @@ class TorchOptimizer(torch.optim.Optimizer):
         config = self._group_config(group)
         names = rule.fields(config)
         global_names = tuple(rule.global_fields(config))
-        buckets: dict[int, list[tuple[torch.Tensor, dict[str, Any]]]] = {}
+        buckets: dict[tuple[Any, ...], list[tuple[torch.Tensor, dict[str, Any]]]] = {}
         for param in members:
             state = self.state.get(param) or self._new_param_state(param, config)
-            buckets.setdefault(int(state["step"]), []).append((param, state))
+            buckets.setdefault(self._bucket_key(state, names), []).append((param, state))
         plans = []
-        for taken, members_ in buckets.items():
+        for (taken, *_), members_ in buckets.items():
             bucket = [param for param, _ in members_]
             states = [state for _, state in members_]
             opt_state: dict[str, Any] = {
@@ -432,6 +433,18 @@ class TorchOptimizer(torch.optim.Optimizer):
             prepare(rule, config, bucket, grads, opt_state)  # raises before any change
             plans.append(_Bucket(config, taken, bucket, states, grads, opt_state))
         return plans
+
+    def _bucket_key(self, state: Mapping[str, Any], names: tuple[str, ...]) -> tuple[Any, ...]:
+        """Params stepped together: the same count and, as torch keeps them per param,
+        the same rule-wide values (NAdam's ``mu_product``, on the CPU: no sync); for a
+        rule that starts a missing buffer anew (SGD), the same fields present."""
+        key: list[Any] = [int(state["step"])]
+        for name in self._twin_globals:
+            value = state.get(name)
+            key.append(None if value is None else float(value))
+        if self.functional.rule.new_fields_restart_count:
+            key.extend(state.get(self._keys.get(name, name)) is not None for name in names)
+        return tuple(key)
 
     def _apply(self, plan: list[_Bucket]) -> None:
         rule = self.functional.rule
@@ -491,7 +504,9 @@ class TorchOptimizer(torch.optim.Optimizer):
             for key, values in kept.items():
                 param = position[key]
                 for name, value in values.items():
-                    self.state[param][name] = value.to(device=param.device)
+                    # the twin's per-param values stay on the CPU, as it keeps them
+                    device = "cpu" if name in self._twin_globals else param.device
+                    self.state[param][name] = value.to(device=device)
 
         last_pre = self.register_load_state_dict_pre_hook(convert)  # after the user's
         first_post = self.register_load_state_dict_post_hook(restore, prepend=True)
