@@ -291,16 +291,23 @@ def compare(
     ):
         pairs = [("params", params, ref_params)]
         pairs += [(key, state[key], ref_state[key]) for key in state_keys]
-        for what, actual, expected in pairs:
-            assert all(actual[name].dtype == expected[name].dtype for name in ref_params)
-            # one comparison per tree: the message names the step and the field
-            torch.testing.assert_close(
-                _flat(actual, ref_params),
-                _flat(expected, ref_params),
-                rtol=rtol,
-                atol=atol,
-                msg=lambda m, w=what, s=step: f"{w} after step {s}: {m}",
-            )
+        _assert_trees_close(pairs, ref_params, rtol, atol, step)
+
+
+def _assert_trees_close(
+    pairs: list[Any], order: dict[str, Any], rtol: float, atol: float, step: int
+) -> None:
+    """Each (what, tree, expected tree), one comparison per tree: the message names the
+    step and the field."""
+    for what, actual, expected in pairs:
+        assert all(actual[name].dtype == expected[name].dtype for name in order)
+        torch.testing.assert_close(
+            _flat(actual, order),
+            _flat(expected, order),
+            rtol=rtol,
+            atol=atol,
+            msg=lambda m, w=what, s=step: f"{w} after step {s}: {m}",
+        )
 
 
 def _flat(tree: dict[str, torch.Tensor], order: dict[str, Any]) -> torch.Tensor:
@@ -509,17 +516,9 @@ def test_nadam_with_a_beta1_changed_every_step_matches_torch(
         optorch.wrappers.set_hyperparam(state, "betas", (_cycled_beta1(step), 0.999))
         params, state = optimizer.step(params, grad, state)
         inner = state["inner"]
-        for what, actual, reference in [
-            ("params", params, ref_params),
-            *((key, inner[key], ref_state[key]) for key in ADAM_KEYS),
-        ]:
-            torch.testing.assert_close(
-                _flat(actual, ref_params),
-                _flat(reference, ref_params),
-                rtol=rtol,
-                atol=atol,
-                msg=lambda m, w=what, s=step: f"{w} after step {s + 1}: {m}",
-            )
+        pairs = [("params", params, ref_params)]
+        pairs += [(key, inner[key], ref_state[key]) for key in ADAM_KEYS]
+        _assert_trees_close(pairs, ref_params, rtol, atol, step + 1)
         assert inner["mu_product"].dtype == torch.float64
         for name in ref_params:  # torch keeps one per param; ours is the optimizer's
             assert float(inner["mu_product"]) == pytest.approx(

@@ -200,13 +200,20 @@ def test_the_device_path_equals_the_host_path(
             params, state = opt.step(params, g, state)
         return params, state
 
+    host_state, device_state = _on_host_and_device(run, monkeypatch)
+    assert _counts(device_state) == _counts(host_state) == {"w": 0, "b": 7, "c": 4}
+
+
+def _on_host_and_device(run: Any, monkeypatch: Any) -> tuple[Any, Any]:
+    """``run()`` with counts read on the host, then as on a GPU (``base._host_step``
+    and ``base._host_readable`` say no): equal params; the two states."""
     host_params, host_state = run()
     monkeypatch.setattr(base, "_host_step", lambda step: False)
     monkeypatch.setattr(base, "_host_readable", lambda value: False)
     device_params, device_state = run()
     for k in SHAPES:
         torch.testing.assert_close(device_params[k], host_params[k], rtol=1e-6, atol=1e-7)
-    assert _counts(device_state) == _counts(host_state) == {"w": 0, "b": 7, "c": 4}
+    return host_state, device_state
 
 
 def test_a_users_compiled_step_with_params_sitting_out_matches_eager() -> None:
@@ -403,11 +410,6 @@ def test_sgd_buffer_restart_on_the_device_path_equals_the_host_path(monkeypatch:
             params, state = opt.step(params, g, state)
         return params, state
 
-    host_params, host_state = run()
-    monkeypatch.setattr(base, "_host_step", lambda step: False)
-    monkeypatch.setattr(base, "_host_readable", lambda value: False)
-    device_params, device_state = run()
-    for k in SHAPES:
-        torch.testing.assert_close(device_params[k], host_params[k], rtol=1e-6, atol=1e-7)
+    host_state, device_state = _on_host_and_device(run, monkeypatch)
     assert _counts(device_state) == _counts(host_state)
     assert _counts(host_state)["w"] == 3  # the buffer started at the fourth step
