@@ -34,6 +34,7 @@ from conftest import (
     make_params,
     snapshot,
 )
+from optree import tree_leaves as optree_leaves
 
 import optorch
 from optorch import wrappers
@@ -455,6 +456,59 @@ def test_skip_nonfinite_limit_raises_before_changing_anything(inplace: bool) -> 
     with pytest.raises(RuntimeError, match=r"3 consecutive steps .*max_consecutive=2"):
         opt.step(params, nan, state)
     assert_unchanged([params, state], before, what="after the refused step")
+
+
+def _guarded(max_consecutive: int = 0) -> Any:
+    """ema(skip_nonfinite(adamw)): a wrapped group whose refusal depends on the values."""
+    inner = optorch.get_optimizer("adamw", max_lr=0.1)
+    return wrappers.ema(wrappers.skip_nonfinite(inner, max_consecutive=max_consecutive), 0.9)
+
+
+def test_partition_puts_back_the_groups_stepped_before_a_refusal() -> None:
+    """In place, two wrapped groups that may refuse on the values: the second refuses
+    (its gradient is NaN) after the first was written; params and every group's state
+    come back as they were, containers and tensors the same objects."""
+    opt = wrappers.partition(lambda path, p: path, {"a": _guarded(), "b": _guarded()})
+    params = {"a": torch.ones(3), "b": torch.ones(3)}
+    state = opt.init(params)
+    params, state = opt.step(params, {"a": torch.ones(3), "b": torch.ones(3)}, state)
+    tensors = [id(t) for t in optree_leaves(state)]
+    before = snapshot(params, state)
+    nan = {"a": torch.ones(3), "b": torch.tensor([1.0, math.nan, 1.0])}
+    with pytest.raises(RuntimeError, match=r"1 consecutive steps .*max_consecutive=0"):
+        opt.step(params, nan, state)
+    assert_unchanged([params, state], before, what="after the refused step")
+    assert [id(t) for t in optree_leaves(state)] == tensors
+
+
+def test_a_skipped_step_is_not_refused_for_its_values_in_any_wrapper() -> None:
+    """skip_if=True skips the step: skip_nonfinite's max_consecutive does not apply,
+    whether the optimizer is bare, a partition group, or under accumulate."""
+    nan = {"a": torch.tensor([math.nan, 1.0]), "b": torch.ones(2)}
+    skip = torch.tensor(True)
+    for opt in (
+        wrappers.skip_nonfinite(optorch.get_optimizer("adamw"), max_consecutive=0),
+        wrappers.partition(
+            lambda path, p: path,
+            {
+                "a": wrappers.skip_nonfinite(optorch.get_optimizer("adamw"), max_consecutive=0),
+                "b": optorch.get_optimizer("sgd"),
+            },
+        ),
+        wrappers.partition(lambda path, p: path, {"a": _guarded(), "b": _guarded()}),
+    ):
+        params = {"a": torch.ones(2), "b": torch.ones(2)}
+        state = opt.init(params)
+        before = snapshot(params, state)
+        opt.step(params, nan, state, skip_if=skip)
+        assert_unchanged([params, state], before, what=f"{opt.name} skipped")
+    # under accumulate: the calls before the k-th run no inner step, overrides or not
+    inner = wrappers.skip_nonfinite(optorch.get_optimizer("adamw"), max_consecutive=0)
+    opt = wrappers.accumulate(inner, every=4)
+    params = {"a": torch.ones(2), "b": torch.ones(2)}
+    state = opt.init(params)
+    opt.step(params, nan, state, hyper_overrides={"max_lr": 0.1})
+    assert int(state["count"]) == 1
 
 
 # --------------------------------------------------------------------------------------

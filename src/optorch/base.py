@@ -1539,8 +1539,11 @@ class Optimizer:
         state: Mapping[str, Any],
         *,
         hyper_overrides: Mapping[str, Any] | None = None,
+        skip_if: Any = None,
     ) -> None:
-        """Raise what :meth:`step` would raise for these inputs; change nothing."""
+        """Raise what :meth:`step` would raise for these inputs; change nothing (its
+        checks do not depend on ``skip_if``, which is checked too)."""
+        _check_gate(self.rule, skip_if)
         config = _overridden(self.config, hyper_overrides) if hyper_overrides else self.config
         prepare(self.rule, config, params, grads, state)
 

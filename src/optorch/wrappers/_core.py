@@ -219,19 +219,22 @@ def check_step(
     grads: PyTree,
     state: Any,
     hyper_overrides: Mapping[str, Any] | None,
+    skip_if: Any = None,
 ) -> None:
-    """Raise what ``optimizer.step`` would raise on these inputs, changing nothing.
+    """Raise what ``optimizer.step`` would raise on these inputs (with this ``skip_if``),
+    changing nothing.
 
-    Through the optimizer's ``check`` where it has one (optimizers do); else (wrappers)
-    its step with ``skip_if=True``, which leaves params and state bit-identical. The gate
-    is a CPU tensor, read on the host: an in-place optimizer step returns after its
-    checks, with no arithmetic (and nothing for ``optorch.graphs`` to record); a pure
-    step computes and discards. A refusal that depends on the values (``skip_nonfinite``'s
-    ``max_consecutive``) is not seen by a skipped step.
+    Through the optimizer's ``check`` where it has one (optimizers, ``skip_nonfinite``);
+    else (wrappers) its step with ``skip_if=True``, which leaves params and state
+    bit-identical. The gate is a CPU tensor, read on the host: an in-place optimizer step
+    returns after its checks, with no arithmetic (and nothing for ``optorch.graphs`` to
+    record); a pure step computes and discards. A refusal that depends on the values
+    (``skip_nonfinite``'s ``max_consecutive``) is not seen by such a skipped step, only by
+    ``check`` (see :func:`may_refuse_on_values`).
     """
     check = getattr(optimizer, "check", None)
     if check is not None:
-        check(params, grads, state, hyper_overrides=hyper_overrides)
+        check(params, grads, state, hyper_overrides=hyper_overrides, skip_if=skip_if)
         return
     skip = torch.ones((), dtype=torch.bool)
     # on new containers (the same tensors): a skipped in-place step still adds the state
@@ -239,6 +242,17 @@ def check_step(
     _, state_leaves, state_spec = flatten(state)
     containers = unflatten(state_spec, state_leaves)
     optimizer.step(params, grads, containers, hyper_overrides=hyper_overrides, skip_if=skip)
+
+
+def may_refuse_on_values(optimizer: Any) -> bool:
+    """Whether ``optimizer`` (a wrapper stack) holds a refusal that depends on the
+    values, which a skipped step does not see: ``skip_nonfinite(max_consecutive=...)``."""
+    if getattr(optimizer, "max_consecutive", None) is not None:
+        return True
+    inner = [getattr(optimizer, "inner", None)]
+    inner += list(getattr(optimizer, "transforms", ()))
+    inner += list(getattr(optimizer, "optimizers", {}).values())
+    return any(may_refuse_on_values(o) for o in inner if o is not None)
 
 
 def counter(leaves: Sequence[Any], value: int = 0) -> torch.Tensor:

@@ -97,8 +97,11 @@ class Accumulate(Wrapper):
         if gate is None and host_readable(count):
             # eager fast path: no inner call (and no wasted compute) before the k-th call
             if int(taken) < self.every:
-                if hyper_overrides:
-                    check_step(self.inner, params, mean_grads, state["inner"], hyper_overrides)
+                if hyper_overrides:  # checked as the step that does not run now
+                    skip = torch.ones((), dtype=torch.bool)
+                    check_step(
+                        self.inner, params, mean_grads, state["inner"], hyper_overrides, skip
+                    )
                 kept = commit(old_mean, new_mean, inplace=inplace, skip=None)
                 return params, self._state(state, state["inner"], kept, mean_spec, taken)
             params, inner_state = self.inner.step(
@@ -242,11 +245,13 @@ class SkipNonfinite(Wrapper):
         state: Mapping[str, Any],
         *,
         hyper_overrides: Mapping[str, Any] | None = None,
+        skip_if: Any = None,
     ) -> None:
         """Raise what :meth:`step` would raise (``max_consecutive`` included, which a
-        skipped step cannot see), changing nothing; ``partition`` checks groups with it."""
-        self._counts(params, grads, state, None)
-        check_step(self.inner, params, grads, state["inner"], hyper_overrides)
+        skipped step cannot see, and not for a step ``skip_if`` skips), changing nothing;
+        ``partition`` checks groups with it."""
+        gate = self._counts(params, grads, state, skip_if)[0]
+        check_step(self.inner, params, grads, state["inner"], hyper_overrides, skip_if=gate)
 
     def _counts(
         self, params: PyTree, grads: PyTree, state: Mapping[str, Any], skip_if: Any

@@ -27,6 +27,7 @@ from optorch.wrappers._core import (
     config_has,
     expect_keys,
     is_inplace,
+    may_refuse_on_values,
     params_tree,
     restricted,
     select_leaves,
@@ -306,6 +307,9 @@ class Partition:
         # Wrapped groups step before the others: a refusal only their real step can see
         # (skip_nonfinite's max_consecutive) then finds the plain groups unwritten
         wrapped = [label for label, opt in stepped.items() if getattr(opt, "check", None) is None]
+        # of those, a group that may refuse on the values (skip_nonfinite's
+        # max_consecutive, under another wrapper) first: the one stepped unchecked
+        wrapped.sort(key=lambda label: not may_refuse_on_values(stepped[label]))
         stepped = {
             **{label: stepped[label] for label in wrapped},
             **{label: opt for label, opt in stepped.items() if label not in wrapped},
@@ -319,26 +323,74 @@ class Partition:
                     restricted(g_leaves, chosen, spec),
                     groups_state[label],
                     routed[label] or None,
+                    skip_if=gate,
                 )
+        # in place, a later group that refuses on the values finds earlier groups
+        # written: they are kept (copies of their params and state) to be put back
+        kept: list[Any] | None = (
+            []
+            if self.inplace and any(may_refuse_on_values(stepped[x]) for x in wrapped[1:])
+            else None
+        )
         out_leaves = list(p_leaves)
         new_groups: dict[Hashable, Any] = {}
-        for label, opt in stepped.items():
-            chosen = chosen_of[label]
-            new_sub, new_groups[label] = opt.step(
-                restricted(p_leaves, chosen, spec),
-                restricted(g_leaves, chosen, spec),
-                groups_state[label],
-                hyper_overrides=routed[label] or None,
-                skip_if=gate,
-            )
-            for index, (tensor, c) in enumerate(zip(flatten(new_sub)[1], chosen, strict=True)):
-                if c:
-                    out_leaves[index] = tensor
+        try:
+            for label, opt in stepped.items():
+                chosen = chosen_of[label]
+                if kept is not None:
+                    mine = [p for p, c in zip(p_leaves, chosen, strict=True) if c]
+                    kept.append(_keep((mine, groups_state[label])))
+                new_sub, new_groups[label] = opt.step(
+                    restricted(p_leaves, chosen, spec),
+                    restricted(g_leaves, chosen, spec),
+                    groups_state[label],
+                    hyper_overrides=routed[label] or None,
+                    skip_if=gate,
+                )
+                for index, (tensor, c) in enumerate(zip(flatten(new_sub)[1], chosen, strict=True)):
+                    if c:
+                        out_leaves[index] = tensor
+        except RuntimeError:
+            for snapshot in reversed(kept or []):
+                _put_back(snapshot)
+            raise
         out = unflatten(spec, out_leaves)
         if self.inplace and isinstance(state, dict) and isinstance(groups_state, dict):
             groups_state.update(new_groups)
             return out, state
         return out, {**state, "groups": {**groups_state, **new_groups}}
+
+
+def _keep(tree: Any) -> tuple[str, Any, Any]:
+    """A copy of ``tree`` for :func:`_put_back`: its containers and tensors by identity,
+    with the tensors' values."""
+    if isinstance(tree, torch.Tensor):
+        return ("tensor", tree, tree.detach().clone())
+    if isinstance(tree, dict):
+        return ("dict", tree, {key: _keep(value) for key, value in tree.items()})
+    if isinstance(tree, list):
+        return ("list", tree, [_keep(value) for value in tree])
+    if isinstance(tree, tuple):
+        return ("tuple", tree, [_keep(value) for value in tree])
+    return ("leaf", tree, None)
+
+
+def _put_back(kept: tuple[str, Any, Any]) -> Any:
+    """Restore what :func:`_keep` saw: the same objects, their old contents."""
+    kind, obj, data = kept
+    if kind == "tensor":
+        with torch.no_grad():
+            obj.copy_(data)
+    elif kind == "dict":
+        values = {key: _put_back(value) for key, value in data.items()}
+        obj.clear()
+        obj.update(values)
+    elif kind == "list":
+        obj[:] = [_put_back(value) for value in data]
+    elif kind == "tuple":
+        for value in data:
+            _put_back(value)
+    return obj
 
 
 def partition(labels: Selector, optimizers: Mapping[Hashable, Any]) -> Partition:
