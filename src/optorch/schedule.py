@@ -622,7 +622,9 @@ def linear_warmup(
     r"""Linear from ``start_factor`` to ``end_factor`` over ``total_iters`` steps, then constant.
 
     As ``torch.optim.lr_scheduler.LinearLR`` (which also decreases when
-    ``end_factor < start_factor``); unlike it, ``start_factor=0`` is allowed.
+    ``end_factor < start_factor``); unlike it, ``start_factor=0`` is allowed, and
+    ``total_iters=0`` is ``end_factor`` from the first step (a warmup of no steps), where
+    ``LinearLR`` would keep ``start_factor`` for ever.
 
     .. math::
 
