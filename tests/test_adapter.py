@@ -77,6 +77,7 @@ def assert_same_run(
         state_a, state_b = ours[1].state[a], theirs[1].state[b]
         if "step" in state_b:
             assert float(state_a["step"]) == float(state_b["step"]), f"step of param {index}"
+            assert state_a["step"].dtype == state_b["step"].dtype, f"step dtype of {index}"
         for field, key in fields.items():
             if state_b.get(key) is None:
                 continue

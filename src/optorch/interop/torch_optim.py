@@ -15,7 +15,8 @@ key belongs to ``OneCycleLR`` (its peak) and is ignored here. If the optorch con
 ``schedule``, its multiplier still applies on top of the group's ``lr`` (usually leave it
 unset and use an ``lr_scheduler``).
 
-State, per param as in torch: ``"step"`` (a 0-d float32 CPU tensor, torch's convention)
+State, per param as in torch: ``"step"`` (a 0-d CPU tensor in torch's scalar dtype: float32,
+float64 when that is the default dtype)
 and the optorch rule's fields, under the keys the ``torch.optim`` twin uses where there
 is one (:data:`optorch.interop.convert.TORCH_TWINS`: SGD's and Muon's buffer is
 ``"momentum_buffer"``, NAdam also keeps torch's ``"mu_product"``), so that a
@@ -327,7 +328,9 @@ class TorchOptimizer(torch.optim.Optimizer):
         from optorch.interop import convert
 
         rule = self.functional.rule
-        state: dict[str, Any] = {"step": torch.zeros((), dtype=torch.float32)}
+        # torch's per-param step: a CPU tensor in its scalar dtype (float64 when the
+        # default dtype is float64)
+        state: dict[str, Any] = {"step": torch.zeros((), dtype=convert.torch_scalar_dtype())}
         with torch.no_grad():
             for name in rule.fields(config):
                 state[self._keys.get(name, name)] = rule.init_field(name, param.detach(), config)
