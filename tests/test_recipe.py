@@ -125,7 +125,7 @@ def test_demo_layouts_are_compatible() -> None:
     recipe = build_recipe(
         EXAMPLES / "recipe.yaml",
         name="adamw_clipped",
-        overrides=["train.warmup_steps=25", "train.lr_terminal=0.1"],
+        overrides=["+train.warmup_steps=25", "+train.lr_terminal=0.1"],
     )
     assert recipe.optimizer.name.startswith("chain(clip_by_global_norm")
 
@@ -133,9 +133,41 @@ def test_demo_layouts_are_compatible() -> None:
 def test_single_optimizer_node_and_overrides() -> None:
     recipe = build_recipe(
         {"optimizer": {"_target_": "optorch.get_optimizer", "optimizer_name": "lion"}},
-        overrides=["optimizer.max_lr=0.5"],
+        overrides=["+optimizer.max_lr=0.5"],
     )
     assert recipe.optimizer.config.max_lr == 0.5 and recipe.scaler is None and recipe.train == {}
+
+
+def test_overrides_follow_hydras_command_line_grammar() -> None:
+    """key=value sets a key the recipe has (a misspelled one raises), +key=value adds
+    one (an existing one raises), ++key=value adds or sets, ~key removes."""
+    source = {
+        "optimizer": {"_target_": "optorch.get_optimizer", "optimizer_name": "adamw"},
+        "train": {"steps": 200, "warmup_steps": 10},
+    }
+    recipe = build_recipe(
+        source,
+        overrides=[
+            "train.steps=999",
+            "+optimizer.max_lr=0.01",
+            "++optimizer.weight_decay=0.2",
+            "++train.steps=1000",
+            "~train.warmup_steps",
+        ],
+    )
+    assert recipe.train == {"steps": 1000}
+    assert recipe.optimizer.config.max_lr == 0.01
+    assert recipe.optimizer.config.weight_decay == 0.2
+    refused = [
+        ("train.stepz=999", r"the recipe has no key 'train.stepz' \(to add one, write '\+train"),
+        ("+train.steps=5", r"already has 'train.steps' \(to set it, write 'train.steps=5'"),
+        ("~train.lr", r"no key 'train.lr' to remove"),
+        ("~train.steps=3", r"'train.steps' is 200, not '3'"),
+        ("+++train.steps=5", r"at most two '\+'"),
+    ]
+    for override, message in refused:
+        with pytest.raises(ValueError, match=message):
+            build_recipe(source, overrides=[override])
 
 
 ADAMW = {"_target_": "optorch.get_optimizer", "optimizer_name": "adamw"}

@@ -111,14 +111,60 @@ def _load_config(source: Any, overrides: Sequence[str]) -> Any:
         if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
             raise TypeError(f"overrides must be a list of 'key=value' strings, got {overrides!r}")
         # OmegaConf reads "key" alone as "key: null"; Hydra's command line refuses it
-        bare = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+        bare = [
+            o
+            for o in overrides
+            if not o.startswith("~") and ("=" not in o or not o.split("=", 1)[0].lstrip("+"))
+        ]
         if bare:
             raise ValueError(
                 f"overrides must be 'key=value' strings; {bare} are not (write 'key=null' "
                 "to set a value to None)"
             )
-        config = OmegaConf.merge(config, OmegaConf.from_dotlist(list(overrides)))
+        for override in overrides:
+            config = _apply_override(config, override)
     return config
+
+
+_ABSENT = object()
+
+
+def _apply_override(config: Any, override: str) -> Any:
+    """One override in the grammar of Hydra's command line: ``key=value`` sets a key the
+    recipe has, ``+key=value`` adds one it does not have, ``++key=value`` sets it either
+    way, ``~key`` (or ``~key=value``, when it holds that value) removes it. A key that
+    is not there for ``key=`` (a misspelling) or already there for ``+key=`` raises
+    ``ValueError``, as Hydra does."""
+    from omegaconf import OmegaConf
+
+    if override.startswith("~"):
+        key, _, expected = override[1:].partition("=")
+        current = OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False)
+        if current is _ABSENT:
+            raise ValueError(f"override {override!r}: the recipe has no key {key!r} to remove")
+        if expected and OmegaConf.from_dotlist([f"v={expected}"]).v != current:
+            raise ValueError(f"override {override!r}: {key!r} is {current!r}, not {expected!r}")
+        parent_key, _, last = key.rpartition(".")
+        parent = OmegaConf.select(config, parent_key) if parent_key else config
+        del parent[last]
+        return config
+    plus = len(override) - len(override.lstrip("+"))
+    if plus > 2:
+        raise ValueError(f"override {override!r}: at most two '+' (++key=value)")
+    assignment = override[plus:]
+    key = assignment.split("=", 1)[0].strip()
+    present = OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
+    if plus == 0 and not present:
+        raise ValueError(
+            f"override {override!r}: the recipe has no key {key!r} (to add one, write "
+            f"'+{assignment}')"
+        )
+    if plus == 1 and present:
+        raise ValueError(
+            f"override {override!r}: the recipe already has {key!r} (to set it, write "
+            f"'{assignment}', or '++{assignment}')"
+        )
+    return OmegaConf.merge(config, OmegaConf.from_dotlist([assignment]))
 
 
 def _optimizer_node(config: Any, name: str | None) -> tuple[str, Any]:
@@ -169,8 +215,10 @@ def build_recipe(
     """Instantiate a recipe (a YAML path, a dict or a ``DictConfig``).
 
     * ``name``: which entry of ``optimizers`` to build (optional when there is one);
-    * ``overrides``: ``"key=value"`` strings merged first (as Hydra's command line:
-      ``["optimizer.max_lr=1e-3", "train.steps=100"]``);
+    * ``overrides``: ``"key=value"`` strings applied first, in the grammar of Hydra's
+      command line (``["optimizer.max_lr=1e-3", "train.steps=100"]``; ``+key=value``
+      adds a key, ``++key=value`` adds or sets one, ``~key`` removes one; a ``key=`` the
+      recipe lacks raises ``ValueError``);
     * ``device``: passed to the ``scaler`` node (``init_grad_scaler(device=...)``).
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError``/``TypeError``
