@@ -535,3 +535,27 @@ def test_complex_params_match_torch_optim_on_the_device(impl: str, inplace: bool
             torch.testing.assert_close(
                 real(state[field][k]), real(reference.state[p][field]), rtol=1e-5, atol=1e-6
             )
+
+
+def test_accumulate_with_none_gradients_runs_without_a_sync_on_the_device() -> None:
+    """On an accelerator the flags of which leaves had a gradient are not read (that
+    would sync): a None gradient counts as zero, and no step syncs with the host."""
+    if DEVICE == "cpu":
+        pytest.skip("a CPU step has no device to wait for")
+    opt = optorch.wrappers.accumulate(optorch.get_optimizer("adamw", max_lr=0.05), every=2)
+    params = {"expert": torch.ones(4, device=DEVICE), "shared": torch.ones(3, device=DEVICE)}
+    state = opt.init(params)
+    assert state["count"].device == params["shared"].device
+    params, state = opt.step(params, {k: torch.ones_like(v) for k, v in params.items()}, state)
+    torch.cuda.synchronize()  # the first step creates state fields
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for micro in range(6):
+            grads = {
+                "expert": None if micro % 2 else torch.ones(4, device=DEVICE),
+                "shared": torch.ones(3, device=DEVICE),
+            }
+            params, state = opt.step(params, grads, state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(state["inner"]["step"]) == 3  # 7 calls, every=2

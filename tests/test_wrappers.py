@@ -365,6 +365,74 @@ ACCUMULATED = {
 
 
 @pytest.mark.parametrize("path", ["eager", "gated"])
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+@pytest.mark.parametrize("inplace", MODES, ids=MODE_IDS)
+def test_accumulate_with_none_gradients_matches_torchs_accumulated_grad(
+    inplace: bool, impl: str, path: str
+) -> None:
+    """torch.optim after k backward passes: a param with a gradient in some micro-batch
+    has the sum in .grad (stepped, even when the last micro-batch gave it none); a param
+    with none in the whole cycle has .grad None (not stepped). An "expert" routed to in
+    the first micro-batches of a cycle only, and not at all in the last cycle."""
+    every = 3
+    gen = generator(27)
+    start = {"expert": torch.randn(4, generator=gen), "shared": torch.randn(2, 3, generator=gen)}
+    theirs = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    reference = torch.optim.AdamW(list(theirs.values()), lr=0.05, weight_decay=0.1)
+    opt = wrappers.accumulate(
+        optorch.get_optimizer("adamw", max_lr=0.05, weight_decay=0.1, impl=impl, inplace=inplace),
+        every=every,
+    )
+    params = clone_tree(start)
+    state = opt.init(params)
+    skip = torch.tensor(False) if path == "gated" else None
+    for cycle in range(4):
+        reference.zero_grad()
+        for micro in range(every):
+            grads: dict[str, Any] = {
+                k: torch.randn(v.shape, generator=gen) for k, v in start.items()
+            }
+            if micro == every - 1 or cycle == 3:
+                grads["expert"] = None
+            for k, p in theirs.items():
+                if grads[k] is not None:  # backward of the mean loss over micro-batches
+                    p.grad = grads[k] / every if p.grad is None else p.grad + grads[k] / every
+            params, state = opt.step(params, grads, state, skip_if=skip)
+        reference.step()
+        for k, p in theirs.items():
+            torch.testing.assert_close(params[k], p.detach(), rtol=1e-6, atol=1e-7, msg=k)
+    assert int(state["inner"]["step"]) == 4
+
+
+def test_accumulate_state_without_grad_seen_keeps_working() -> None:
+    """A state saved before ``grad_seen`` existed: stepped as before for its cycle, the
+    flags made on its first call."""
+    opt = wrappers.accumulate(optorch.get_optimizer("adamw", max_lr=0.05), every=2)
+    params = {"w": torch.ones(3)}
+    state = opt.init(params)
+    old = {k: v for k, v in state.items() if k != "grad_seen"}
+    params, old = opt.step(params, {"w": torch.ones(3)}, old)
+    assert old["grad_seen"].tolist() == [True]
+    params, old = opt.step(params, {"w": torch.ones(3)}, old)
+    assert int(old["inner"]["step"]) == 1 and old["grad_seen"].tolist() == [False]
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_an_accumulate_checkpoint_without_grad_seen_loads(suffix: str, tmp_path: Any) -> None:
+    from optorch.interop import checkpoint
+
+    opt = wrappers.accumulate(optorch.get_optimizer("adamw", max_lr=0.05), every=2)
+    params = {"w": torch.ones(3)}
+    state = opt.init(params)
+    old = {k: v for k, v in state.items() if k != "grad_seen"}
+    path = tmp_path / f"old.{suffix}"
+    checkpoint.save(path, old, optimizer=opt, params=params)
+    loaded = checkpoint.load(path, params=params, optimizer=opt)
+    assert "grad_seen" not in loaded
+    opt.step(params, {"w": torch.ones(3)}, loaded)
+
+
+@pytest.mark.parametrize("path", ["eager", "gated"])
 @pytest.mark.parametrize("name", list(ACCUMULATED))
 @pytest.mark.parametrize("inplace", MODES, ids=MODE_IDS)
 def test_accumulate_equals_one_step_on_the_concatenated_batch(

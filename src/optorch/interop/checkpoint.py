@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from optorch.base import _STEP_DTYPES, SKIPPED, STEP
+from optorch.base import _STEP_DTYPES, SKIPPED
 from optorch.tree import PyTree, flatten, format_path
 
 __all__ = [
@@ -928,18 +928,22 @@ def _without_skipped(where: str, loaded: Any, reference: Any) -> Any:
 
 
 def _resumable_globals() -> frozenset[str]:
+    """State keys a saved state may lack, added by later versions and remade by the
+    step: the rules' resumable globals (NAdam's ``mu_product``, resumed from the count,
+    :meth:`optorch.base.Rule.resume_global`) and ``accumulate``'s ``grad_seen``."""
     from optorch.builder import REGISTRY
+    from optorch.wrappers.control import SEEN
 
-    return frozenset(name for entry in REGISTRY.values() for name in entry.rule.resumable_globals)
+    rules = (name for entry in REGISTRY.values() for name in entry.rule.resumable_globals)
+    return frozenset((*rules, SEEN))
 
 
 def _without_resumed(loaded: Any, reference: Any) -> Any:
-    """``reference`` without the rule-wide values a state may lack (NAdam's
-    ``mu_product``, kept since a later version: the step resumes it from the count,
-    :meth:`optorch.base.Rule.resume_global`) where ``loaded`` lacks them."""
+    """``reference`` without the keys of :func:`_resumable_globals` that ``loaded``
+    lacks."""
     if not isinstance(loaded, Mapping) or not isinstance(reference, Mapping):
         return reference
-    resumable = _resumable_globals() if STEP in reference else frozenset()
+    resumable = _resumable_globals()
     out = {
         key: _without_resumed(loaded.get(key), value)
         for key, value in reference.items()

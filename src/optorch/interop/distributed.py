@@ -143,10 +143,10 @@ def _add_skipped_counts(template: Any, checkpoint_id: str) -> None:
     def visit(node: Any, prefix: str) -> None:
         if not isinstance(node, dict):
             return
-        if STEP in node:
-            # a rule-wide value the checkpoint predates (NAdam's mu_product): the step
-            # resumes it from the count
-            for name in [n for n in node if n in resumable and prefix + n not in saved]:
+        # a value the checkpoint predates (NAdam's mu_product, accumulate's grad_seen):
+        # the step remakes it
+        for name in [n for n in node if n in resumable and prefix + n not in saved]:
+            if not any(key.startswith(prefix + name + ".") for key in saved):
                 del node[name]
         if (
             counted

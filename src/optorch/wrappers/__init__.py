@@ -32,7 +32,7 @@ inspection see everything, and each honours ``skip_if`` for its own state too.
 >>> params = {"fc.weight": torch.ones(2, 2), "fc.bias": torch.ones(2)}
 >>> state = opt.init(params)
 >>> sorted(state), sorted(state["inner"])
-(['inner', 'skipped_consecutive', 'skipped_total'], ['count', 'grad_mean', 'inner'])
+(['inner', 'skipped_consecutive', 'skipped_total'], ['count', 'grad_mean', 'grad_seen', 'inner'])
 """
 
 from optorch.wrappers._core import GroupsConfig, Wrapper, commit

@@ -59,10 +59,12 @@ class Accumulate(Wrapper):
             else None
             for p in leaves_
         ]
+        count = counter(leaves_)
         return {
             "inner": self.inner.init(tree),
             "grad_mean": unflatten(spec, mean),
-            "count": counter(leaves_),
+            "count": count,
+            SEEN: torch.zeros(len(leaves_), dtype=torch.bool, device=count.device),
         }
 
     def step(
@@ -82,17 +84,31 @@ class Accumulate(Wrapper):
         mean_spec = flatten(state["grad_mean"])[2]
         old_mean = aligned_leaves(who, "grad_mean", state["grad_mean"], params)
         count = state["count"]
+        seen = _check_seen(who, state, count, len(g_leaves))
         taken = count + 1
         # running mean: a missing gradient counts as zero for this micro-batch
         new_mean = [
             None if m is None else (m - m / taken if g is None else m + (g - m) / taken)
             for m, g in zip(old_mean, g_leaves, strict=True)
         ]
-        # the inner step sees the mean for the leaves that have a gradient now
+        # the inner step sees the mean for the leaves that have a gradient now or had
+        # one earlier in the cycle (as torch's accumulated .grad), where that is known
+        # on the host; others sit the step out (None)
+        earlier = seen.tolist() if seen is not None and host_readable(seen) else None
         mean_grads = unflatten(
             flatten(grads)[2],
-            [None if g is None else m for m, g in zip(new_mean, g_leaves, strict=True)],
+            [
+                m if g is not None or (earlier is not None and earlier[i]) else None
+                for i, (m, g) in enumerate(zip(new_mean, g_leaves, strict=True))
+            ],
         )
+        if count.device.type == "cpu":
+            present = torch.tensor([g is not None for g in g_leaves])
+            now_seen = present if seen is None else seen | present
+        else:
+            # flags on an accelerator could not be read without a sync: not kept there
+            # (a None gradient on the k-th call then sits the step out)
+            now_seen = torch.zeros(len(g_leaves), dtype=torch.bool, device=count.device)
         inplace = self.inplace
         if gate is None and host_readable(count):
             # eager fast path: no inner call (and no wasted compute) before the k-th call
@@ -103,13 +119,20 @@ class Accumulate(Wrapper):
                         self.inner, params, mean_grads, state["inner"], hyper_overrides, skip
                     )
                 kept = commit(old_mean, new_mean, inplace=inplace, skip=None)
-                return params, self._state(state, state["inner"], kept, mean_spec, taken)
+                return params, self._state(state, state["inner"], kept, mean_spec, taken, now_seen)
             params, inner_state = self.inner.step(
                 params, mean_grads, state["inner"], hyper_overrides=hyper_overrides
             )
             zeros = [None if m is None else torch.zeros_like(m) for m in old_mean]
             kept = commit(old_mean, zeros, inplace=inplace, skip=None)
-            return params, self._state(state, inner_state, kept, mean_spec, torch.zeros_like(count))
+            return params, self._state(
+                state,
+                inner_state,
+                kept,
+                mean_spec,
+                torch.zeros_like(count),
+                torch.zeros_like(now_seen),
+            )
         is_last = taken >= self.every
         params, inner_state = self.inner.step(
             params,
@@ -123,9 +146,11 @@ class Accumulate(Wrapper):
         ]
         kept = commit(old_mean, reset, inplace=inplace, skip=gate)
         new_count = torch.where(is_last, torch.zeros_like(count), taken)
+        new_seen = torch.where(is_last, torch.zeros_like(now_seen), now_seen)
         if gate is not None:
             new_count = torch.where(gate, count, new_count)
-        return params, self._state(state, inner_state, kept, mean_spec, new_count)
+            new_seen = torch.where(gate, now_seen if seen is None else seen, new_seen)
+        return params, self._state(state, inner_state, kept, mean_spec, new_count, new_seen)
 
     def _state(
         self,
@@ -134,10 +159,15 @@ class Accumulate(Wrapper):
         mean: list[Any],
         mean_spec: Any,
         count: torch.Tensor,
+        seen: torch.Tensor,
     ) -> dict[str, Any]:
         if self.inplace and isinstance(state, dict):
             with torch.no_grad():
                 state["count"].copy_(count)
+                if isinstance(state.get(SEEN), torch.Tensor):
+                    state[SEEN].copy_(seen)
+                else:  # a state from before the flags were kept
+                    state[SEEN] = seen
             state["inner"] = inner_state
             return state
         return {
@@ -145,7 +175,31 @@ class Accumulate(Wrapper):
             "inner": inner_state,
             "grad_mean": unflatten(mean_spec, mean),
             "count": count,
+            SEEN: seen,
         }
+
+
+#: Accumulate's per-leaf flags: which leaves had a gradient so far in the cycle.
+SEEN = "grad_seen"
+
+
+def _check_seen(who: str, state: Mapping[str, Any], count: torch.Tensor, n: int) -> Any:
+    """``state["grad_seen"]``: a bool vector, one flag per leaf, on the count's device;
+    None for a state from before it was kept."""
+    seen = state.get(SEEN)
+    if seen is None:
+        return None
+    if (
+        not isinstance(seen, torch.Tensor)
+        or seen.dtype != torch.bool
+        or seen.shape != (n,)
+        or seen.device != count.device
+    ):
+        raise ValueError(
+            f"{who}: state[{SEEN!r}] must be a bool tensor of shape ({n},) (a flag per "
+            f"leaf) on {count.device}, got {seen!r}"
+        )
+    return seen
 
 
 def accumulate(optimizer: Any, *, every: int) -> Accumulate:
@@ -156,7 +210,11 @@ def accumulate(optimizer: Any, *, every: int) -> Accumulate:
     inner state untouched, bit for bit); call :math:`k` runs the inner step with
     :math:`\bar g_k` and resets the mean. For micro-batches of equal size this is one step
     on their concatenation with the mean loss. A ``None`` gradient counts as zero in the
-    mean; the inner step sees ``None`` for leaves without a gradient on the k-th call.
+    mean. On the k-th call the inner step sees the mean of a leaf whose gradient is
+    ``None`` now but was present earlier in the cycle (as torch's accumulated ``.grad``),
+    and ``None`` for a leaf without a gradient in the whole cycle; ``"grad_seen"`` (a
+    bool per leaf) records which had one, kept where the count is on the CPU and read in
+    eager steps (on an accelerator or while traced, such a leaf sits the step out).
 
     The state holds ``"grad_mean"`` (params-shaped) and ``"count"`` (0-d int64, calls
     since the last inner step). On the CPU, eagerly, the count is read on the host to
