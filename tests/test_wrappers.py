@@ -417,6 +417,58 @@ def test_accumulate_state_without_grad_seen_keeps_working() -> None:
     assert int(old["inner"]["step"]) == 1 and old["grad_seen"].tolist() == [False]
 
 
+@pytest.mark.parametrize("inplace", MODES, ids=MODE_IDS)
+def test_a_skipped_call_records_no_gradient_even_on_a_state_without_grad_seen(
+    inplace: bool,
+) -> None:
+    """A call skipped by skip_if (a rejected micro-batch) must not count its gradients
+    as seen: the expert, without a gradient in the cycle that follows, stays put."""
+    opt = wrappers.accumulate(
+        optorch.get_optimizer("adamw", max_lr=0.1, weight_decay=0.1, inplace=inplace), every=2
+    )
+    for legacy in (False, True):
+        params = {"expert": torch.ones(3), "shared": torch.ones(3)}
+        state = opt.init(params)
+        if legacy:
+            state = {k: v for k, v in state.items() if k != "grad_seen"}
+        both = {"expert": torch.ones(3), "shared": torch.ones(3)}
+        params, state = opt.step(params, both, state, skip_if=torch.tensor(True))
+        assert state["grad_seen"].tolist() == [False, False]
+        for _ in range(2):
+            params, state = opt.step(params, {"expert": None, "shared": torch.ones(3)}, state)
+        assert params["expert"].tolist() == [1.0, 1.0, 1.0]
+        assert params["shared"].tolist() != [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("inplace", MODES, ids=MODE_IDS)
+def test_accumulate_over_no_params(inplace: bool) -> None:
+    opt = wrappers.accumulate(optorch.get_optimizer("sgd", inplace=inplace), every=2)
+    state = opt.init({})
+    for _ in range(3):
+        _, state = opt.step({}, {}, state)
+    assert state["grad_seen"].dtype == torch.bool and state["grad_seen"].shape == (0,)
+
+
+@pytest.mark.parametrize("name", ["grad_seen", "mu_product"])
+def test_a_param_named_like_a_resumable_key_is_still_checked(name: str, tmp_path: Any) -> None:
+    """Loaders accept a state without NAdam's mu_product or accumulate's grad_seen only
+    in those states: a checkpoint missing the state of a *param* of that name is
+    refused."""
+    from optorch.interop import checkpoint
+
+    opt = optorch.get_optimizer("adamw", max_lr=0.1)
+    params = {name: torch.ones(3), "other": torch.ones(2)}
+    state = opt.init(params)
+    partial = {
+        k: ({p: t for p, t in v.items() if p != name} if isinstance(v, dict) else v)
+        for k, v in state.items()
+    }
+    path = tmp_path / "partial.safetensors"
+    checkpoint.save(path, partial, optimizer=opt, params=params)
+    with pytest.raises(ValueError, match=rf"missing leaf \['exp_avg'\]\['{name}'\]"):
+        checkpoint.load(path, params=params, optimizer=opt)
+
+
 @pytest.mark.parametrize("suffix", ["safetensors", "pt"])
 def test_an_accumulate_checkpoint_without_grad_seen_loads(suffix: str, tmp_path: Any) -> None:
     from optorch.interop import checkpoint

@@ -58,7 +58,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from optorch.base import _STEP_DTYPES, SKIPPED
+from optorch.base import _STEP_DTYPES, SKIPPED, STEP
 from optorch.tree import PyTree, flatten, format_path
 
 __all__ = [
@@ -927,23 +927,28 @@ def _without_skipped(where: str, loaded: Any, reference: Any) -> Any:
     return type(loaded)(out) if isinstance(loaded, dict) else out
 
 
-def _resumable_globals() -> frozenset[str]:
-    """State keys a saved state may lack, added by later versions and remade by the
-    step: the rules' resumable globals (NAdam's ``mu_product``, resumed from the count,
-    :meth:`optorch.base.Rule.resume_global`) and ``accumulate``'s ``grad_seen``."""
+def _resumable_at(node: Mapping[str, Any]) -> frozenset[str]:
+    """The keys a saved state node may lack, added by later versions and remade by the
+    step: in an optimizer's state (it has ``"step"``), the rules' resumable globals
+    (NAdam's ``mu_product``, resumed from the count,
+    :meth:`optorch.base.Rule.resume_global`); in an ``accumulate`` state,
+    ``grad_seen``."""
     from optorch.builder import REGISTRY
     from optorch.wrappers.control import SEEN
 
-    rules = (name for entry in REGISTRY.values() for name in entry.rule.resumable_globals)
-    return frozenset((*rules, SEEN))
+    keys: set[str] = set()
+    if STEP in node:
+        keys.update(name for entry in REGISTRY.values() for name in entry.rule.resumable_globals)
+    if "grad_mean" in node and "count" in node:
+        keys.add(SEEN)
+    return frozenset(keys)
 
 
 def _without_resumed(loaded: Any, reference: Any) -> Any:
-    """``reference`` without the keys of :func:`_resumable_globals` that ``loaded``
-    lacks."""
+    """``reference`` without the keys of :func:`_resumable_at` that ``loaded`` lacks."""
     if not isinstance(loaded, Mapping) or not isinstance(reference, Mapping):
         return reference
-    resumable = _resumable_globals()
+    resumable = _resumable_at(reference)
     out = {
         key: _without_resumed(loaded.get(key), value)
         for key, value in reference.items()

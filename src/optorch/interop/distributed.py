@@ -135,9 +135,8 @@ def _add_skipped_counts(template: Any, checkpoint_id: str) -> None:
         saved = list(dcp.FileSystemReader(checkpoint_id).read_metadata().state_dict_metadata)
     except Exception:  # an unreadable checkpoint: dcp.load says why
         return
-    from optorch.interop.checkpoint import _resumable_globals
+    from optorch.interop.checkpoint import _resumable_at
 
-    resumable = _resumable_globals()
     counted = any(SKIPPED in key.split(".") for key in saved)
 
     def visit(node: Any, prefix: str) -> None:
@@ -145,9 +144,9 @@ def _add_skipped_counts(template: Any, checkpoint_id: str) -> None:
             return
         # a value the checkpoint predates (NAdam's mu_product, accumulate's grad_seen):
         # the step remakes it
+        resumable = _resumable_at(node)
         for name in [n for n in node if n in resumable and prefix + n not in saved]:
-            if not any(key.startswith(prefix + name + ".") for key in saved):
-                del node[name]
+            del node[name]
         if (
             counted
             and STEP in node

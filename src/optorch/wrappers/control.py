@@ -103,7 +103,7 @@ class Accumulate(Wrapper):
             ],
         )
         if count.device.type == "cpu":
-            present = torch.tensor([g is not None for g in g_leaves])
+            present = torch.tensor([g is not None for g in g_leaves], dtype=torch.bool)
             now_seen = present if seen is None else seen | present
         else:
             # flags on an accelerator could not be read without a sync: not kept there
@@ -149,7 +149,9 @@ class Accumulate(Wrapper):
         new_seen = torch.where(is_last, torch.zeros_like(now_seen), now_seen)
         if gate is not None:
             new_count = torch.where(gate, count, new_count)
-            new_seen = torch.where(gate, now_seen if seen is None else seen, new_seen)
+            # a skipped call records nothing (a state without flags starts with none)
+            kept_seen = torch.zeros_like(now_seen) if seen is None else seen
+            new_seen = torch.where(gate, kept_seen, new_seen)
         return params, self._state(state, inner_state, kept, mean_spec, new_count, new_seen)
 
     def _state(
