@@ -847,7 +847,9 @@ def test_adams_decoupled_weight_decay_flag_is_the_mode(decoupled: bool) -> None:
         10,
     )
     assert_same_run(ours, theirs, ADAM_FIELDS)
-    assert ours[1].param_groups[0]["mode"] == ("ADAMW" if decoupled else "ORIGINAL")
+    # the groups hold torch's flag (not optorch's mode), as torch.optim.Adam's do
+    assert ours[1].param_groups[0]["decoupled_weight_decay"] is decoupled
+    assert "mode" not in ours[1].param_groups[0]
     # a torch Adam state_dict with the flag, loaded into a default "adam" adapter, keeps it
     loaded = TorchOptimizer([p.detach().clone().requires_grad_() for p in theirs[0]], "adam")
     loaded.load_state_dict(copy.deepcopy(theirs[1].state_dict()))
@@ -861,3 +863,80 @@ def test_adams_decoupled_weight_decay_flag_is_the_mode(decoupled: bool) -> None:
         torch.testing.assert_close(p.detach(), q.detach(), **TOL)
     with pytest.raises(ValueError, match="decoupled_weight_decay=True contradicts mode"):
         TorchOptimizer(theirs[0], "adam", decoupled_weight_decay=True, mode="ORIGINAL")
+
+
+@pytest.mark.skipif(
+    "decoupled_weight_decay" not in inspect.signature(torch.optim.Adam).parameters,
+    reason="this torch's Adam has no decoupled_weight_decay",
+)
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_adapter_adam_state_dict_keeps_its_decay_in_torch_adam(decoupled: bool) -> None:
+    """The adapter's state_dict, loaded into a torch Adam built with the other flag,
+    carries the adapter's decay (it lost a True flag: L2 decay, 6e-2 apart in 10 steps)."""
+    ours = drive(
+        lambda p: TorchOptimizer(
+            p, "adam", lr=0.05, weight_decay=0.5, decoupled_weight_decay=decoupled
+        ),
+        10,
+    )
+    copies = [p.detach().clone().requires_grad_() for p in ours[0]]
+    twin = torch.optim.Adam(
+        copies, lr=0.05, weight_decay=0.5, decoupled_weight_decay=not decoupled, foreach=False
+    )
+    twin.load_state_dict(copy.deepcopy(ours[1].state_dict()))
+    assert twin.param_groups[0]["decoupled_weight_decay"] is decoupled
+    for step in range(10, 20):
+        for p, q, g in zip(ours[0], copies, grads_for(step, ours[0]), strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        ours[1].step()
+        twin.step()
+    assert_same_run(ours, (copies, twin), ADAM_FIELDS)
+    # a group given optorch's mode keeps the mode only; both keys must agree
+    extra = torch.nn.Parameter(torch.ones(3))
+    ours[1].add_param_group({"params": [extra], "mode": "DECOUPLED"})
+    assert "decoupled_weight_decay" not in ours[1].param_groups[-1]
+    ours[1].param_groups[-1]["decoupled_weight_decay"] = True
+    extra.grad = torch.ones(3)
+    contradiction = r"^TorchOptimizer: param_groups\[1\]: decoupled_weight_decay=True contradicts"
+    with pytest.raises(ValueError, match=contradiction):
+        ours[1].step()
+
+
+def test_adapter_nadam_float64_params_under_float32_default_dtype() -> None:
+    """torch keeps NAdam's mu_product in float32 (the default dtype) and steps with the
+    product rounded there; float64 params show it (4e-10 apart after one step, 3e-8
+    after 20, before the product was advanced in its stored dtype)."""
+    assert torch.get_default_dtype() == torch.float32
+    shapes = {"w": (5, 3), "b": (5,)}
+
+    def float64(make: Callable[[list[Any]], torch.optim.Optimizer]) -> Any:
+        def build(params: list[Any]) -> torch.optim.Optimizer:
+            with torch.no_grad():
+                for p in params:
+                    p.data = p.data.double()
+            return make(params)
+
+        return build
+
+    def grads64(step: int, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        return [g.double() for g in grads_for(step, params)]
+
+    runs = []
+    for make in (
+        lambda p: TorchOptimizer(p, "nadam", lr=0.01, weight_decay=0.1),
+        lambda p: torch.optim.NAdam(p, lr=0.01, weight_decay=0.1, foreach=False),
+    ):
+        params = make_model_params(0, shapes)
+        optimizer = float64(make)(params)
+        for step in range(20):
+            for p, g in zip(params, grads64(step, params), strict=True):
+                p.grad = g
+            optimizer.step()
+        runs.append((params, optimizer))
+    ours, theirs = runs
+    assert ours[0][0].dtype == torch.float64
+    assert_same_run(ours, theirs, ADAM_FIELDS, rtol=1e-13, atol=1e-15)
+    for p, q in zip(ours[0], theirs[0], strict=True):
+        mine, torchs = ours[1].state[p]["mu_product"], theirs[1].state[q]["mu_product"]
+        assert mine.dtype == torchs.dtype == torch.float32
+        assert torch.equal(mine, torchs)

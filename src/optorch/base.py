@@ -363,6 +363,12 @@ class Rule:
     #: The closed range of each global field's values (checked where it is read on the
     #: host): a value outside it is not a state this rule can have made.
     global_bounds: ClassVar[Mapping[str, tuple[float, float]]] = MappingProxyType({})
+    #: Global fields advanced in the dtype a state holds them in, as torch.optim's twin
+    #: does (NAdam's ``mu_product *= mu`` on a float32 tensor): where one is held
+    #: narrower than float64 (``TorchOptimizer`` keeps torch's per-param layout), the
+    #: step's values come from the rounded product, as torch's do. :meth:`advance` then
+    #: gets the held tensor and returns the new one, which is read back as a number.
+    stored_dtype_globals: ClassVar[tuple[str, ...]] = ()
 
     # a rule holds no data: copies (``copy.deepcopy`` or pickling of an optimizer, of a
     # TorchOptimizer) keep the module's own instance, which checkpoints look up by
@@ -1314,8 +1320,19 @@ def _advance(
     if global_init:
         # read as numbers where that is free (no sync) and loses nothing: not when
         # autograd records them (a differentiable Schedule-Free run through its lr)
-        seen = {k: (float(v) if host and _plain_number(v) else v) for k, v in old_globals.items()}
+        readable = {k for k, v in old_globals.items() if host and _plain_number(v)}
+        narrow = {
+            k
+            for k in readable.intersection(rule.stored_dtype_globals)
+            if old_globals[k].dtype != torch.float64
+        }
+        seen = {
+            k: (float(v) if k in readable and k not in narrow else v)
+            for k, v in old_globals.items()
+        }
         new_globals, extra = rule.advance(config, t_value, lr, multiplier, seen)
+        if narrow:
+            extra = {k: (float(v) if k in narrow else v) for k, v in extra.items()}
     h = Hyper(rule.own_scalars(config, values, extra, 0), rule.static(config))
 
     p_active = [prepared.params[i] for i in prepared.active]

@@ -16,7 +16,13 @@ For each param tensor (a "layer") with :math:`\lambda` = ``weight_decay``,
     p_t &= p_{t-1} - b_t
 
 This is Algorithm 1 of the paper (the global rate :math:`\eta_t` sits inside the
-momentum buffer). With ``exclude_1d=True``, 1-D and 0-d params (biases, norm scales)
+momentum buffer) with one difference, kept from the seed's definition of the rule: the
+trust ratio divides by the norm of the decayed gradient :math:`\lVert d_t \rVert`, as
+optax's ``lars`` does (decayed weights added before the trust ratio is taken), where
+the paper writes :math:`\lVert g_t \rVert + \lambda \lVert p_{t-1} \rVert`. The two agree
+when :math:`\lambda = 0` (or :math:`g_t` is a non-negative multiple of :math:`p_{t-1}`);
+otherwise :math:`\lVert d_t \rVert` is the smaller (triangle inequality) and the rate
+here the larger. With ``exclude_1d=True``, 1-D and 0-d params (biases, norm scales)
 get neither weight decay nor adaptation (:math:`r_t = 1`), as is usual for LARS.
 
 >>> import torch

@@ -213,6 +213,7 @@ class NAdamRule(Rule):
     config_scalars = ("beta1", "beta2", "eps", "weight_decay")
 
     resumable_globals = ("mu_product",)
+    stored_dtype_globals = ("mu_product",)
     global_bounds = MappingProxyType({"mu_product": (0.0, 1.0)})
 
     def global_fields(self, config: NAdamConfig) -> dict[str, float]:

@@ -80,7 +80,7 @@ def _group_value(value: Any) -> Any:
 def _in_group(error: Exception, index: int) -> Exception:
     """``error`` with the param group it came from named (and ``max_lr`` as the group's
     ``lr``), of the same type where that type takes a message."""
-    text = f"TorchOptimizer: param_groups[{index}]: {error}"
+    text = f"TorchOptimizer: param_groups[{index}]: {str(error).removeprefix('TorchOptimizer: ')}"
     if "max_lr" in str(error):
         text += " (max_lr is the group's 'lr')"
     try:
@@ -251,7 +251,21 @@ class TorchOptimizer(torch.optim.Optimizer):
         defaults: dict[str, Any] = {"lr": config.max_lr}
         for name in self._hyper_names:
             defaults[name] = _group_value(getattr(config, name))
+        if _is_adam(functional) and defaults.get("mode") in ("ORIGINAL", "ADAMW"):
+            # groups hold torch.optim.Adam's flag, not optorch's mode: a state_dict loaded
+            # into torch's Adam would otherwise take the flag as False (L2 decay)
+            defaults["decoupled_weight_decay"] = defaults.pop("mode") == "ADAMW"
         super().__init__(params_or_groups, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``; a group that names only one of Adam's
+        ``decoupled_weight_decay`` and ``mode`` keeps only that one (the other, filled in
+        from the defaults, would contradict it)."""
+        given = set(param_group) if isinstance(param_group, dict) else set()
+        super().add_param_group(param_group)
+        for own, other in (("mode", "decoupled_weight_decay"), ("decoupled_weight_decay", "mode")):
+            if own in given and other not in given:
+                self.param_groups[-1].pop(other, None)
 
     def __repr__(self) -> str:
         return f"TorchOptimizer({self.functional!r}, groups={len(self.param_groups)})"
@@ -279,8 +293,8 @@ class TorchOptimizer(torch.optim.Optimizer):
         base = self.functional.config
         structural: dict[str, Any] = {}
         numeric: dict[str, Any] = {"max_lr": group["lr"]}
-        if "decoupled_weight_decay" in group and "mode" not in group and _is_adam(self.functional):
-            # a torch.optim.Adam group (a loaded torch state_dict): its flag is the mode
+        if "decoupled_weight_decay" in group and _is_adam(self.functional):
+            # torch.optim.Adam's flag is the mode (a mode in the same group must agree)
             group = {**group, **_decoupled_mode(group)}
         for name in self._hyper_names:
             if name not in group:
