@@ -367,6 +367,18 @@ STEP_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
         rf"grad at {_W} is sparse",
     ),
     (
+        "grad-sparse-csr",
+        lambda o, p, g, s: (p, _with_grad(g, w=g["layer"]["w"].to_sparse_csr()), s, {}),
+        TypeError,
+        rf"grad at {_W} is sparse \(layout torch\.sparse_csr\)",
+    ),
+    (
+        "state-leaf-sparse",
+        lambda o, p, g, s: (p, g, _field_leaf(o, s, lambda t: t.to_sparse()), {}),
+        TypeError,
+        rf"state '\w+' at {_W} is sparse \(layout torch\.sparse_coo\)",
+    ),
+    (
         "grad-not-a-tensor",
         lambda o, p, g, s: (p, _with_grad(g, b=2.0), s, {}),
         TypeError,
@@ -530,6 +542,18 @@ STEP_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
         lambda o, p, g, s: (p, g, {**s, "step": torch.zeros(3, dtype=torch.int64)}, {}),
         ValueError,
         r"state\['step'\] must be a 0-d tensor",
+    ),
+    (
+        "state-step-one-element-vector",
+        lambda o, p, g, s: (p, g, {**s, "step": torch.ones(1, dtype=torch.int64)}, {}),
+        ValueError,
+        r"state\['step'\] must be a 0-d tensor",
+    ),
+    (
+        "skip-if-meta",
+        lambda o, p, g, s: (p, g, s, {"skip_if": torch.tensor(False, device="meta")}),
+        ValueError,
+        r"skip_if is on the meta device",
     ),
     (
         "state-not-a-dict",
@@ -926,6 +950,12 @@ WRAPPER_PERTURBATIONS: list[tuple[str, Perturb, type[BaseException], str]] = [
         rf"grad at {_B} is on meta",
     ),
     (
+        "grad-sparse",
+        lambda o, p, g, s: (p, _with_grad(g, w=g["layer"]["w"].to_sparse()), s, {}),
+        TypeError,
+        rf"grad at {_W} is sparse \(layout torch\.sparse_coo\)",
+    ),
+    (
         "state-not-a-dict",
         lambda o, p, g, s: (p, g, 5, {}),
         TypeError,
@@ -1099,6 +1129,87 @@ def test_wrapper_counter_is_checked_before_writing(
     opt, params, grads, state = _wrapped(WRAPPED[wrapper])
     inputs = StepInputs(opt, params, grads, {**state, counter: value}, {}, (params, grads, state))
     _assert_step_raises(inputs, error, rf"state\['{counter}'\] {match}")
+
+
+@pytest.mark.parametrize(("wrapper", "field"), WRAPPER_STATE_LEAVES)
+def test_wrapper_state_leaf_that_is_sparse_is_rejected_before_writing(
+    wrapper: str, field: str
+) -> None:
+    """A sparse leaf failed in torch's lerp after the inner step had run."""
+    opt, params, grads, state = _wrapped(WRAPPED[wrapper])
+    bad_state = {**state, field: {**state[field], "b": state[field]["b"].to_sparse()}}
+    inputs = StepInputs(opt, params, grads, bad_state, {}, (params, grads, state))
+    _assert_step_raises(
+        inputs, TypeError, rf"state '{field}' at {_B} is sparse \(layout torch\.sparse_coo\)"
+    )
+
+
+def test_add_noise_counter_is_checked_before_writing() -> None:
+    """A negative count made the noise's std inf or NaN: non-finite params."""
+    opt, params, grads, state = _wrapped(WRAPPED["chain"])
+    transforms = list(state["transforms"])
+    transforms[1] = {**transforms[1], "count": torch.tensor(-2)}
+    inputs = StepInputs(
+        opt, params, grads, {**state, "transforms": transforms}, {}, (params, grads, state)
+    )
+    _assert_step_raises(
+        inputs, ValueError, r"add_noise: state\['count'\] must not be negative, got -2"
+    )
+
+
+def test_accumulate_counter_past_its_cycle_is_refused() -> None:
+    opt, params, grads, state = _wrapped(WRAPPED["accumulate"])  # every=3
+    inputs = StepInputs(
+        opt, params, grads, {**state, "count": torch.tensor(3)}, {}, (params, grads, state)
+    )
+    _assert_step_raises(
+        inputs, ValueError, r"state\['count'\] must be less than 3 \(calls into the cycle\), got 3"
+    )
+
+
+def test_injected_hyperparameter_the_wrapper_does_not_inject_is_refused() -> None:
+    """A value no step reads (eps=-1 from another injection) was silently ignored."""
+    opt, params, grads, state = _wrapped(WRAPPED["inject_hyperparams"])
+    injected = {**state["hyperparams"], "eps": torch.tensor(-1.0, dtype=torch.float64)}
+    inputs = StepInputs(
+        opt, params, grads, {**state, "hyperparams": injected}, {}, (params, grads, state)
+    )
+    _assert_step_raises(inputs, ValueError, r"state\['hyperparams'\] has \['eps'\], which")
+
+
+def _nan_from_step_one(step: Any) -> float:
+    return math.nan if step >= 1 else 1.0
+
+
+@pytest.mark.parametrize(
+    ("schedule", "corrupt", "match"),
+    [
+        pytest.param(
+            None,
+            lambda s: {**s, "step": torch.tensor(-1)},
+            r"adam: state\['step'\] must not be negative",
+            id="negative-step",
+        ),
+        pytest.param(_nan_from_step_one, lambda s: s, r"schedule\(1\): nan", id="schedule-nan"),
+    ],
+)
+def test_partition_checks_counts_and_schedules_before_any_group_steps(
+    schedule: Any, corrupt: Callable[[Any], Any], match: str
+) -> None:
+    """Group 'mat' (SGD) was stepped before group 'vec' (Adam) refused its negative count
+    or its schedule's NaN, which only a real step checked."""
+    groups = {
+        "mat": optorch.get_optimizer("sgd", max_lr=0.1, momentum=0.9),
+        "vec": optorch.get_optimizer("adam", schedule=schedule),
+    }
+    opt, params, grads, state = _wrapped(
+        lambda: wrappers.partition(lambda path, t: "mat" if t.dim() == 2 else "vec", groups)
+    )
+    bad_groups = {**state["groups"], "vec": corrupt(state["groups"]["vec"])}
+    inputs = StepInputs(
+        opt, params, grads, {**state, "groups": bad_groups}, {}, (params, grads, state)
+    )
+    _assert_step_raises(inputs, ValueError, match)
 
 
 def test_partition_check_of_a_wrapped_group_adds_no_state_field() -> None:
@@ -1615,7 +1726,7 @@ UNSCALE_CASES: list[tuple[str, Any, Callable[[Any], Any], type[BaseException], s
         {"w": torch.ones(2).to_sparse()},
         lambda s: s,
         TypeError,
-        r"grad at \['w'\] .*sparse=True",
+        r"grad at \['w'\] .*layout torch\.sparse_coo",
     ),
     (
         "complex-grad",
@@ -1633,11 +1744,60 @@ UNSCALE_CASES: list[tuple[str, Any, Callable[[Any], Any], type[BaseException], s
         r"scaler_state must be the dict from init_grad_scaler, got list",
     ),
     (
+        "scale-negative",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "scale": torch.tensor(-1.0)},
+        ValueError,
+        r"scaler_state\['scale'\] must be finite and > 0, got -1\.0",
+    ),
+    (
+        "scale-one-element-vector",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "scale": torch.ones(1)},
+        TypeError,
+        r"scaler_state\['scale'\] must be a 0-d floating point tensor",
+    ),
+    (
+        "tracker-float",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "growth_tracker": torch.tensor(0.0)},
+        TypeError,
+        r"scaler_state\['growth_tracker'\] must be a 0-d integer tensor, got dtype",
+    ),
+    (
+        "growth-factor-below-one",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "growth_factor": 0.5},
+        ValueError,
+        r"scaler_state\['growth_factor'\] must be in \(1\.0, inf\), got 0\.5",
+    ),
+    (
+        "backoff-factor-one",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "backoff_factor": 1.0},
+        ValueError,
+        r"scaler_state\['backoff_factor'\] must be in \(0\.0, 1\.0\), got 1\.0",
+    ),
+    (
+        "growth-interval-zero",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "growth_interval": 0},
+        ValueError,
+        r"scaler_state\['growth_interval'\] must be an int >= 1, got 0",
+    ),
+    (
+        "growth-interval-string",
+        {"w": torch.ones(2)},
+        lambda s: {**s, "growth_interval": "2"},
+        TypeError,
+        r"scaler_state\['growth_interval'\] must be a number, got '2'",
+    ),
+    (
         "scale-not-0d",
         {"w": torch.ones(2)},
         lambda s: {**s, "scale": torch.ones(3)},
         TypeError,
-        r"scaler_state\['scale'\] must be a 0-d tensor",
+        r"scaler_state\['scale'\] must be a 0-d floating point tensor",
     ),
     # a KeyError by design (tests/test_amp.py): the scaler state is a dict missing a key
     (

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple, Protocol, TypedDict, cast
 
 import torch
 
-from optorch.base import transform_active
+from optorch.base import _host_readable, transform_active
 from optorch.engine import records_grad, whole_flag
 from optorch.tree import PyTree, flatten, format_path, unflatten
 
@@ -227,11 +227,47 @@ def _checked_state(scaler_state: Any) -> Mapping[str, Any]:
     missing = [key for key in _STATE_KEYS if key not in scaler_state]
     if missing:
         raise KeyError(f"scaler_state lacks {missing}; build it with optorch.amp.init_grad_scaler")
-    for key in ("scale", "growth_tracker"):
+    for key, floating in (("scale", True), ("growth_tracker", False)):
         value = scaler_state[key]
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            raise TypeError(f"scaler_state[{key!r}] must be a 0-d tensor, got {value!r}")
+        kind = "floating point" if floating else "integer"
+        if not isinstance(value, torch.Tensor) or value.dim() != 0:
+            raise TypeError(f"scaler_state[{key!r}] must be a 0-d {kind} tensor, got {value!r}")
+        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        if value.is_floating_point() != floating or not (floating or integer):
+            raise TypeError(
+                f"scaler_state[{key!r}] must be a 0-d {kind} tensor, got dtype {value.dtype}"
+            )
+    _check_state_values(scaler_state)
     return cast(Mapping[str, Any], scaler_state)
+
+
+def _check_state_values(state: Mapping[str, Any]) -> None:
+    """The ranges ``init_grad_scaler`` enforces, for a state built or edited by hand: the
+    Python numbers always, the scale where reading it costs no device sync (a scale of
+    -1 made every step an ascent)."""
+    for key, low, high, closed in (
+        ("growth_factor", 1.0, math.inf, False),
+        ("backoff_factor", 0.0, 1.0, False),
+        ("growth_interval", 1, math.inf, True),
+    ):
+        value = state[key]
+        if isinstance(value, torch.Tensor):
+            if not _host_readable(value) or value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"scaler_state[{key!r}] must be a number, got {value!r}")
+        inside = low <= value < high if closed else low < value < high
+        if key == "growth_interval" and isinstance(value, float) and not value.is_integer():
+            inside = False
+        if not inside:
+            rule = "an int >= 1" if closed else f"in ({low}, {high})"
+            raise ValueError(f"scaler_state[{key!r}] must be {rule}, got {value!r}")
+    scale = state["scale"]
+    if _host_readable(scale):
+        value = float(scale)
+        if not (0.0 < value and math.isfinite(value)):
+            raise ValueError(f"scaler_state['scale'] must be finite and > 0, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -304,10 +340,10 @@ def unscale_grads(
         location = format_path(path)
         if not isinstance(grad, torch.Tensor):
             raise TypeError(f"unscale_grads: grad at {location} must be a tensor, got {grad!r}")
-        if grad.is_sparse or not grad.is_floating_point():
+        if grad.layout != torch.strided or not grad.is_floating_point():
             raise TypeError(
                 f"unscale_grads: grad at {location} must be a dense floating point tensor "
-                f"(got {grad.dtype}, sparse={grad.is_sparse})"
+                f"(got {grad.dtype}, layout {grad.layout})"
             )
         if grad.dtype == torch.float16 and not allow_fp16:
             raise ValueError(

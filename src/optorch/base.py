@@ -649,12 +649,28 @@ def _check_same_mesh(what: str, path: str, param: torch.Tensor, other: torch.Ten
     raise ValueError(f"{what} at {path} is a DTensor but the param is a plain tensor")
 
 
+def check_dense(what: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor of any layout but the dense (strided) one, naming ``what``: the
+    steps' arithmetic and in-place writes are for dense tensors (a sparse COO, CSR, CSC
+    or BSR gradient, as ``nn.Embedding(sparse=True)`` makes, would fail partway or do
+    nothing)."""
+    layout = tensor.layout
+    if layout is torch.strided:
+        return
+    kind = "sparse" if tensor.is_sparse or "sparse" in str(layout) else "not dense"
+    raise TypeError(
+        f"{what} is {kind} (layout {layout}), which is not supported: optorch steps dense "
+        "tensors (for a sparse gradient, .to_dense() it)"
+    )
+
+
 def _check_state_leaf(
     rule: Rule, config: Any, name: str, path: str, param: torch.Tensor, leaf: Any
 ) -> None:
     what = f"state {name!r}"
     if not isinstance(leaf, torch.Tensor):
         raise TypeError(f"{what} at {path} must be a tensor, got {type(leaf).__name__}")
+    check_dense(f"{what} at {path}", leaf)
     expected = tuple(rule.state_shape(name, param, config))
     if tuple(leaf.shape) != expected:
         raise ValueError(
@@ -726,7 +742,7 @@ class Prepared:
 _SHAPE = operator.attrgetter("shape")
 _DTYPE = operator.attrgetter("dtype")
 _DEVICE = operator.attrgetter("device")
-_IS_SPARSE = operator.attrgetter("is_sparse")
+_LAYOUT = operator.attrgetter("layout")
 _GRAD_FN = operator.attrgetter("grad_fn")
 
 
@@ -818,7 +834,7 @@ def _fast_active(
     ):
         return None
     checked = _CHECKED.get(_input_key(rule, config, names, param_leaves, fields, active))
-    if checked is None or any(map(_IS_SPARSE, grads_)):
+    if checked is None or any(layout is not torch.strided for layout in map(_LAYOUT, grads_)):
         return None
     # the params must still have the layout they were checked with: ``model.double()``
     # or ``.to(device)`` keeps each Parameter object and swaps its data, and the state
@@ -919,7 +935,7 @@ def prepare(
         first = next((p for p in param_leaves if isinstance(p, torch.Tensor)), None)
         device = first.device if first is not None else torch.device("cpu")
         step = torch.zeros((), dtype=torch.int64, device=device)
-    elif not isinstance(step, torch.Tensor) or step.numel() != 1:
+    elif not isinstance(step, torch.Tensor) or step.dim() != 0:
         if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
             step = torch.tensor(step, dtype=torch.int64)
         else:
@@ -1025,8 +1041,9 @@ def _checked_active(
             )
         rule.validate_leaf(path, param, config)
         _refuse_conj_view(f"{rule.name}: param at {path}", param, config)
-        if grad.is_sparse if isinstance(grad, torch.Tensor) else False:
-            raise TypeError(f"{rule.name}: grad at {path} is sparse, which is not supported")
+        check_dense(f"{rule.name}: param at {path}", param)
+        if isinstance(grad, torch.Tensor):
+            check_dense(f"{rule.name}: grad at {path}", grad)
         _check_tensor_pair("grad", path, param, grad)
         for name in names:
             leaves_ = fields[name]
@@ -1175,15 +1192,16 @@ def apply_step(
     _check_transform_mode(rule, config, prepared)
     names = rule.fields(config)
     step = prepared.step
-    if _host_step(step) and int(step) < 0:
-        raise ValueError(f"{rule.name}: state['step'] must not be negative, got {step!r}")
+    _check_count(rule, config, step, schedule=False)
 
     new_state: dict[str, Any] = dict(state) if not config.inplace else state  # type: ignore[assignment]
     # into the state once the step has run: a step refused on the way (a schedule
     # returning NaN) leaves the caller's state as it was
     created = _missing_fields(rule, config, prepared, names)
     if config.inplace and gate is not None and _host_readable(gate) and bool(gate):
-        # a skip decided on the host: every check above has run, and nothing changes
+        # a skip decided on the host: every check above has run (the schedule's value
+        # too, which a step reads when it advances), and nothing changes
+        _check_count(rule, config, step, schedule=True)
         return params, new_state
 
     restarted = bool(created) and rule.new_fields_restart_count
@@ -1480,6 +1498,18 @@ def _count_skipped(
     return unflatten(prepared.spec, leaves_)
 
 
+def _check_count(rule: Rule, config: Any, step: torch.Tensor, *, schedule: bool) -> None:
+    """A count read on the host must not be negative; with ``schedule``, the schedule's
+    value at it is checked too (as the step checks it where it reads it)."""
+    if not _host_step(step):
+        return
+    taken = int(step)
+    if taken < 0:
+        raise ValueError(f"{rule.name}: state['step'] must not be negative, got {step!r}")
+    if schedule:
+        config.lr_multiplier(taken)
+
+
 def _check_gate(rule: Rule, skip_if: Any) -> torch.Tensor | None:
     if skip_if is None:
         return None
@@ -1487,6 +1517,8 @@ def _check_gate(rule: Rule, skip_if: Any) -> torch.Tensor | None:
         return torch.tensor(skip_if)
     if not isinstance(skip_if, torch.Tensor) or skip_if.numel() != 1:
         raise TypeError(f"{rule.name}: skip_if must be a bool or a 0-d tensor, got {skip_if!r}")
+    if skip_if.device.type == "meta":
+        raise ValueError(f"{rule.name}: skip_if is on the meta device, which holds no value")
     return skip_if.reshape(()).to(torch.bool)
 
 
@@ -1562,7 +1594,8 @@ class Optimizer:
         checks do not depend on ``skip_if``, which is checked too)."""
         _check_gate(self.rule, skip_if)
         config = _overridden(self.config, hyper_overrides) if hyper_overrides else self.config
-        prepare(self.rule, config, params, grads, state)
+        prepared = prepare(self.rule, config, params, grads, state)
+        _check_count(self.rule, config, prepared.step, schedule=True)
 
     def replace(self, **changes: Any) -> Optimizer:
         """The same optimizer with config fields changed."""

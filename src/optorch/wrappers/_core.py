@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from optorch.base import _STEP_DTYPES, _first_structure_difference, check_range
+from optorch.base import _STEP_DTYPES, _first_structure_difference, check_dense, check_range
 from optorch.base import _host_readable as host_readable  # a CPU tensor, eager, untraced
 from optorch.tree import PyTree, flatten, format_path, same_structure, unflatten
 
@@ -278,6 +278,7 @@ def check_grads(who: str, params: PyTree, grads: PyTree) -> tuple[list[Any], lis
             )
         if p is None:
             raise ValueError(f"{who}: grad at {format_path(path)} is set but the param is None")
+        check_dense(f"{who}: grad at {format_path(path)}", g)
         if isinstance(p, torch.Tensor) and g.shape != p.shape:
             raise ValueError(
                 f"{who}: grad at {format_path(path)} has shape {tuple(g.shape)} but the "
@@ -325,6 +326,8 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
                 f"{who}: state {field!r} at {format_path(path)} must be a floating-point "
                 f"(or complex) tensor, got {what}"
             )
+        if s is not None:
+            check_dense(f"{who}: state {field!r} at {format_path(path)}", s)
         if isinstance(p, torch.Tensor) and isinstance(s, torch.Tensor) and s.shape != p.shape:
             raise ValueError(
                 f"{who}: state {field!r} at {format_path(path)} has shape {tuple(s.shape)} "
@@ -338,9 +341,12 @@ def aligned_leaves(who: str, field: str, tree: PyTree, params: PyTree) -> list[A
     return leaves_
 
 
-def check_counter(who: str, state: Mapping[str, Any], key: str) -> torch.Tensor:
+def check_counter(
+    who: str, state: Mapping[str, Any], key: str, *, below: int | None = None
+) -> torch.Tensor:
     """``state[key]`` must be a 0-d integer tensor (a wrapper's step counter), of the
-    dtypes a step count may have."""
+    dtypes a step count may have, not negative and (``below``) less than a cycle's
+    length, where it can be read without a device sync."""
     value = state[key]
     if not isinstance(value, torch.Tensor) or value.dtype not in _STEP_DTYPES:
         raise TypeError(f"{who}: state[{key!r}] must be a 0-d int64 tensor, got {value!r}")
@@ -350,6 +356,11 @@ def check_counter(who: str, state: Mapping[str, Any], key: str) -> torch.Tensor:
         )
     if host_readable(value) and int(value) < 0:
         raise ValueError(f"{who}: state[{key!r}] must not be negative, got {int(value)}")
+    if below is not None and host_readable(value) and int(value) >= below:
+        raise ValueError(
+            f"{who}: state[{key!r}] must be less than {below} (calls into the cycle), "
+            f"got {int(value)}"
+        )
     return value
 
 

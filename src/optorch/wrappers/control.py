@@ -78,7 +78,7 @@ class Accumulate(Wrapper):
     ) -> tuple[PyTree, dict[str, Any]]:
         who = self.name
         expect_keys(who, state, ("inner", "grad_mean", "count"))
-        check_counter(who, state, "count")
+        check_counter(who, state, "count", below=self.every)
         gate = as_gate(who, skip_if)
         _, _, g_leaves = check_grads(who, params, grads)
         mean_spec = flatten(state["grad_mean"])[2]

@@ -132,6 +132,15 @@ class InjectHyperparams(Wrapper):
         missing = [name for name in self.names if name not in injected]
         if missing:
             raise ValueError(f"{who}: state['hyperparams'] lacks {missing}")
+        extra = sorted(str(name) for name in injected if name not in self.names)
+        if extra:
+            # a value here that no step reads (a state of another injection): refused
+            # rather than ignored
+            raise ValueError(
+                f"{who}: state['hyperparams'] has {extra}, which this wrapper does not "
+                f"inject (it injects {list(self.names)}); is it the state of another "
+                "inject_hyperparams?"
+            )
         overrides = {name: injected[name] for name in self.names}
         overrides.update(hyper_overrides or {})  # an outer override wins
         new_params, inner_state = self.inner.step(

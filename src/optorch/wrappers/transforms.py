@@ -35,6 +35,7 @@ from optorch.tree import PyTree, flatten, unflatten
 from optorch.wrappers._core import (
     Wrapper,
     as_gate,
+    check_counter,
     check_grads,
     commit_tree,
     counter,
@@ -394,6 +395,7 @@ class _AddNoise(GradientTransformation):
             raise TypeError(
                 f"{self.name}: state['count'] must be a 0-d int64 tensor, got {count!r}"
             )
+        check_counter(self.name, state, "count")  # not negative (the noise's std: inf)
         std = torch.sqrt(self.eta / (1.0 + count.to(torch.float64)) ** self.gamma)
         step_key = _mix32((count & _MASK32) ^ _mix32(self.seed & _MASK32))
         _, leaves_, spec = flatten(grads)
