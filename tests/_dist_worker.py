@@ -297,6 +297,42 @@ def train_one_row(
     return params, state
 
 
+#: Optimizers stepped with a grad or a state laid out otherwise than its sharded param
+#: (replicated): their foreach steps failed on a param with fewer rows than ranks, after
+#: writing the moments (DTensor: "in-place operations that require placement changes
+#: are not supported").
+REPLICATED_OPERANDS = (("adamw", "grad"), ("adamw", "state"), ("sgd", "state"), ("lamb", "grad"))
+
+
+def train_replicated_operand(
+    kind: str,
+    operand: str,
+    shard: Callable[[torch.Tensor], torch.Tensor],
+    replicate: Callable[[torch.Tensor], torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """``kind`` (foreach, in place) on a one-row matrix and a one-element vector, sharded
+    by rows, with the grads (``operand="grad"``) or the state (``"state"``) replicated."""
+    optimizer = make_optimizer(kind, "foreach")
+    full = {**one_row_params(), "scale": torch.full((1,), 0.5)}
+    params = {name: shard(value) for name, value in full.items()}
+    state = optimizer.init(params)
+
+    def whole(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if is_dtensor(t) else t  # type: ignore[attr-defined]
+
+    if operand == "state":
+        for field in optimizer.rule.fields(optimizer.config):
+            state[field] = {name: replicate(whole(leaf)) for name, leaf in state[field].items()}
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(4000 + step)
+        grads = {name: torch.randn(value.shape, generator=gen) for name, value in full.items()}
+        layout = replicate if operand == "grad" else shard
+        params, state = optimizer.step(
+            params, {name: layout(g) for name, g in grads.items()}, state
+        )
+    return params, state
+
+
 def checkpoint_dir(out_dir: str, world_size: int) -> str:
     """Where the DCP scenarios keep the checkpoint written on ``world_size`` ranks."""
     return os.path.join(out_dir, f"checkpoint-{world_size}-ranks")
@@ -417,6 +453,16 @@ def run_edges(rank: int, out_dir: str) -> dict[str, Any]:
             "params": gather_full(params),
             "state": gather_full(state),
             "placements": str(tuple(params["head"].placements)),  # type: ignore[attr-defined]
+        }
+
+    def replicated(t: torch.Tensor) -> torch.Tensor:
+        return distribute_tensor(t, mesh, [Replicate()])
+
+    for kind, operand in REPLICATED_OPERANDS:
+        params, state = train_replicated_operand(kind, operand, rows, replicated)
+        out[f"replicated-{kind}-{operand}"] = {
+            "params": gather_full(params),
+            "state": gather_full(state),
         }
     template = {"optim": make_optimizer("adamw", "auto").init({"w": rows(pure_params()["w"])})}
     folder = os.path.join(out_dir, "edges-checkpoint")

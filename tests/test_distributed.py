@@ -25,6 +25,7 @@ from _dist_worker import (
     CLIP_MAX_NORM,
     EXAMPLE_STEPS,
     POISON_STEP,
+    REPLICATED_OPERANDS,
     SCALER_KINDS,
     SCENARIOS,
     STEPS,
@@ -36,6 +37,7 @@ from _dist_worker import (
     train,
     train_one_row,
     train_pure,
+    train_replicated_operand,
     train_scaled,
     train_single,
     train_transforms,
@@ -390,6 +392,18 @@ def test_adafactor_on_a_sharded_one_row_matrix(dist_results: Path, mode: str) ->
     got = load_result(dist_results, EDGES)[f"one_row-{mode}"]
     assert got["placements"] == "(Shard(dim=0),)"
     params, state = train_one_row(mode == "inplace", _plain)
+    assert_trees_close(got["params"], params, **TOLERANCE, what="params")
+    assert_trees_close(got["state"], state, **TOLERANCE, what="state")
+
+
+@pytest.mark.parametrize(("kind", "operand"), REPLICATED_OPERANDS)
+def test_replicated_grads_or_state_of_params_with_fewer_rows_than_ranks(
+    dist_results: Path, kind: str, operand: str
+) -> None:
+    """A grad or state replicated where its param is sharded by rows (one row: rank 1
+    holds none): the foreach step raised after writing the moments."""
+    got = load_result(dist_results, EDGES)[f"replicated-{kind}-{operand}"]
+    params, state = train_replicated_operand(kind, operand, _plain, _plain)
     assert_trees_close(got["params"], params, **TOLERANCE, what="params")
     assert_trees_close(got["state"], state, **TOLERANCE, what="state")
 

@@ -945,3 +945,87 @@ def test_vmapped_scaled_steps_equal_separate_runs() -> None:
             member_state, single_state, rtol=1e-12, atol=1e-14, what=f"model {m} state"
         )
         assert float(scale[m]) == float(single_scale), m
+
+
+# --------------------------------------------------------------------------------------
+# forward-mode AD (dual tensors) and Adagrad's tensor initial accumulator
+# --------------------------------------------------------------------------------------
+
+#: Configs for the forward-mode check: Muon's Newton-Schulz in float64 (bfloat16 would
+#: swamp a finite difference), everything else the registry's defaults.
+_FORWARD_CONFIGS: dict[str, dict[str, Any]] = {"muon": {"ns_dtype": None}}
+
+
+def _unrolled_loss(name: str, lr: Any, impl: str, steps: int = 5) -> torch.Tensor:
+    """sum(p^2) after ``steps`` pure steps of ``name`` on fixed float64 gradients."""
+    gen = generator(41)
+    params = {"w": torch.randn(4, 3, generator=gen, dtype=F64)}
+    if name != "muon":
+        params["b"] = torch.randn(4, generator=gen, dtype=F64)
+    opt = optorch.get_optimizer(
+        name, max_lr=lr, impl=impl, inplace=False, **_FORWARD_CONFIGS.get(name, {})
+    )
+    state = opt.init(params)
+    for _ in range(steps):
+        grads = {k: torch.randn(v.shape, generator=gen, dtype=F64) for k, v in params.items()}
+        params, state = opt.step(params, grads, state)
+    return sum(p.square().sum() for p in params.values())  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("impl", ["auto", "compiled"])
+@pytest.mark.parametrize("name", sorted(optorch.builder.REGISTRY))
+def test_forward_mode_ad_through_pure_steps_matches_finite_differences(
+    name: str, impl: str
+) -> None:
+    """A dual learning rate (torch.autograd.forward_ad) through five pure steps: the
+    loss's tangent is its derivative in lr. The foreach kernels gave LAMB, LARS and
+    Adafactor a tangent of the wrong shape (an error) and RAdam none (0.0)."""
+    from torch.autograd import forward_ad
+
+    lr = 0.01
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(torch.tensor(lr, dtype=F64), torch.tensor(1.0, dtype=F64))
+        tangent = forward_ad.unpack_dual(_unrolled_loss(name, dual, impl)).tangent
+    h = 1e-6
+    with torch.no_grad():
+        difference = (
+            _unrolled_loss(name, torch.tensor(lr + h, dtype=F64), "reference")
+            - _unrolled_loss(name, torch.tensor(lr - h, dtype=F64), "reference")
+        ) / (2 * h)
+    assert tangent is not None
+    torch.testing.assert_close(tangent, difference, rtol=1e-5, atol=1e-8)
+
+
+def test_adagrad_tensor_initial_accumulator_has_a_hypergradient_and_vmaps() -> None:
+    """``initial_accumulator_value`` as a tensor starts the accumulator from it: its
+    hypergradient matches a central finite difference (it was read as a number: 0,
+    with no graph), and under vmap each model starts from its own value."""
+    gen = generator(7)
+    w0 = torch.randn(4, 3, generator=gen, dtype=F64)
+    grads = [torch.randn(4, 3, generator=gen, dtype=F64) for _ in range(3)]
+
+    def loss(initial: torch.Tensor) -> torch.Tensor:
+        opt = optorch.get_optimizer(
+            "adagrad", max_lr=0.1, initial_accumulator_value=initial, inplace=False
+        )
+        params = {"w": w0}
+        state = opt.init(params)
+        for g in grads:
+            params, state = opt.step(params, {"w": g}, state)
+        return params["w"].square().sum()
+
+    value = torch.tensor(0.1, dtype=F64, requires_grad=True)
+    (hypergradient,) = torch.autograd.grad(loss(value), value)
+    h = 1e-6
+    with torch.no_grad():
+        difference = (
+            loss(torch.tensor(0.1 + h, dtype=F64)) - loss(torch.tensor(0.1 - h, dtype=F64))
+        ) / (2 * h)
+    torch.testing.assert_close(hypergradient, difference, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(
+        grad(loss)(torch.tensor(0.1, dtype=F64)), difference, rtol=1e-6, atol=0.0
+    )
+    values = torch.tensor([0.0, 0.1, 1.0], dtype=F64)
+    batched = vmap(loss)(values)
+    separate = torch.stack([loss(torch.tensor(float(v), dtype=F64)) for v in values])
+    torch.testing.assert_close(batched, separate, rtol=1e-12, atol=0.0)

@@ -78,7 +78,11 @@ class AdagradRule(Rule):
     def init_field(self, name: str, param: torch.Tensor, config: AdagradConfig) -> torch.Tensor:
         initial = config.initial_accumulator_value
         if isinstance(initial, torch.Tensor):
-            initial = float(initial)
+            # a tensor stays one (not read as a number): a hypergradient flows into it,
+            # and under vmap each model's accumulator starts at its own value
+            zeros = torch.zeros_like(param, memory_format=torch.preserve_format)
+            start = initial.to(device=param.device, dtype=zeros.real.dtype)
+            return zeros + (torch.complex(start, start) if param.is_complex() else start)
         # a complex param's accumulator starts at initial in both coordinates, as
         # torch.optim.Adagrad's does
         value = complex(initial, initial) if param.is_complex() else initial

@@ -1749,6 +1749,19 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
 
 
+def _carries_tangent(tensors: Sequence[Any]) -> bool:
+    """Whether a forward-mode AD level is open and one of ``tensors`` is a dual tensor
+    (``torch.autograd.forward_ad.make_dual``); O(1) when no level is open."""
+    from torch.autograd import forward_ad
+
+    if getattr(forward_ad, "_current_level", -1) < 0 or torch.compiler.is_compiling():
+        return False
+    return any(
+        isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None
+        for t in tensors
+    )
+
+
 def _casts_scalars(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the foreach engine gives a group on ``device`` of ``dtype`` its per-step
     scalar tensors in that dtype (:func:`_scalars_in_list_dtype`): float32 on CUDA."""
@@ -1800,6 +1813,18 @@ def _same_layout(tensor: Any, like: Any) -> bool:
     )
 
 
+def _layouts_differ(
+    params: list[torch.Tensor], grads: list[torch.Tensor], states: list[list[torch.Tensor]]
+) -> bool:
+    """Whether a DTensor param's grad or state has another layout (a replicated grad or
+    state of a sharded param)."""
+    return any(
+        _is_dtensor(param)
+        and not all(_same_layout(t, param) for t in (grads[i], *(f[i] for f in states)))
+        for i, param in enumerate(params)
+    )
+
+
 def _local_shards(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -1810,9 +1835,8 @@ def _local_shards(
     share its layout (FSDP2 params, their grads, state from ``init``); else None."""
     if not all(_is_dtensor(p) for p in params):
         return None
-    for i, param in enumerate(params):
-        if not all(_same_layout(t, param) for t in (grads[i], *(f[i] for f in states))):
-            return None
+    if _layouts_differ(params, grads, states):
+        return None
     # in place, the shards are written through: they must be the DTensors' own buffers,
     # which to_local() returns outside autograd
     context = torch.no_grad() if inplace else nullcontext()
@@ -1876,8 +1900,13 @@ def run(
         return _run_as_vectors(rule, config, h, params, grads, states, gate, leaf_keys)
     impl = resolve_impl(rule, config)
     tensors = _step_tensors(params, grads, h, gate)
-    if impl != "reference" and _under_functorch(tensors):
+    if impl != "reference" and _under_functorch([*tensors, *(t for f in states for t in f)]):
         impl = "reference"  # torch.func transforms trace plain tensor ops best
+    if impl != "reference" and _carries_tangent([*tensors, *(t for f in states for t in f)]):
+        # forward-mode AD (torch.autograd.forward_ad's dual tensors): the foreach kernels
+        # give a 0-d scalar's tangent the wrong shape or drop it (LAMB failed, RAdam's
+        # tangent came out 0); the per-tensor ops carry it
+        impl = "reference"
     if (
         impl != "reference"
         and not config.inplace
@@ -1889,6 +1918,12 @@ def run(
         # need differentiable flat views, whose bases dynamo guards on (rank, strides,
         # offset): a recompile for each new layout of a chunk, and a hard error after
         # eight under fullgraph
+        impl = "reference"
+    if impl != "reference" and _is_dtensor(params[0]) and _layouts_differ(params, grads, states):
+        # DTensor redistributes such operands op by op, which its in-place foreach ops
+        # cannot do for every layout (a param's dim smaller than the mesh: "in-place
+        # operations that require placement changes are not supported", after the
+        # moments were written); the per-tensor loop can
         impl = "reference"
     if impl != "reference" and torch.compiler.is_compiling():
         # already inside a compiled graph: inductor fuses the per-tensor code itself, and

@@ -652,7 +652,8 @@ def cosine_annealing(*, T_max: int, eta_min: float = 0.0) -> Schedule:
     As ``torch.optim.lr_scheduler.CosineAnnealingLR`` over its first ``T_max`` steps,
     with ``eta_min`` given as a fraction of the peak lr; unlike it, the value stays at
     ``eta_min`` after ``T_max`` instead of rising again (Loshchilov & Hutter 2016,
-    arXiv:1608.03983).
+    arXiv:1608.03983). ``T_max=0`` anneals in no steps: ``eta_min`` from step 0 (torch's
+    class divides by zero at its first step).
 
     .. math::
 
