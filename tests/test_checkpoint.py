@@ -315,6 +315,28 @@ def test_mismatched_params_raise_and_change_nothing(
     assert_trees_equal(other, before, what="params after a failed load")
 
 
+@pytest.mark.parametrize("other", ["radam", "nadam", "lamb"])
+def test_a_checkpoint_of_another_rule_with_the_same_fields_is_refused(
+    tmp_path: Path, other: str
+) -> None:
+    """AdamW's state has the fields of RAdam's, NAdam's and LAMB's: the structure check
+    let it load as theirs. The rule recorded in the file is compared with the one given
+    (the same rule under another name, Adam for AdamW, loads); like= checks the
+    structure only, for a deliberate load."""
+    path, _opt, params = _saved(tmp_path)
+    before = optree.tree_map(torch.clone, params)
+    wrong = optorch.get_optimizer(other)
+    with pytest.raises(
+        ValueError, match=rf"holds the state of adamw \(rule adam\), not of the given .*{other}"
+    ):
+        checkpoint.load(path, params=params, optimizer=wrong)
+    with pytest.raises(ValueError, match=r"holds the state of adamw"):
+        checkpoint.load_checkpoint(path, params=params, optimizer=wrong, restore_params=True)
+    assert_trees_equal(params, before, what="params after a refused load")
+    checkpoint.load(path, params=params, optimizer=optorch.get_optimizer("adam"))
+    checkpoint.load(path, like=wrong.init(params))
+
+
 def test_like_checks_non_tensor_leaves(tmp_path: Path) -> None:
     path = checkpoint.save(tmp_path / "s.pt", _scaler_state())
     with pytest.raises(ValueError, match=r"missing leaf \['extra'\]"):

@@ -1557,9 +1557,15 @@ SCHEDULE_CASES: list[tuple[str, Callable[[], Any], type[BaseException], str]] = 
     ),
     (
         "build-non-config",
-        lambda: schedule.build_lr_scheduler({"scheduler_type": "cosine"}),
+        lambda: schedule.build_lr_scheduler("cosine"),
         TypeError,
-        r"needs an LRSchedulerConfig",
+        r"needs an LRSchedulerConfig \(or a mapping of its fields\), got 'cosine'",
+    ),
+    (
+        "build-mapping-unknown-key",
+        lambda: schedule.build_lr_scheduler({"scheduler": "cosine"}),
+        TypeError,
+        r"\['scheduler'\] are not LRSchedulerConfig fields",
     ),
     (
         "cosine-total-below-warmup",

@@ -170,6 +170,58 @@ def test_overrides_follow_hydras_command_line_grammar() -> None:
             build_recipe(source, overrides=[override])
 
 
+def test_overrides_through_list_indices_and_unresolved_interpolations() -> None:
+    """As Hydra's command line: a path through ``_args_`` (a list) sets that element's
+    key (a dotlist merge made "0" a dict key: ConfigTypeError), ``~`` removes a list
+    element, and a key whose value is an interpolation that does not resolve yet can be
+    set (it read as absent); ``betas=[0.8,0.9]`` is read as YAML."""
+    chain = "optimizers.adamw.optimizer._args_"
+    recipe = build_recipe(
+        RECIPE,
+        overrides=[
+            f"{chain}.0.max_norm=0.5",
+            f"{chain}.1.optimizer.betas=[0.8,0.9]",
+            f"++{chain}.1.optimizer.amsgrad=true",
+        ],
+    )
+    outer = recipe.optimizer.inner  # ema -> chain(clip, decay_mask(adamw))
+    assert outer.transforms[0].max_norm == 0.5
+    adams = list(outer.inner.optimizers.values())  # decay_mask: two groups of adamw
+    assert adams and all(a.config.betas == (0.8, 0.9) and a.config.amsgrad for a in adams)
+    demo = build_recipe(
+        EXAMPLES / "recipe.yaml",
+        name="adamw_clipped",
+        overrides=[
+            "schedule.config.warmup_steps=10",
+            "schedule.config.lr_terminal_value=0.2",
+            "+train.warmup_steps=25",  # other nodes still interpolate it
+            "+train.lr_terminal=0.1",
+        ],
+    )
+    assert demo.config.schedule.config.warmup_steps == 10
+    with pytest.raises(ValueError, match=rf"no key '{chain}\.5\.max_norm' \(to add one"):
+        build_recipe(RECIPE, overrides=[f"{chain}.5.max_norm=0.5"])
+    with pytest.raises(ValueError, match=r"_args_\.5\.max_norm=0\.5': list index out of range"):
+        build_recipe(RECIPE, overrides=[f"+{chain}.5.max_norm=0.5"])
+    removed = build_recipe(RECIPE, overrides=[f"~{chain}.0"])  # the clip goes
+    assert removed.optimizer.inner.transforms == ()
+
+
+def test_a_dictconfig_given_is_not_changed_by_the_build() -> None:
+    """A '~key' override removed the key from the caller's config, and the build
+    resolved its interpolations in place: a later build from it, after the caller
+    changed train.steps, used the old schedule."""
+    config = omegaconf.OmegaConf.load(RECIPE)
+    before = omegaconf.OmegaConf.to_container(config, resolve=False)
+    build_recipe(config, overrides=["~train.precision"])
+    assert omegaconf.OmegaConf.to_container(config, resolve=False) == before
+    config.train.steps = 1000
+    rebuilt = build_recipe(config)
+    fresh = build_recipe(RECIPE, overrides=["train.steps=1000"])
+    assert rebuilt.config.schedule.config.total_steps == 1000
+    assert rebuilt.config == fresh.config
+
+
 ADAMW = {"_target_": "optorch.get_optimizer", "optimizer_name": "adamw"}
 
 

@@ -739,7 +739,10 @@ def test_build_revalidates_a_mutated_config_and_rejects_other_types() -> None:
     with pytest.raises(ValueError, match=r"scheduler_type: 'linear' \(must be one of"):
         S.build_lr_scheduler(config)
     with pytest.raises(TypeError, match=r"needs an LRSchedulerConfig"):
-        S.build_lr_scheduler({"scheduler_type": "cosine"})  # type: ignore[arg-type]
+        S.build_lr_scheduler(["cosine"])  # type: ignore[arg-type]
+    # a mapping of the fields (the seed's YAML node) is validated like the dataclass
+    with pytest.raises(ValueError, match=r"total_steps: 0 \(scheduler_type 'cosine'"):
+        S.build_lr_scheduler({"scheduler_type": "cosine"})
 
 
 # --------------------------------------------------------------------------------------

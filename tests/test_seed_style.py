@@ -346,3 +346,84 @@ def test_seed_registry_keys(name: str) -> None:
     assert any(not torch.equal(params[k], before[k]) for k in params)
     with pytest.raises(ValueError, match="Unknown optimizer"):
         init_optimizer_state("no_such_optimizer", model)
+
+
+def test_seed_sgd_function_carries_its_momentum_as_the_seed_called_it() -> None:
+    """The seed's loop called ``sgd(params, grads, momentum, config)`` with
+    ``config.steps`` left at 0: every call read as a first step and the buffer was
+    thrown away (1.0, 1.0, 1.0 where torch has 1.0, 1.9, 2.71). 20 calls against
+    torch.optim.SGD, params and buffer."""
+    from optorch.sgd import SGDConfig, sgd
+
+    config = SGDConfig(max_lr=0.05, momentum=0.9, weight_decay=0.01, inplace=False)
+    params, _ = _one_step_problem()
+    theirs = params["w"].clone().requires_grad_()
+    reference = torch.optim.SGD([theirs], lr=0.05, momentum=0.9, weight_decay=0.01)
+    momentum = {"w": torch.zeros_like(params["w"])}
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        grad = torch.randn(params["w"].shape, generator=gen, dtype=torch.float64)
+        params, momentum = sgd(params, {"w": grad}, momentum, config)
+        theirs.grad = grad.clone()
+        reference.step()
+    tol = TOLERANCES[torch.float64]
+    assert_trees_close(params["w"], theirs.detach(), **tol, what="params")
+    buffer = reference.state[theirs]["momentum_buffer"]
+    assert_trees_close(momentum["w"], buffer, **tol, what="momentum buffer")
+
+
+def test_seed_sgd_state_without_a_count_keeps_its_buffer() -> None:
+    """A state saved by the seed has no "step": its momentum buffer carries on, as a
+    buffer loaded into torch.optim.SGD does (it was replaced by the gradient)."""
+    from optorch.sgd import SGDConfig, sgd_step
+
+    params, grads = _one_step_problem()
+    buffer = torch.full_like(params["w"], 5.0)
+    state = {"momentum": {"w": buffer.clone()}}
+    config = SGDConfig(max_lr=0.1, momentum=0.9, inplace=False)
+    params_after, state = sgd_step(params, grads, state, config)
+    theirs = params["w"].clone().requires_grad_()
+    reference = torch.optim.SGD([theirs], lr=0.1, momentum=0.9)
+    reference.state[theirs]["momentum_buffer"] = buffer.clone()
+    theirs.grad = grads["w"].clone()
+    reference.step()
+    tol = TOLERANCES[torch.float64]
+    assert_trees_close(params_after["w"], theirs.detach(), **tol, what="params")
+    expected = reference.state[theirs]["momentum_buffer"]
+    assert_trees_close(state["momentum"]["w"], expected, **tol, what="buffer")
+
+
+def test_seed_yaml_schedule_node_without_a_target_builds() -> None:
+    """The seed's YAML: ``lr_scheduler: {_target_: optorch.schedule.build_lr_scheduler,
+    config: {warmup_steps: ..., scheduler_type: cosine}}`` (no ``_target_`` on the
+    nested config) raised ``TypeError``; a mapping of the fields is taken, an unknown
+    key named."""
+    hydra_utils = pytest.importorskip("hydra.utils")
+    omegaconf = pytest.importorskip("omegaconf")
+    from optorch.schedule import LRSchedulerConfig, build_lr_scheduler
+
+    fields = {
+        "warmup_steps": 100,
+        "total_steps": 1000,
+        "scheduler_type": "cosine",
+        "lr_terminal_value": 1e-5,
+        "warmup_start_value": 1e-5,
+    }
+    node = omegaconf.OmegaConf.create(
+        {"_target_": "optorch.schedule.build_lr_scheduler", "config": fields}
+    )
+    schedule = hydra_utils.instantiate(node)
+    expected = build_lr_scheduler(LRSchedulerConfig(**fields))
+    for step in (0, 50, 100, 550, 1000, 2000):
+        assert schedule(step) == expected(step)
+    assert build_lr_scheduler(dict(fields))(550) == expected(550)
+    with pytest.raises(TypeError, match=r"\['warmup'\] are not LRSchedulerConfig fields"):
+        build_lr_scheduler({"warmup": 3})
+
+
+def test_seed_registry_views_refuse_assignment_pointing_to_register() -> None:
+    from optorch.builder import DEFAULT_OPTIMIZER_STATES
+
+    for view in (DEFAULT_OPTIMIZER_CONFIGS, DEFAULT_OPTIMIZER_STATES, OPTIMIZER_STEP):
+        with pytest.raises(TypeError, match=r"read-only: to add 'mine', call .*register"):
+            view["mine"] = object()  # type: ignore[index]

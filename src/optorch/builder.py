@@ -116,6 +116,13 @@ class _View(Mapping[str, Any]):
     def __repr__(self) -> str:
         return f"{{{', '.join(repr(k) for k in REGISTRY)}}}"
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        # the seed's registry was three dicts filled by hand; this one is a view
+        raise TypeError(
+            f"the optimizer registry's views are read-only: to add {name!r}, call "
+            "optorch.builder.register(name, rule, defaults=...), which fills all three"
+        )
+
 
 def _config_factory(entry: Entry) -> Callable[..., BaseConfig]:
     return functools.partial(entry.rule.config_type, **entry.defaults)

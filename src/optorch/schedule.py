@@ -47,9 +47,10 @@ tensor(0.5000, dtype=torch.float64)
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -799,15 +800,33 @@ class LRSchedulerConfig:
         )
 
 
-def build_lr_scheduler(config: LRSchedulerConfig) -> Schedule:
+def build_lr_scheduler(config: LRSchedulerConfig | Mapping[str, Any]) -> Schedule:
     """The schedule ``step -> multiplier`` that ``config`` describes.
+
+    ``config`` may also be a mapping of :class:`LRSchedulerConfig`'s fields (a plain
+    dict, or the nested node of a Hydra YAML without a ``_target_``, as the seed's
+    configs wrote it); an unknown key raises ``TypeError`` naming it.
 
     >>> schedule = build_lr_scheduler(LRSchedulerConfig(warmup_steps=4))
     >>> [schedule(step) for step in (0, 1, 4, 100)]
     [0.0, 0.25, 1.0, 1.0]
+    >>> build_lr_scheduler({"warmup_steps": 4})(2)
+    0.5
     """
+    if isinstance(config, Mapping):
+        fields = {f.name for f in dataclasses.fields(LRSchedulerConfig)}
+        unknown = sorted(str(key) for key in config if key not in fields)
+        if unknown:
+            raise TypeError(
+                f"build_lr_scheduler: {unknown} are not LRSchedulerConfig fields "
+                f"(it has {sorted(fields)})"
+            )
+        config = LRSchedulerConfig(**{str(key): value for key, value in config.items()})
     if not isinstance(config, LRSchedulerConfig):
-        raise TypeError(f"build_lr_scheduler needs an LRSchedulerConfig, got {config!r}")
+        raise TypeError(
+            f"build_lr_scheduler needs an LRSchedulerConfig (or a mapping of its fields), "
+            f"got {config!r}"
+        )
     config.validate()  # the dataclass is mutable: fields may have changed since __init__
     kind = config.scheduler_type
     owner = f"{type(config).__name__}({kind!r})"

@@ -133,7 +133,10 @@ class SGDRule(Rule):
             "lr": lr,
             "momentum": momentum,
             "weight_decay": config.weight_decay,
-            "keep": where(first, 0.0, momentum),
+            # undamped, a zero buffer plus the gradient is the gradient: no first-step
+            # case, so a buffer carried in (the seed's sgd() and states, which have no
+            # count) keeps its momentum, as torch.optim keeps a loaded buffer
+            "keep": momentum if is_zero(config.dampening) else where(first, 0.0, momentum),
             "grad_scale": where(plain, 1.0, 1.0 - config.dampening),
         }
 
@@ -185,7 +188,9 @@ def sgd(
     """The seed's update function: ``-> (params, momentum)``.
 
     ``step`` is the number of steps already taken (defaults to ``config.steps``, which is
-    read, never written); it matters only for the first step's undamped buffer.
+    read, never written); it matters only with ``dampening``, whose first step starts the
+    buffer at the gradient, undamped (pass the count there: at 0, every call is a first
+    step). Without dampening the buffer carries over from call to call, as the seed's did.
     """
     taken = config.steps if step is None else step
     state = {"step": torch.tensor(taken, dtype=torch.int64), "momentum": momentum}

@@ -1038,6 +1038,8 @@ def load_checkpoint(
     * else with ``params``: the state has the structure, shapes and dtypes that
       ``optimizer.init(params)`` has (``optimizer`` given, or rebuilt from the file; the
       reference is built on the meta device, so nothing is allocated);
+    * without ``like``, a given ``optimizer`` has the rules the file records (Adam's
+      state and RAdam's have the same fields, so the structure alone would not tell);
     * with ``restore_params=True`` (needs ``params``): the saved params have the
       structure, shapes and dtypes of ``params``; then they are copied into ``params``
       in place.
@@ -1068,6 +1070,38 @@ def load_checkpoint(
     )
 
 
+def _optimizers_in(node: Any) -> list[tuple[str, str]]:
+    """(registry name, rule) of each optimizer in a record's tree, in order."""
+    if isinstance(node, Mapping):
+        if node.get("kind") == "optimizer":
+            return [(str(node.get("name")), str(node.get("rule")))]
+        return [found for value in node.values() for found in _optimizers_in(value)]
+    if isinstance(node, (list, tuple)):
+        return [found for value in node for found in _optimizers_in(value)]
+    return []
+
+
+def _check_same_rules(where: str, record: Mapping[str, Any], optimizer: Any) -> None:
+    """An optimizer given to a load must have the rules the checkpoint was saved with:
+    two rules whose states have the same fields (Adam's and RAdam's, SGD's and LARS's)
+    would otherwise take each other's state silently."""
+    try:
+        given = _optimizers_in(describe_optimizer(optimizer)["tree"])
+    except (TypeError, ValueError):  # not describable (a user's own wrapper): no record
+        return
+    saved = _optimizers_in(record.get("tree"))
+    if saved and [rule for _, rule in saved] != [rule for _, rule in given]:
+
+        def text(found: list[tuple[str, str]]) -> str:
+            return ", ".join(f"{name} (rule {rule})" for name, rule in found) or "nothing"
+
+        raise ValueError(
+            f"{where}: the checkpoint holds the state of {text(saved)}, not of the given "
+            f"optimizer's {text(given)}; pass the optimizer it was saved with (or, to "
+            "load it anyway, like=optimizer.init(params), which checks the structure only)"
+        )
+
+
 def _load(
     where: str,
     header: dict[str, Any],
@@ -1083,6 +1117,8 @@ def _load(
     check_state: bool,
 ) -> Checkpoint:
     record = header.get("optimizer")
+    if check_state and optimizer is not None and like is None and isinstance(record, Mapping):
+        _check_same_rules(where, record, optimizer)
     rebuilt = optimizer
     checker = optimizer
     if rebuilt is None and record is not None:

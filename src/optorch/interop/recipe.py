@@ -31,6 +31,7 @@ tensor([0.9000, 0.9000])
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,7 +99,9 @@ def _load_config(source: Any, overrides: Sequence[str]) -> Any:
         except Exception as exc:  # YAML or OmegaConf errors
             raise ValueError(f"{str(path)!r} is not a valid YAML recipe: {exc}") from None
     elif isinstance(source, DictConfig):
-        config = source
+        # a copy: overrides (a '~key' removes it) and the resolution of interpolations
+        # while building would change the caller's config, and a later build from it
+        config = copy.deepcopy(source)
     elif isinstance(source, Mapping):
         config = OmegaConf.create(dict(source))
     else:
@@ -135,25 +138,40 @@ def _apply_override(config: Any, override: str) -> Any:
     way, ``~key`` (or ``~key=value``, when it holds that value) removes it. A key that
     is not there for ``key=`` (a misspelling) or already there for ``+key=`` raises
     ``ValueError``, as Hydra does."""
-    from omegaconf import OmegaConf
+    from omegaconf import ListConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def lookup(key: str) -> Any:
+        # the value as written, unresolved: a key whose value is an interpolation that
+        # does not resolve (yet) is there all the same, and may be what the override mends
+        node: Any = OmegaConf.to_container(config, resolve=False)
+        for part in key.split("."):
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                return _ABSENT
+        return node
 
     if override.startswith("~"):
         key, _, expected = override[1:].partition("=")
-        current = OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False)
+        current = lookup(key)
         if current is _ABSENT:
             raise ValueError(f"override {override!r}: the recipe has no key {key!r} to remove")
         if expected and OmegaConf.from_dotlist([f"v={expected}"]).v != current:
             raise ValueError(f"override {override!r}: {key!r} is {current!r}, not {expected!r}")
         parent_key, _, last = key.rpartition(".")
         parent = OmegaConf.select(config, parent_key) if parent_key else config
-        del parent[last]
+        del parent[int(last) if isinstance(parent, ListConfig) else last]
         return config
     plus = len(override) - len(override.lstrip("+"))
     if plus > 2:
         raise ValueError(f"override {override!r}: at most two '+' (++key=value)")
     assignment = override[plus:]
-    key = assignment.split("=", 1)[0].strip()
-    present = OmegaConf.select(config, key, default=_ABSENT, throw_on_missing=False) is not _ABSENT
+    key, _, text = assignment.partition("=")
+    key = key.strip()
+    present = lookup(key) is not _ABSENT
     if plus == 0 and not present:
         raise ValueError(
             f"override {override!r}: the recipe has no key {key!r} (to add one, write "
@@ -164,7 +182,14 @@ def _apply_override(config: Any, override: str) -> Any:
             f"override {override!r}: the recipe already has {key!r} (to set it, write "
             f"'{assignment}', or '++{assignment}')"
         )
-    return OmegaConf.merge(config, OmegaConf.from_dotlist([assignment]))
+    # the value as Hydra reads it (YAML: numbers, lists, null); set through the key's
+    # path, list indices included (a merge of a dotlist would make "0" a dict key)
+    value = OmegaConf.from_dotlist([f"value={text}"]).value
+    try:
+        OmegaConf.update(config, key, value, merge=True, force_add=True)
+    except OmegaConfBaseException as exc:  # a list index past the end, a type clash
+        raise ValueError(f"override {override!r}: {str(exc).splitlines()[0]}") from None
+    return config
 
 
 def _optimizer_node(config: Any, name: str | None) -> tuple[str, Any]:
