@@ -145,6 +145,12 @@ def _number_tensor(value: float, device: torch.device) -> torch.Tensor:
 def lerp(start: Any, end: Any, weight: Any) -> Any:
     """``start + weight * (end - start)``; one kernel when ``weight`` is a Python number."""
     if isinstance(weight, torch.Tensor):
+        if isinstance(start, torch.Tensor) and start.dtype in (torch.float32, torch.float64):
+            # torch.lerp, as torch.optim calls it with a tensor weight (Muon's buffer
+            # with a tensor momentum): its rounding, not that of the two-step form, which
+            # Muon's bfloat16 Newton-Schulz amplified to 5e-5 apart; the weight in the
+            # tensor's dtype, as lerp's batching rule (vmap) requires
+            return torch.lerp(start, end, weight.to(start.dtype))
         return start + (end - start) * weight
     if isinstance(start, TensorList):
         return start.lerp(end, weight)

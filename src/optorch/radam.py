@@ -130,6 +130,9 @@ class RAdamRule(Rule):
             ),
             # multiplies m_t: the unrectified (momentum SGD) update, or zero
             "momentum_step": where(rectified, 0.0, step_size),
+            # added to the denominator where the adaptive term is zero: 0 / (0 + eps)
+            # would be 0/0 wherever sqrt(v_t) + eps is 0 (eps=0, or float16 underflow)
+            "denom_guard": where(rectified, 0.0, 1.0),
         }
 
     def update(self, param: Any, grad: Any, *rest: Any) -> tuple[Any, ...]:
@@ -150,7 +153,9 @@ class RAdamRule(Rule):
         denom = exp_avg_sq.sqrt() + h.eps
         if is_zero(h.momentum_step):
             return addcdiv(param, exp_avg, denom, -h.adaptive_step), exp_avg, exp_avg_sq
-        scale = h.adaptive_step / denom + h.momentum_step
+        # per-step values as tensors (compiled, accelerators, transforms): both terms, the
+        # zero one's denominator kept away from 0 (NaN times the zero weight is NaN)
+        scale = h.adaptive_step / (denom + h.denom_guard) + h.momentum_step
         return param - exp_avg * scale, exp_avg, exp_avg_sq
 
 

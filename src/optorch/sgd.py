@@ -151,8 +151,11 @@ class SGDRule(Rule):
             return (add_scaled(param, grad, -h.lr),)
         if undamped:
             # grad + momentum * buf in one pass, written into the dead buffer by the
-            # foreach engine (torch.optim takes two: mul_ then add_; see module docs)
-            buf = add_scaled_exact(grad, rest[0], h.keep)
+            # foreach engine (torch.optim takes two: mul_ then add_; see module docs).
+            # Undamped, keep is the momentum: read as the config's own value, a literal
+            # of the compiled kernels (a per-step value there is a tensor, which a
+            # bfloat16 kernel rounds to bfloat16 first: 0.8984375 for 0.9)
+            buf = add_scaled_exact(grad, rest[0], h.momentum)
         else:
             buf = add_scaled(rest[0] * h.keep, grad, h.grad_scale)
         direction = add_scaled(grad, buf, h.momentum) if nesterov else buf
