@@ -1338,6 +1338,42 @@ def test_set_hyperparam_bad_inputs(name: str, value: Any, error: type, message: 
     assert_unchanged([state], before)
 
 
+def test_set_hyperparam_finds_an_injection_inside_a_partition_group() -> None:
+    """get/set_hyperparam looked through ``inner`` only: an injection in one partition
+    group was not found; in two groups at once it is ambiguous, and both are named."""
+
+    def label(path: Any, t: torch.Tensor) -> str:
+        return "mat" if t.dim() == 2 else "vec"
+
+    params = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+    one = wrappers.partition(
+        label,
+        {
+            "mat": wrappers.inject_hyperparams(_sgd(), names=["max_lr"]),
+            "vec": optorch.get_optimizer("adam"),
+        },
+    )
+    state = one.init(params)
+    wrappers.set_hyperparam(state, "max_lr", 0.5)
+    assert wrappers.get_hyperparams(state) == {"max_lr": 0.5}
+    assert float(state["groups"]["mat"]["hyperparams"]["max_lr"]) == 0.5
+    grads = {"w": torch.ones(2, 2), "b": torch.ones(2)}
+    params, state = one.step(params, grads, state)
+    torch.testing.assert_close(params["w"], torch.full((2, 2), 0.5))  # 1 - 0.5 * 1
+    two = wrappers.partition(
+        label,
+        {
+            "mat": wrappers.inject_hyperparams(_sgd(), names=["max_lr"]),
+            "vec": wrappers.inject_hyperparams(optorch.get_optimizer("adam"), names=["max_lr"]),
+        },
+    )
+    state = two.init(params)
+    with pytest.raises(ValueError, match=r"found at state\['groups'\]\['mat'\], state"):
+        wrappers.set_hyperparam(state, "max_lr", 0.5)
+    wrappers.set_hyperparam(state["groups"]["vec"], "max_lr", 0.25)
+    assert wrappers.get_hyperparams(state["groups"]["vec"]) == {"max_lr": 0.25}
+
+
 def test_injected_negative_lr_is_refused_at_the_step() -> None:
     opt = wrappers.inject_hyperparams(_sgd(), names=["max_lr"])
     params = _params()

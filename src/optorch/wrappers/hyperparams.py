@@ -190,17 +190,38 @@ def inject_hyperparams(
 
 
 def _find_hyperparams(state: Mapping[str, Any]) -> dict[str, Any]:
-    node: Any = state
-    while isinstance(node, Mapping):
-        if "hyperparams" in node and "inner" in node:
-            return node["hyperparams"]
-        node = node.get("inner")
+    """The outermost ``inject_hyperparams`` state in a wrapper state: through ``inner``
+    and a partition's ``groups`` (and a chain's ``transforms``); one found in several
+    groups at once is ambiguous, and names them."""
+    level: list[tuple[str, Any]] = [("state", state)]
+    while level:
+        found = [
+            (where, node)
+            for where, node in level
+            if isinstance(node, Mapping) and "hyperparams" in node and "inner" in node
+        ]
+        if len(found) == 1:
+            return found[0][1]["hyperparams"]
+        if found:
+            raise ValueError(
+                "inject_hyperparams states found at "
+                f"{', '.join(where for where, _ in found)}: pass the one to use"
+            )
+        deeper: list[tuple[str, Any]] = []
+        for where, node in level:
+            if isinstance(node, Mapping):
+                deeper += [(f"{where}[{k!r}]", v) for k, v in node.items()]
+            elif isinstance(node, (list, tuple)):
+                deeper += [(f"{where}[{i}]", v) for i, v in enumerate(node)]
+        level = [(w, n) for w, n in deeper if isinstance(n, (Mapping, list, tuple))]
     raise ValueError("no inject_hyperparams state found (state['hyperparams'] is missing)")
 
 
 def get_hyperparams(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The injected hyperparameters in ``state`` (found through wrapper states), as
-    Python floats (tuples for tuple fields). Reads the device."""
+    """The injected hyperparameters in ``state`` (found through wrapper states: the
+    inner states, a partition's groups; ``ValueError`` naming them where several groups
+    have one, then pass ``state["groups"][label]``), as Python floats (tuples for tuple
+    fields). Reads the device."""
     out: dict[str, Any] = {}
     for name, value in _find_hyperparams(state).items():
         out[name] = tuple(float(v) for v in value) if isinstance(value, tuple) else float(value)
