@@ -337,6 +337,42 @@ def test_a_checkpoint_of_another_rule_with_the_same_fields_is_refused(
     checkpoint.load(path, like=wrong.init(params))
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_complex128_state_round_trips(tmp_path: Path, fmt: str) -> None:
+    """safetensors has no complex128: saving raised a bare KeyError from inside it."""
+    opt = optorch.get_optimizer("adam")
+    params = {"z": torch.randn(3, 2, dtype=torch.complex128)}
+    state = opt.init(params)
+    params, state = opt.step(params, {"z": torch.randn(3, 2, dtype=torch.complex128)}, state)
+    path = checkpoint.save(tmp_path / f"c.{fmt}", state, optimizer=opt, format=fmt)
+    loaded = checkpoint.load(path, params=params)
+    assert_trees_equal(loaded, state, what="complex128 state")
+    assert loaded["exp_avg"]["z"].dtype == torch.complex128
+
+
+@pytest.mark.parametrize("name", ["lamb", "adam", "lars"])
+def test_resume_of_a_transposed_param_is_bit_identical(tmp_path: Path, name: str) -> None:
+    """init makes the state of a transposed param transposed too; a checkpoint stores it
+    contiguous, and LAMB's norm then summed in another order (3e-8 apart)."""
+    opt = optorch.get_optimizer(name)
+    base = torch.randn(64, 48, generator=torch.Generator().manual_seed(2))
+    grads = [torch.randn(48, 64, generator=torch.Generator().manual_seed(10 + i)) for i in range(4)]
+    runs = []
+    for resume in (False, True):
+        params = {"w": base.clone().t()}
+        state = opt.init(params)
+        params, state = opt.step(params, {"w": grads[0]}, state)
+        if resume:
+            path = checkpoint.save(tmp_path / f"{name}.safetensors", state, optimizer=opt)
+            state = checkpoint.load(path, params=params)
+            assert state["exp_avg" if name != "lars" else "momentum"]["w"].stride() == (1, 48)
+        for g in grads[1:]:
+            params, state = opt.step(params, {"w": g}, state)
+        runs.append((params, state))
+    assert_trees_equal(runs[1][0], runs[0][0], what="params")
+    assert_trees_equal(runs[1][1], runs[0][1], what="state")
+
+
 def test_like_checks_non_tensor_leaves(tmp_path: Path) -> None:
     path = checkpoint.save(tmp_path / "s.pt", _scaler_state())
     with pytest.raises(ValueError, match=r"missing leaf \['extra'\]"):

@@ -1198,9 +1198,11 @@ def apply_step(
     # into the state once the step has run: a step refused on the way (a schedule
     # returning NaN) leaves the caller's state as it was
     created = _missing_fields(rule, config, prepared, names)
-    if config.inplace and gate is not None and _host_readable(gate) and bool(gate):
+    if gate is not None and _host_readable(gate) and bool(gate):
         # a skip decided on the host: every check above has run (the schedule's value
-        # too, which a step reads when it advances), and nothing changes
+        # too, which a step reads when it advances), and nothing changes, in place or
+        # pure (which returns its inputs: the same values, and the same state fields;
+        # it added zero per-param counts where the state had none)
         _check_count(rule, config, step, schedule=True)
         return params, new_state
 

@@ -759,6 +759,10 @@ def _plain_params(params: Any) -> PyTree:
     return params
 
 
+#: The safetensors metadata entry naming the complex128 tensors stored as real views.
+_COMPLEX128_KEY = "optorch.complex128"
+
+
 def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], text: str) -> None:
     try:
         from safetensors.torch import save_file
@@ -767,9 +771,16 @@ def _write_safetensors(path: str, tensors: dict[str, torch.Tensor], text: str) -
             "format='safetensors' needs the safetensors package (pip install safetensors); "
             "or save with format='torch'"
         ) from None
+    # safetensors has no complex128 (0.8): such tensors go in as their float64 real view
+    # (a trailing dim of 2), named in the metadata, and come back complex on reading
+    complex_keys = sorted(k for k, t in tensors.items() if t.dtype == torch.complex128)
+    stored = {k: (torch.view_as_real(t) if k in complex_keys else t) for k, t in tensors.items()}
+    metadata = {_META_KEY: text}
+    if complex_keys:
+        metadata[_COMPLEX128_KEY] = json.dumps(complex_keys)
     try:
-        save_file(tensors, path, metadata={_META_KEY: text})
-    except (TypeError, ValueError, RuntimeError) as exc:
+        save_file(stored, path, metadata=metadata)
+    except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise ValueError(
             f"safetensors cannot store this state ({exc}); save with format='torch'"
         ) from exc
@@ -840,6 +851,12 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch
                 f"{_META_KEY!r} metadata); was it written by optorch.interop.save?"
             )
         text = found[_META_KEY]
+        try:
+            complex_keys = json.loads(found.get(_COMPLEX128_KEY, "[]"))
+            for key in complex_keys:
+                tensors[key] = torch.view_as_complex(tensors[key].contiguous())
+        except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"{str(source)!r}: malformed complex128 entries ({exc})") from None
     else:
         raise ValueError(
             f"{str(source)!r} is not an optorch checkpoint (neither a safetensors nor a "
@@ -864,6 +881,32 @@ def info(path: str | os.PathLike[str]) -> dict[str, Any]:
     (reads the whole file; no tensor is returned)."""
     header, _ = _read(path)
     return {k: v for k, v in header.items() if k not in ("state", "params", "extra")}
+
+
+def _in_layout_of(state: Any, like: Any) -> Any:
+    """``state`` with each tensor in the memory layout of the ``like`` leaf at its path
+    (the state ``init`` makes for a transposed param is transposed too): a checkpoint
+    stores tensors contiguous, and a reduction over a tensor in another layout sums in
+    another order (LAMB's norms: 3e-8 apart after a resume, where the promise is bit for
+    bit)."""
+    paths, leaves, _ = optree.tree_flatten_with_path(like, is_leaf=_is_tensor, none_is_leaf=True)
+    layouts = {
+        path: leaf for path, leaf in zip(paths, leaves, strict=True) if type(leaf) is torch.Tensor
+    }
+
+    def relaid(path: Any, leaf: Any) -> Any:
+        model = layouts.get(path)
+        if (
+            type(leaf) is not torch.Tensor
+            or model is None
+            or model.shape != leaf.shape
+            or model.stride() == leaf.stride()
+        ):
+            return leaf
+        out = torch.empty_like(model, dtype=leaf.dtype, device=leaf.device)
+        return out.copy_(leaf) if out.stride() != leaf.stride() else leaf
+
+    return optree.tree_map_with_path(relaid, state, is_leaf=_is_tensor, none_is_leaf=True)
 
 
 def _meta_params(params: Any) -> Any:
@@ -1175,6 +1218,8 @@ def _load(
         return placed[key]
 
     state = _decode(header["state"], tensor)
+    if like is not None:
+        state = _in_layout_of(state, like)
     extra = None if header.get("extra") is None else _decode(header["extra"], tensor)
     out_params = None if saved_params_cpu is None else _decode(header["params"], tensor)
     if restore_params:
