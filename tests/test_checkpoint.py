@@ -336,6 +336,15 @@ def test_a_checkpoint_of_another_rule_with_the_same_fields_is_refused(
     checkpoint.load(path, params=params, optimizer=optorch.get_optimizer("adam"))
     checkpoint.load(path, like=wrong.init(params))
 
+    class Own:  # a user's own wrapper, which no record describes: nothing to compare
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def init(self, tree: Any) -> Any:
+            return self.inner.init(tree)
+
+    checkpoint.load(path, params=params, optimizer=Own(optorch.get_optimizer("adamw")))
+
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_complex128_state_round_trips(tmp_path: Path, fmt: str) -> None:

@@ -15,7 +15,9 @@ The twins (:data:`TORCH_TWINS`): ``sgd`` (``torch.optim.SGD``), ``adam``, ``adam
   (bias corrections: Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, Adafactor), how many
   steps each param sat out (``state["skipped_steps"]``, present once one did). Going to
   optorch, the count is the largest torch count and each param's lag becomes its
-  ``skipped_steps`` (RMSprop, whose rule reads no count, takes the largest); going to
+  ``skipped_steps`` (RMSprop, whose rule reads no count, takes the largest); ``step=``
+  gives the steps taken where every param sat out some (torch keeps no optimizer count,
+  and a schedule reads it), at least the largest; going to
   torch, each param's step is ``step - skipped_steps``. ``torch.optim.SGD`` and
   ``Muon`` keep no count: pass ``step=`` (steps taken); without it the count is 1 when a
   momentum buffer exists and 0 otherwise, which is all their update rules read, but not
@@ -557,11 +559,14 @@ def _common_step(
             raise ValueError(f"torch step {number} of param {layout.text[index]} is not a count")
         own[index] = int(number)
     found = max(own.values(), default=0)
-    if step is not None and own and step != found:
+    if step is not None and step < found:
         raise ValueError(
-            f"step={step} contradicts the torch state's step count {found} (its params' largest)"
+            f"step={step} is fewer steps than a param of the torch state has taken ({found})"
         )
-    return (found if own or step is None else step), own
+    # torch keeps no optimizer count: every param may have sat out the last steps, so the
+    # largest param count may be short of the steps taken (which a schedule reads); a
+    # step= given counts them, each param lagging it by what it sat out
+    return (step if step is not None else found), own
 
 
 # --------------------------------------------------------------------------------------
