@@ -1029,3 +1029,36 @@ def test_adagrad_tensor_initial_accumulator_has_a_hypergradient_and_vmaps() -> N
     batched = vmap(loss)(values)
     separate = torch.stack([loss(torch.tensor(float(v), dtype=F64)) for v in values])
     torch.testing.assert_close(batched, separate, rtol=1e-12, atol=0.0)
+
+
+def test_nadam_with_a_float32_mu_product_keeps_its_beta1_differentiable_and_vmappable() -> None:
+    """A state holding mu_product in float32 (torch's per-param layout, as the adapter
+    keeps it) advances it in float32; the per-step values derived from it were then read
+    as numbers even when beta1 was a tensor autograd tracks (a hypergradient 10% off) or
+    vmap batches (an error)."""
+    gen = generator(83)
+    start = torch.randn(5, generator=gen, dtype=F64)
+    grad_ = torch.randn(5, generator=gen, dtype=F64)
+    opt = optorch.get_optimizer("nadam", max_lr=1e-2, inplace=False)
+    state = opt.init([start.clone()])
+    for _ in range(2):
+        _, state = opt.step([start.clone()], [grad_], state)
+    narrow = {**state, "mu_product": state["mu_product"].float()}
+
+    def loss(beta1: torch.Tensor) -> torch.Tensor:
+        params, _ = opt.step(
+            [start.clone()], [grad_], narrow, hyper_overrides={"betas": (beta1, 0.999)}
+        )
+        return params[0].sum()
+
+    beta1 = torch.tensor(0.9, dtype=F64, requires_grad=True)
+    (hypergradient,) = torch.autograd.grad(loss(beta1), beta1)
+    h = 1e-6
+    with torch.no_grad():
+        difference = (
+            loss(torch.tensor(0.9 + h, dtype=F64)) - loss(torch.tensor(0.9 - h, dtype=F64))
+        ) / (2 * h)
+    torch.testing.assert_close(hypergradient, difference, rtol=1e-6, atol=0.0)
+    betas = torch.tensor([0.8, 0.9], dtype=F64)
+    separate = torch.stack([loss(torch.tensor(float(b), dtype=F64)) for b in betas])
+    torch.testing.assert_close(vmap(loss)(betas), separate, rtol=1e-12, atol=0.0)

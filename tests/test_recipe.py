@@ -207,6 +207,18 @@ def test_overrides_through_list_indices_and_unresolved_interpolations() -> None:
     assert removed.optimizer.inner.transforms == ()
 
 
+def test_an_override_whose_value_is_an_interpolation_resolves_in_the_recipe() -> None:
+    """``key=${train.steps}`` (quoted or not) is kept as an interpolation, as Hydra keeps
+    it; it raised InterpolationKeyError, resolved against the override alone."""
+    source = {
+        "optimizer": {"_target_": "optorch.get_optimizer", "optimizer_name": "adamw"},
+        "train": {"steps": 10, "warmup": 0},
+    }
+    for text in ("${train.steps}", "'${train.steps}'"):
+        recipe = build_recipe(source, overrides=[f"train.warmup={text}"])
+        assert recipe.train == {"steps": 10, "warmup": 10}
+
+
 def test_a_dictconfig_given_is_not_changed_by_the_build() -> None:
     """A '~key' override removed the key from the caller's config, and the build
     resolved its interpolations in place: a later build from it, after the caller

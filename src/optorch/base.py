@@ -1352,7 +1352,16 @@ def _advance(
         }
         new_globals, extra = rule.advance(config, t_value, lr, multiplier, seen)
         if narrow:
-            extra = {k: (float(v) if k in narrow else v) for k, v in extra.items()}
+            # read back as numbers only where the new value is itself plain (a beta that
+            # autograd tracks or vmap batches makes it a tensor that must stay one)
+            extra = {
+                k: (
+                    float(v)
+                    if k in narrow and isinstance(v, torch.Tensor) and _plain_number(v)
+                    else v
+                )
+                for k, v in extra.items()
+            }
     h = Hyper(rule.own_scalars(config, values, extra, 0), rule.static(config))
 
     p_active = [prepared.params[i] for i in prepared.active]

@@ -184,7 +184,9 @@ def _apply_override(config: Any, override: str) -> Any:
         )
     # the value as Hydra reads it (YAML: numbers, lists, null); set through the key's
     # path, list indices included (a merge of a dotlist would make "0" a dict key)
-    value = OmegaConf.from_dotlist([f"value={text}"]).value
+    # (unresolved: an interpolation, "${train.steps}", is kept to resolve in the recipe)
+    parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]), resolve=False)
+    value = parsed["value"] if isinstance(parsed, dict) else None
     try:
         OmegaConf.update(config, key, value, merge=True, force_add=True)
     except OmegaConfBaseException as exc:  # a list index past the end, a type clash
