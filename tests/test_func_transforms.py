@@ -996,6 +996,20 @@ def test_forward_mode_ad_through_pure_steps_matches_finite_differences(
     torch.testing.assert_close(tangent, difference, rtol=1e-5, atol=1e-8)
 
 
+def _assert_hypergradient_is_the_central_difference(
+    loss: Callable[[torch.Tensor], torch.Tensor], at: float, h: float = 1e-6
+) -> torch.Tensor:
+    """autograd's d loss / d x at ``at`` equals the central difference (rtol 1e-6),
+    which is returned."""
+    value = torch.tensor(at, dtype=F64, requires_grad=True)
+    (hypergradient,) = torch.autograd.grad(loss(value), value)
+    with torch.no_grad():
+        upper, lower = (loss(torch.tensor(at + d, dtype=F64)) for d in (h, -h))
+    difference = (upper - lower) / (2 * h)
+    torch.testing.assert_close(hypergradient, difference, rtol=1e-6, atol=0.0)
+    return difference
+
+
 def test_adagrad_tensor_initial_accumulator_has_a_hypergradient_and_vmaps() -> None:
     """``initial_accumulator_value`` as a tensor starts the accumulator from it: its
     hypergradient matches a central finite difference (it was read as a number: 0,
@@ -1014,14 +1028,7 @@ def test_adagrad_tensor_initial_accumulator_has_a_hypergradient_and_vmaps() -> N
             params, state = opt.step(params, {"w": g}, state)
         return params["w"].square().sum()
 
-    value = torch.tensor(0.1, dtype=F64, requires_grad=True)
-    (hypergradient,) = torch.autograd.grad(loss(value), value)
-    h = 1e-6
-    with torch.no_grad():
-        difference = (
-            loss(torch.tensor(0.1 + h, dtype=F64)) - loss(torch.tensor(0.1 - h, dtype=F64))
-        ) / (2 * h)
-    torch.testing.assert_close(hypergradient, difference, rtol=1e-6, atol=0.0)
+    difference = _assert_hypergradient_is_the_central_difference(loss, 0.1)
     torch.testing.assert_close(
         grad(loss)(torch.tensor(0.1, dtype=F64)), difference, rtol=1e-6, atol=0.0
     )
@@ -1051,14 +1058,7 @@ def test_nadam_with_a_float32_mu_product_keeps_its_beta1_differentiable_and_vmap
         )
         return params[0].sum()
 
-    beta1 = torch.tensor(0.9, dtype=F64, requires_grad=True)
-    (hypergradient,) = torch.autograd.grad(loss(beta1), beta1)
-    h = 1e-6
-    with torch.no_grad():
-        difference = (
-            loss(torch.tensor(0.9 + h, dtype=F64)) - loss(torch.tensor(0.9 - h, dtype=F64))
-        ) / (2 * h)
-    torch.testing.assert_close(hypergradient, difference, rtol=1e-6, atol=0.0)
+    _assert_hypergradient_is_the_central_difference(loss, 0.9)
     betas = torch.tensor([0.8, 0.9], dtype=F64)
     separate = torch.stack([loss(torch.tensor(float(b), dtype=F64)) for b in betas])
     torch.testing.assert_close(vmap(loss)(betas), separate, rtol=1e-12, atol=0.0)
