@@ -346,6 +346,28 @@ def test_a_checkpoint_of_another_rule_with_the_same_fields_is_refused(
     checkpoint.load(path, params=params, optimizer=Own(optorch.get_optimizer("adamw")))
 
 
+def test_a_partitions_rules_are_checked_by_group_label(tmp_path: Path) -> None:
+    """The groups listed in another order load (the rule check compared the groups in
+    record order and refused them); rules swapped between labels are refused (Adam's
+    state would step as RAdam's and RAdam's as Adam's)."""
+
+    def label(path: Any, t: torch.Tensor) -> str:
+        return "m" if t.dim() == 2 else "v"
+
+    adamw, radam = optorch.get_optimizer("adamw"), optorch.get_optimizer("radam")
+    saved = wrappers.partition(label, {"m": adamw, "v": radam})
+    params = {"w": torch.randn(3, 2), "b": torch.randn(2)}
+    state = saved.init(params)
+    params, state = saved.step(params, {"w": torch.ones(3, 2), "b": torch.ones(2)}, state)
+    path = checkpoint.save(tmp_path / "p.safetensors", state, optimizer=saved)
+    reordered = wrappers.partition(label, {"v": radam, "m": adamw})
+    loaded = checkpoint.load(path, params=params, optimizer=reordered)
+    assert_trees_equal(loaded, state, what="state loaded into the reordered partition")
+    swapped = wrappers.partition(label, {"m": radam, "v": adamw})
+    with pytest.raises(ValueError, match=r"holds the state of .*m: adamw \(rule adam\)"):
+        checkpoint.load(path, params=params, optimizer=swapped)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_complex128_state_round_trips(tmp_path: Path, fmt: str) -> None:
     """safetensors has no complex128: saving raised a bare KeyError from inside it."""

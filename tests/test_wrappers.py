@@ -1374,6 +1374,18 @@ def test_set_hyperparam_finds_an_injection_inside_a_partition_group() -> None:
     assert wrappers.get_hyperparams(state["groups"]["vec"]) == {"max_lr": 0.25}
 
 
+def test_hyperparams_are_found_when_params_are_named_inner_and_hyperparams() -> None:
+    """The finder walked params-shaped trees too: an EMA of params named "inner" and
+    "hyperparams" looked like a second injection (and a large model cost a walk)."""
+    params = {"inner": torch.ones(2), "hyperparams": torch.ones(2)}
+    for wrap in (lambda o: wrappers.ema(o, 0.9), lambda o: wrappers.accumulate(o, every=2)):
+        opt = wrap(wrappers.inject_hyperparams(_sgd(max_lr=0.01), names=["max_lr"]))
+        state = opt.init(params)
+        assert wrappers.get_hyperparams(state) == {"max_lr": 0.01}
+        wrappers.set_hyperparam(state, "max_lr", 0.02)
+        assert wrappers.get_hyperparams(state) == {"max_lr": 0.02}
+
+
 def test_injected_negative_lr_is_refused_at_the_step() -> None:
     opt = wrappers.inject_hyperparams(_sgd(), names=["max_lr"])
     params = _params()

@@ -1113,21 +1113,39 @@ def load_checkpoint(
     )
 
 
-def _optimizers_in(node: Any) -> list[tuple[str, str]]:
-    """(registry name, rule) of each optimizer in a record's tree, in order."""
+def _optimizers_in(node: Any, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], tuple[str, str]]:
+    """(registry name, rule) of each optimizer in a record's tree, by where it sits: a
+    partition's groups by label (their order in the record is not their identity), a
+    chain's members by position."""
     if isinstance(node, Mapping):
         if node.get("kind") == "optimizer":
-            return [(str(node.get("name")), str(node.get("rule")))]
-        return [found for value in node.values() for found in _optimizers_in(value)]
+            return {path: (str(node.get("name")), str(node.get("rule")))}
+        out: dict[tuple[Any, ...], tuple[str, str]] = {}
+        for key, value in node.items():
+            out.update(_optimizers_in(value, (*path, str(key))))
+        return out
     if isinstance(node, (list, tuple)):
-        return [found for value in node for found in _optimizers_in(value)]
-    return []
+        out = {}
+        for index, value in enumerate(node):
+            labelled = (
+                isinstance(value, (list, tuple))
+                and len(value) == 2
+                and isinstance(value[0], str)
+                and isinstance(value[1], Mapping)
+            )
+            if labelled:  # a partition's [label, group]
+                out.update(_optimizers_in(value[1], (*path, value[0])))
+            else:
+                out.update(_optimizers_in(value, (*path, index)))
+        return out
+    return {}
 
 
 def _check_same_rules(where: str, record: Mapping[str, Any], optimizer: Any) -> None:
-    """An optimizer given to a load must have the rules the checkpoint was saved with:
-    two rules whose states have the same fields (Adam's and RAdam's, SGD's and LARS's)
-    would otherwise take each other's state silently."""
+    """An optimizer given to a load must have the rules the checkpoint was saved with,
+    where it has them (a partition's groups by label): two rules whose states have the
+    same fields (Adam's and RAdam's, SGD's and LARS's) would otherwise take each other's
+    state silently."""
     try:
         described = describe_optimizer(optimizer)
     except (TypeError, ValueError, AttributeError):
@@ -1136,10 +1154,18 @@ def _check_same_rules(where: str, record: Mapping[str, Any], optimizer: Any) -> 
         return  # a part the record cannot describe (a user's own wrapper): nothing to check
     given = _optimizers_in(described["tree"])
     saved = _optimizers_in(record.get("tree"))
-    if saved and [rule for _, rule in saved] != [rule for _, rule in given]:
+    rules = {path: rule for path, (_, rule) in saved.items()}
+    if saved and rules != {path: rule for path, (_, rule) in given.items()}:
 
-        def text(found: list[tuple[str, str]]) -> str:
-            return ", ".join(f"{name} (rule {rule})" for name, rule in found) or "nothing"
+        def text(found: dict[tuple[Any, ...], tuple[str, str]]) -> str:
+            def at(path: tuple[Any, ...]) -> str:
+                labels = [str(part) for part in path if part not in ("tree", "inner")]
+                return f"{'/'.join(labels)}: " if labels else ""
+
+            return (
+                ", ".join(f"{at(path)}{name} (rule {rule})" for path, (name, rule) in found.items())
+                or "nothing"
+            )
 
         raise ValueError(
             f"{where}: the checkpoint holds the state of {text(saved)}, not of the given "

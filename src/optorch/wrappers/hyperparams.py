@@ -190,9 +190,11 @@ def inject_hyperparams(
 
 
 def _find_hyperparams(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The outermost ``inject_hyperparams`` state in a wrapper state: through ``inner``
-    and a partition's ``groups`` (and a chain's ``transforms``); one found in several
-    groups at once is ambiguous, and names them."""
+    """The outermost ``inject_hyperparams`` state in a wrapper state, found through the
+    wrappers' own links only (``inner``, and a partition's ``groups``), never through
+    params-shaped trees (params named "inner" and "hyperparams" would look like one, and
+    a large tree costs a walk); one found in several groups at once is ambiguous, and
+    names them."""
     level: list[tuple[str, Any]] = [("state", state)]
     while level:
         found = [
@@ -209,11 +211,14 @@ def _find_hyperparams(state: Mapping[str, Any]) -> dict[str, Any]:
             )
         deeper: list[tuple[str, Any]] = []
         for where, node in level:
-            if isinstance(node, Mapping):
-                deeper += [(f"{where}[{k!r}]", v) for k, v in node.items()]
-            elif isinstance(node, (list, tuple)):
-                deeper += [(f"{where}[{i}]", v) for i, v in enumerate(node)]
-        level = [(w, n) for w, n in deeper if isinstance(n, (Mapping, list, tuple))]
+            if not isinstance(node, Mapping):
+                continue
+            if isinstance(node.get("inner"), Mapping):
+                deeper.append((f"{where}['inner']", node["inner"]))
+            groups = node.get("groups")
+            if isinstance(groups, Mapping):
+                deeper += [(f"{where}['groups'][{k!r}]", v) for k, v in groups.items()]
+        level = deeper
     raise ValueError("no inject_hyperparams state found (state['hyperparams'] is missing)")
 
 
