@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import operator
 import os
@@ -1742,7 +1743,7 @@ def _step_tensors(params: Sequence[Any], grads: Sequence[Any], h: Any, gate: Any
     return [*params, *grads, *scalars, *([] if gate is None else [gate])]
 
 
-def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
+def _under_functorch(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether a torch.func transform traces any of ``tensors`` (e.g. only a vmapped lr)."""
     if torch.compiler.is_compiling():
         return False  # dynamo traces the transforms itself
@@ -1755,7 +1756,7 @@ def _under_functorch(tensors: Sequence[torch.Tensor]) -> bool:
     return any(is_functorch_wrapped_tensor(t) for t in tensors)
 
 
-def _carries_tangent(tensors: Sequence[Any]) -> bool:
+def _carries_tangent(tensors: Iterable[Any]) -> bool:
     """Whether a forward-mode AD level is open and one of ``tensors`` is a dual tensor
     (``torch.autograd.forward_ad.make_dual``); O(1) when no level is open."""
     from torch.autograd import forward_ad
@@ -1906,9 +1907,11 @@ def run(
         return _run_as_vectors(rule, config, h, params, grads, states, gate, leaf_keys)
     impl = resolve_impl(rule, config)
     tensors = _step_tensors(params, grads, h, gate)
-    if impl != "reference" and _under_functorch([*tensors, *(t for f in states for t in f)]):
+    # lazily: both return before looking at a tensor unless a transform or a forward-AD
+    # level is active (no list of every operand built on each eager step)
+    if impl != "reference" and _under_functorch(itertools.chain(tensors, *states)):
         impl = "reference"  # torch.func transforms trace plain tensor ops best
-    if impl != "reference" and _carries_tangent([*tensors, *(t for f in states for t in f)]):
+    if impl != "reference" and _carries_tangent(itertools.chain(tensors, *states)):
         # forward-mode AD (torch.autograd.forward_ad's dual tensors): the foreach kernels
         # give a 0-d scalar's tangent the wrong shape or drop it (LAMB failed, RAdam's
         # tangent came out 0); the per-tensor ops carry it

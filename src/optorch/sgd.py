@@ -133,10 +133,11 @@ class SGDRule(Rule):
             "lr": lr,
             "momentum": momentum,
             "weight_decay": config.weight_decay,
-            # undamped, a zero buffer plus the gradient is the gradient: no first-step
-            # case, so a buffer carried in (the seed's sgd() and states, which have no
-            # count) keeps its momentum, as torch.optim keeps a loaded buffer
-            "keep": momentum if is_zero(config.dampening) else where(first, 0.0, momentum),
+            # read by the damped update only: undamped, a zero buffer plus the gradient
+            # is the gradient, so there is no first-step case, and a buffer carried in
+            # (the seed's sgd() and states, which have no count) keeps its momentum, as
+            # torch.optim keeps a loaded buffer
+            "keep": where(first, 0.0, momentum),
             "grad_scale": where(plain, 1.0, 1.0 - config.dampening),
         }
 
@@ -152,9 +153,9 @@ class SGDRule(Rule):
         if undamped:
             # grad + momentum * buf in one pass, written into the dead buffer by the
             # foreach engine (torch.optim takes two: mul_ then add_; see module docs).
-            # Undamped, keep is the momentum: read as the config's own value, a literal
-            # of the compiled kernels (a per-step value there is a tensor, which a
-            # bfloat16 kernel rounds to bfloat16 first: 0.8984375 for 0.9)
+            # The momentum is the config's own value, a literal of the compiled kernels
+            # (a per-step value there is a tensor, which a bfloat16 kernel rounds to
+            # bfloat16 first: 0.8984375 for 0.9)
             buf = add_scaled_exact(grad, rest[0], h.momentum)
         else:
             buf = add_scaled(rest[0] * h.keep, grad, h.grad_scale)
